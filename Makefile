@@ -1,0 +1,36 @@
+# Everything a fresh clone needs: `make demo`, `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The venv pins the torch build this machine serves; hub users only need requirements.txt's minimums.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+PIP := $(BIN)/python -m pip -q --disable-pip-version-check
+
+.PHONY: setup demo test lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install $(TORCH_PINS) -r requirements.txt -r requirements-dev.txt 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -c "import torch, torchvision, timm, onnxruntime"
+	touch $@
+
+demo: setup
+	$(BIN)/python -m resnext_hub classify assets/images --model se_resnext101_32x4d --top-k 5
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

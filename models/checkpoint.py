@@ -1,0 +1,136 @@
+"""Read checkpoint files safely and map every known key layout onto :class:`ResNet`'s names."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+# Training checkpoints wrap the weights; the first of these keys that holds a dict wins.
+WRAPPER_KEYS = ("state_dict", "model", "ema_state_dict", "state_dict_ema", "model_ema")
+_MAX_LISTED = 8
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read, or does not fit the model."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a ``.pth``/``.pth.tar`` (``weights_only=True``) or ``.safetensors`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file  # only needed for this format
+
+        try:
+            return load_file(str(path))
+        except Exception as error:  # safetensors raises its own SafetensorError
+            raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
+    try:
+        # Always weights_only: a checkpoint from a stranger must not run code when loaded.
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(
+            f"{path} could not be loaded with torch.load(weights_only=True): {error}. "
+            "Only files of tensors (a state dict, or a training checkpoint holding one) are accepted."
+        ) from error
+    return unwrap(data, str(path))
+
+
+def unwrap(data: object, where: str = "checkpoint") -> dict[str, Tensor]:
+    """The state dict inside a plain or training checkpoint."""
+    if isinstance(data, Mapping):
+        for key in WRAPPER_KEYS:
+            if isinstance(data.get(key), Mapping):
+                data = data[key]
+                break
+    if not isinstance(data, Mapping) or not data:
+        raise CheckpointError(f"{where}: expected a state dict of tensors, got {type(data).__name__}")
+    tensors = {k: v for k, v in data.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{where}: no tensors found (keys: {list(data)[:_MAX_LISTED]})")
+    return tensors
+
+
+_LAYERS_N = re.compile(r"^layers\.(\d+)\.")
+_NVIDIA_SE = {".squeeze.squeeze.": ".se.fc1.", ".squeeze.expand.": ".se.fc2."}
+
+
+def canonical_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename NVIDIA/DDP/timm layouts to :class:`ResNet`'s names; SE weights become 4-D."""
+    out = {}
+    for key, value in state_dict.items():
+        while key.startswith("module."):
+            key = key[len("module.") :]
+        key = _LAYERS_N.sub(lambda m: f"layer{int(m.group(1)) + 1}.", key)
+        for old, new in _NVIDIA_SE.items():
+            key = key.replace(old, new)
+        if ".se.fc" in key and key.endswith(".weight") and value.dim() == 2:
+            value = value[:, :, None, None]
+        out[key] = value
+    return out
+
+
+def _listed(keys: list[str]) -> str:
+    more = f" ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
+    return ", ".join(keys[:_MAX_LISTED]) + more
+
+
+def load_weights(
+    model: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    *,
+    key_map_fn: Callable[[str], str] | None = None,
+    source: str = "checkpoint",
+) -> None:
+    """Load ``state_dict`` into ``model`` strictly (keys and shapes), after renaming.
+
+    ``key_map_fn`` (NVIDIA's ``state_dict_key_map_fn``) is applied to every key first. If
+    the model's head has another number of classes than the checkpoint's, the head is
+    left as initialised and a log line says so.
+    """
+    if key_map_fn is not None:
+        state_dict = {key_map_fn(k): v for k, v in state_dict.items()}
+    state_dict = canonical_keys(state_dict)
+    expected = model.state_dict()
+    head_keys = [k for k in ("fc.weight", "fc.bias") if k in expected]
+    if all(k in state_dict for k in head_keys) and state_dict["fc.weight"].shape != expected["fc.weight"].shape:
+        log.info(
+            "%s: head has %d classes, the model %d: loading the backbone only, fc is freshly initialised",
+            source,
+            state_dict["fc.weight"].shape[0],
+            expected["fc.weight"].shape[0],
+        )
+        state_dict = {k: v for k, v in state_dict.items() if k not in head_keys}
+        expected = {k: v for k, v in expected.items() if k not in head_keys}
+    for key in expected:
+        # Older files omit BatchNorm's step counter; it does not affect the function.
+        if key.endswith("num_batches_tracked") and key not in state_dict:
+            state_dict[key] = torch.zeros((), dtype=torch.long)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state_dict))
+        if state_dict[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong_shape:
+        parts = [f"{source} does not fit {type(model).__name__}"]
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_listed(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_listed(unexpected)}")
+        if wrong_shape:
+            parts.append(f"shape mismatches ({len(wrong_shape)}): {_listed(wrong_shape)}")
+        parts.append("Is it a checkpoint of this architecture? A state_dict_key_map_fn can rename keys.")
+        raise CheckpointError("\n  ".join(parts))
+    # assign=True lets a model built on the meta device take the tensors without a copy.
+    state_dict = {k: v.to(expected[k].dtype) for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=False, assign=True)

@@ -1,0 +1,96 @@
+"""A ready-to-use classifier: model + its preprocessing + device/precision, for the CLI and apps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .models import ResNet, build_model
+from .processing import InvalidImageError, Prediction, build_transform, load_image, top_k
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return resolved
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[str]:
+    """URLs and files as given; folders become their image files (recursively, sorted)."""
+    expanded = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            expanded += [str(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        else:
+            expanded.append(item)
+    return expanded
+
+
+@dataclass
+class Result:
+    """The outcome for one input: its top-k, or the reason it could not be classified."""
+
+    input: str
+    predictions: list[Prediction] | None = None
+    error: str | None = None
+
+
+class Classifier:
+    """Classify images with one model: decoding in threads, batched inference, AMP on CUDA."""
+
+    def __init__(self, model: ResNet, *, device: str = "auto", amp: bool = True, workers: int = 4) -> None:
+        self.device = resolve_device(device)
+        self.model = model.eval().to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.amp = amp and self.device.type == "cuda"
+        self.transform = build_transform(getattr(model, "preprocessing", None))
+        self.workers = workers
+
+    @classmethod
+    def from_name(cls, architecture: str, *, checkpoint: str | None = None, weights: str | None = None, **kwargs: Any):
+        model = build_model(architecture, weights=weights, pretrained_from_file=checkpoint)
+        return cls(model, **kwargs)
+
+    def _prepare(self, item: str) -> torch.Tensor | str:
+        try:
+            return self.transform(load_image(item))
+        except InvalidImageError as error:
+            return error.reason
+
+    @torch.inference_mode()
+    def predict_tensor(self, batch: torch.Tensor, k: int = 5) -> list[list[Prediction]]:
+        batch = batch.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
+        with autocast:
+            logits = self.model(batch)
+        return top_k(logits.float(), k, logits=True)
+
+    def classify(self, inputs: Sequence[str], *, batch_size: int = 16, k: int = 5) -> Iterator[Result]:
+        """Yield one :class:`Result` per input, in order; bad inputs give an error, not an exception."""
+        with ThreadPoolExecutor(self.workers) as pool:
+            for start in range(0, len(inputs), batch_size):
+                chunk = inputs[start : start + batch_size]
+                prepared = list(pool.map(self._prepare, chunk))
+                good = [t for t in prepared if isinstance(t, torch.Tensor)]
+                ranked = iter(self.predict_tensor(torch.stack(good), k) if good else [])
+                for item, tensor in zip(chunk, prepared):
+                    if isinstance(tensor, torch.Tensor):
+                        yield Result(item, predictions=next(ranked))
+                    else:
+                        yield Result(item, error=tensor)
