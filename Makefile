@@ -1,5 +1,7 @@
 # Everything a fresh clone needs: `make demo`, `make test`.
-PYTHON ?= python3
+# Debian's python3.11 where present: PyTriton's server stub needs the shared libpython of the
+# exact interpreter version, which pyenv-style builds do not match (see docs).
+PYTHON ?= $(shell test -x /usr/bin/python3.11 && echo /usr/bin/python3.11 || echo python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

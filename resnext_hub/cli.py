@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import json
 import logging
 import sys
@@ -15,6 +16,8 @@ from .models import VARIANTS, WeightsUnavailableError, load_manifest
 from .models.checkpoint import CheckpointError
 
 EXIT_USAGE, EXIT_SOME_FAILED = 2, 1
+# Modules of this package that add a subcommand: each has ``register(commands)``.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _progress(results: Iterable[Result], total: int, enabled: bool) -> Iterable[Result]:
@@ -119,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("models", help="list the served models and their weights")
     listing.set_defaults(func=cmd_models)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"{__package__}.{name}").register(commands)
     return parser
 
 

@@ -1,0 +1,35 @@
+"""Shared fixtures: the repo root on sys.path, NGC-layout checkpoint files, isolated caches."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+IMAGES = ROOT / "assets" / "images"
+RGB_PHOTOS = sorted(p for p in IMAGES.glob("*.jpg"))
+
+
+@pytest.fixture(scope="session")
+def ngc_dir(tmp_path_factory) -> Path:
+    """A folder holding both NGC checkpoint files (random weights, the real layout)."""
+    from checkpoints import NGC_FILES, write_ngc_file
+
+    folder = tmp_path_factory.mktemp("ngc")
+    for architecture in NGC_FILES:
+        write_ngc_file(folder, architecture)
+    return folder
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch) -> Path:
+    """An empty torch.hub cache (TORCH_HOME) and no weights mirror."""
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.delenv("RESNEXT_HUB_WEIGHTS_MIRROR", raising=False)
+    return home
