@@ -9,14 +9,15 @@ STAMP := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test lint format clean chromium
 
 setup: $(STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install $(TORCH_PINS) -r requirements.txt -r requirements-dev.txt 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/python -c "import torch, torchvision, timm, onnxruntime"
+	$(BIN)/python -c "import torch, torchvision, timm, onnxruntime, onnxscript, tritonclient.grpc, pytriton"
+	$(BIN)/python -m resnext_hub serve --check || echo "note: $(PYTHON) cannot run the Triton server (serve); everything else works"
 	touch $@
 
 demo: setup
@@ -30,7 +31,13 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: setup
+# Debian's Chromium for the web demo's browser test (Playwright's own browser download needs the internet).
+SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
+chromium:
+	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive DEBCONF_NOWARNINGS=yes \
+		apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
+test: setup chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,6 +22,24 @@ class CheckpointError(ValueError):
     """A checkpoint file cannot be read, or does not fit the model."""
 
 
+def _refusal_detail(message: str) -> str:
+    """The line of torch's refusal that says what was refused, without its advice to load unsafely."""
+    message = re.sub(r"\x1b\[[0-9;]*m", "", message)
+    match = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*?)(?: Please use|\n|$)", message)
+    if match:
+        return match.group(1).strip()
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    useful = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (useful or lines[1:2] or ["unsupported content"])[0][:200]
+
+
+def _is_pickle_container(path: Path) -> bool:
+    """A torch zip file or a pickle stream (protocol 2+), judged by its first bytes."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     """Tensors of a ``.pth``/``.pth.tar`` (``weights_only=True``) or ``.safetensors`` file."""
     path = Path(path)
@@ -34,9 +53,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
         except Exception as error:  # safetensors raises its own SafetensorError
             raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
     try:
-        # Always weights_only: a checkpoint from a stranger must not run code when loaded.
+        # Always weights_only, passed explicitly: a checkpoint from a stranger must not run code
+        # when loaded. TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 only changes calls that leave it unset.
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
+        # torch raises UnpicklingError both for a refused object and for bytes that are no pickle
+        # at all (an HTML page): only the first is a "refused" checkpoint.
+        if isinstance(error, pickle.UnpicklingError) and _is_pickle_container(path):
+            raise CheckpointError(
+                f"{path} was refused: it holds Python objects other than tensors, and unpickling them could run "
+                f"code ({_refusal_detail(str(error))}). Nothing from it was executed. Only files of tensors (a state "
+                "dict, or a training checkpoint holding one) are loaded; re-save trusted weights with "
+                "torch.save(model.state_dict(), path) or as .safetensors."
+            ) from error
         raise CheckpointError(
             f"{path} could not be loaded with torch.load(weights_only=True): {error}. "
             "Only files of tensors (a state dict, or a training checkpoint holding one) are accepted."

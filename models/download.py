@@ -1,26 +1,37 @@
 """Find a checkpoint file: torch.hub's cache, a mirror, or a download into that cache.
 
-Downloads stream through ``requests`` (connect/read timeouts, a total deadline, short
-bodies refused) into a private temporary file that is renamed into place only after its
-size and hash check out, so an interrupted or concurrent download never leaves a bad
-file in the cache. Files without a published SHA-256 get one recorded at download (a
-``.sha256.json`` stamp beside the file) and are re-checked on every load.
+Downloads stream through ``requests`` (connect/read timeouts, a total deadline checked as
+bytes arrive, short bodies refused) into a private temporary file that is renamed into
+place only after its size and hash check out, so an interrupted or concurrent download
+never leaves a bad file in the cache: concurrent processes each download to their own
+temporary file and the atomic rename makes one of the identical results win. Temporary
+files of killed downloads are removed by the next fetch.
+
+Integrity: a manifest SHA-256 (or the 8+ hex digits in a timm file name) is checked on
+download. Every cached file gets a ``<file>.sha256.json`` stamp (its SHA-256 with its size
+and mtime); a load re-checks the cheap size+mtime stamp and re-hashes only when it changed.
+A file that fails is deleted and fetched once more, and the new download must have the
+SHA-256 recorded the first time (trust on first use).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
 import re
+import socket
 import time
 import uuid
+import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
 import requests
 import torch.hub
+import urllib3
 
 from .weights import Source
 
@@ -32,6 +43,7 @@ READ_TIMEOUT_S = 60.0
 DEADLINE_S = 3600.0
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.")
 _CHUNK = 1 << 20
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -67,6 +79,14 @@ def _write_stamp(path: Path, sha256: str) -> None:
     os.replace(tmp, _stamp_path(path))
 
 
+def _read_stamp(path: Path) -> dict | None:
+    try:
+        stamp = json.loads(_stamp_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return stamp if isinstance(stamp, dict) else None
+
+
 def _expected_problem(path: Path, source: Source, sha256: str) -> str | None:
     """Why ``path`` (with digest ``sha256``) is not ``source``'s file, or None if it is."""
     size = path.stat().st_size
@@ -80,18 +100,52 @@ def _expected_problem(path: Path, source: Source, sha256: str) -> str | None:
     return None
 
 
+def format_problem(path: Path, file_format: str = "torch") -> str | None:
+    """Why ``path`` cannot be a whole checkpoint file (cut short, or an HTML page), or None.
+
+    Cheap structural checks that catch truncation where no hash is published: a torch zip
+    file needs its central directory at the end; a safetensors file's header fixes its size.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if file_format == "safetensors":
+            if size < 8:
+                return f"{size} bytes is too short for a safetensors file"
+            header_len = int.from_bytes(head, "little")
+            if header_len > min(size - 8, 100 << 20):
+                return f"its safetensors header claims {header_len} bytes of {size}"
+            try:
+                header = json.loads(handle.read(header_len))
+                ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+            except (ValueError, TypeError, KeyError, IndexError):
+                return "its safetensors header is not valid JSON"
+            expected = 8 + header_len + max(ends, default=0)
+            return None if expected == size else f"{size} bytes, but its header describes {expected}"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.infolist()
+        except (zipfile.BadZipFile, OSError) as error:
+            return f"a cut-short torch (zip) file: {error}"
+        return None
+    if head[:1] == b"\x80":  # torch's legacy (pre-1.6) pickle format: no cheap end check
+        return None
+    with open(path, "rb") as handle:
+        handle.seek(257)
+        if handle.read(5) == b"ustar":  # torch's oldest (tar) format
+            return None
+    return f"not a torch checkpoint file (it starts with {head!r})"
+
+
 def verify_cached(path: Path, source: Source) -> bool:
     """True if a cached file is intact: its stamp still matches, or its hash does."""
-    stamp_file = _stamp_path(path)
     stat = path.stat()
-    try:
-        stamp = json.loads(stamp_file.read_text())
-    except (OSError, ValueError):
-        stamp = None
+    stamp = _read_stamp(path)
     if stamp and stamp.get("size") == stat.st_size and stamp.get("mtime_ns") == stat.st_mtime_ns:
         return True
     digest = sha256_of(path)
-    problem = _expected_problem(path, source, digest)
+    problem = _expected_problem(path, source, digest) or format_problem(path, source.file_format)
     if problem is None and stamp and stamp.get("sha256") not in (None, digest):
         problem = f"sha256 {digest}, recorded at download as {stamp['sha256']}"
     if problem:
@@ -101,53 +155,138 @@ def verify_cached(path: Path, source: Source) -> bool:
     return True
 
 
-def download(url: str, dest: Path, source: Source, *, progress: bool = True) -> Path:
-    """Stream ``url`` into ``dest`` atomically, checking size and hashes; return ``dest``."""
+def _partial_name(dest: Path) -> Path:
+    # Host and pid in the name let a later fetch tell a killed download's leftovers from a live one.
+    return dest.with_name(f".{dest.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex}.partial")
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":  # Windows' os.kill would terminate the process: rely on age alone there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to someone else
+        return True
+    return True
+
+
+def remove_stale_partials(dest: Path) -> list[Path]:
+    """Delete temporary files of ``dest``'s downloads whose process is gone; return them."""
+    removed = []
+    for path in dest.parent.glob(f".{glob.escape(dest.name)}.*.partial"):
+        host, _, rest = path.name[len(dest.name) + 2 :].partition(".")
+        pid = rest.partition(".")[0]
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        dead = host == _HOST and pid.isdigit() and not _pid_alive(int(pid))
+        if dead or age > DEADLINE_S + READ_TIMEOUT_S:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def download(
+    url: str, dest: Path, source: Source, *, progress: bool = True, expected_sha256: str | None = None
+) -> Path:
+    """Stream ``url`` into ``dest`` atomically, checking size and hashes; return ``dest``.
+
+    ``expected_sha256``: the digest recorded when this file was first downloaded (a re-fetch
+    after corruption must give the same file).
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex}.partial")
+    tmp = _partial_name(dest)
     digest = hashlib.sha256()
     started = time.monotonic()
+    offline_hint = (
+        f"Offline? Put {source.file_name} in a folder and set {MIRROR_ENV}=/that/folder (or a base URL that serves it)."
+    )
     try:
         with requests.get(url, stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)) as response:
             response.raise_for_status()
-            declared = response.headers.get("Content-Length")
-            total = int(declared) if declared and declared.isdigit() else None
+            declared = response.headers.get("Content-Length", "").strip()
+            total = int(declared) if declared.isdigit() else None
             received = 0
             with (
                 open(tmp, "wb") as handle,
                 torch.hub.tqdm(total=total, disable=not progress, unit="B", unit_scale=True, unit_divisor=1024) as bar,
             ):
-                for chunk in response.iter_content(_CHUNK):
+                # read1 returns what has arrived instead of waiting for a full chunk, so a server
+                # that drips bytes meets the deadline check.
+                read = getattr(response.raw, "read1", response.raw.read)  # read1: urllib3 >= 2
+                while chunk := read(_CHUNK, decode_content=True):
                     if time.monotonic() - started > DEADLINE_S:
                         raise WeightsUnavailableError(f"download of {url} took over {DEADLINE_S:.0f} s; gave up")
                     handle.write(chunk)
                     digest.update(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
-            if total is not None and received != total:
+            encoded = response.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
+            if total is not None and not encoded and received != total:
                 raise WeightsUnavailableError(f"download of {url} ended after {received} of {total} bytes")
-        problem = _expected_problem(tmp, source, digest.hexdigest())
+        sha256 = digest.hexdigest()
+        problem = _expected_problem(tmp, source, sha256) or format_problem(tmp, source.file_format)
+        if problem is None and expected_sha256 not in (None, sha256):
+            problem = (
+                f"sha256 {sha256}, but {expected_sha256} was recorded when it was first downloaded "
+                "(if the publisher really changed the file, delete the cached copy and its .sha256.json)"
+            )
         if problem:
             raise WeightsUnavailableError(f"downloaded {url} does not match the manifest: {problem}")
         os.replace(tmp, dest)
-        _write_stamp(dest, digest.hexdigest())
+        _write_stamp(dest, sha256)
         return dest
-    except requests.RequestException as error:
-        raise WeightsUnavailableError(
-            f"could not download {url} to {dest}: {error}. Offline? Put {source.file_name} in a folder "
-            f"and set {MIRROR_ENV}=/that/folder (or a base URL that serves it)."
-        ) from error
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as error:
+        raise WeightsUnavailableError(f"could not download {url} to {dest}: {error}. {offline_hint}") from error
+    except OSError as error:  # disk full, no permission on the cache folder, ...
+        raise WeightsUnavailableError(f"could not write {url} into {dest.parent}: {error}") from error
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _from_mirror(mirror: str, source: Source, dest: Path, progress: bool) -> Path:
+def _from_mirror(mirror: str, source: Source, dest: Path, progress: bool, expected: str | None) -> Path:
     if is_url(mirror):
-        return download(mirror.rstrip("/") + "/" + source.file_name, dest, source, progress=progress)
+        url = mirror.rstrip("/") + "/" + source.file_name
+        return download(url, dest, source, progress=progress, expected_sha256=expected)
     path = Path(mirror).expanduser() / source.file_name
     if not path.is_file():
         raise WeightsUnavailableError(f"{MIRROR_ENV}={mirror!r} has no file {source.file_name!r} (looked for {path})")
+    # Used in place (never copied); hashed on each load only where the manifest gives something to check.
+    if source.sha256 or source.size_bytes is not None or _HASH_IN_NAME.search(source.file_name):
+        problem = _expected_problem(path, source, sha256_of(path))
+        if problem:
+            raise WeightsUnavailableError(f"{path} (from {MIRROR_ENV}) does not match the manifest: {problem}")
     return path
+
+
+def _discard(path: Path, seen: os.stat_result) -> None:
+    """Delete a corrupt cached file, unless another process has just replaced it.
+
+    Its stamp stays: the re-download must have the SHA-256 recorded at first download.
+    """
+    try:
+        now = path.stat()
+    except FileNotFoundError:
+        return
+    if (now.st_ino, now.st_dev, now.st_mtime_ns) == (seen.st_ino, seen.st_dev, seen.st_mtime_ns):
+        path.unlink(missing_ok=True)
+
+
+def _cached(dest: Path, source: Source) -> tuple[bool, str | None]:
+    """(usable, sha256 recorded at first download) for the cache entry ``dest``."""
+    try:
+        seen = dest.stat()
+        stamp = _read_stamp(dest)
+        recorded = stamp.get("sha256") if stamp else None
+        if verify_cached(dest, source):
+            return True, recorded
+    except FileNotFoundError:  # removed by another process meanwhile
+        return False, None
+    _discard(dest, seen)
+    return False, recorded
 
 
 def fetch_checkpoint(sources: tuple[Source, ...], *, progress: bool = True) -> tuple[Path, Source]:
@@ -155,21 +294,30 @@ def fetch_checkpoint(sources: tuple[Source, ...], *, progress: bool = True) -> t
 
     Order: torch.hub's cache; then ``$RESNEXT_HUB_WEIGHTS_MIRROR`` (a folder or base URL
     holding the files by name) if set, else each source's URL. A corrupt cached file is
-    deleted and fetched again.
+    deleted and fetched once more, and must then match the SHA-256 recorded at first download.
     """
     mirror = os.environ.get(MIRROR_ENV)
     failures = []
+    recorded: dict[str, str | None] = {}
+    # Every source's cache entry before any request: a cached alternative (say the safetensors
+    # copy, used once because the primary URL failed) must load offline without retrying the primary.
     for source in sources:
         dest = cache_dir() / source.file_name
-        if dest.is_file():
-            if verify_cached(dest, source):
+        stamp = _read_stamp(dest)
+        recorded[source.file_name] = stamp.get("sha256") if stamp else None
+        if dest.exists():
+            usable, recorded[source.file_name] = _cached(dest, source)
+            if usable:
                 return dest, source
-            dest.unlink(missing_ok=True)
-            _stamp_path(dest).unlink(missing_ok=True)
+    for source in sources:
+        dest = cache_dir() / source.file_name
+        expected = recorded[source.file_name]
+        if dest.parent.is_dir():
+            remove_stale_partials(dest)
         try:
             if mirror:
-                return _from_mirror(mirror, source, dest, progress), source
-            return download(source.url, dest, source, progress=progress), source
+                return _from_mirror(mirror, source, dest, progress, expected), source
+            return download(source.url, dest, source, progress=progress, expected_sha256=expected), source
         except WeightsUnavailableError as error:
             failures.append(str(error))
     where = f"{MIRROR_ENV}={mirror!r}" if mirror else f"{MIRROR_ENV} (unset)"

@@ -193,6 +193,21 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(self.num_features, num_classes, device=device)
         self.num_classes = num_classes
 
+    def optimize_for_inference(
+        self, precision: str = "auto", channels_last: bool = True, compile: bool = False
+    ) -> nn.Module:
+        """A faster inference-only copy of this model (BN folded, channels-last, bf16/fp16).
+
+        ``precision``: ``"auto"`` (fastest faithful: bf16 on CPUs with native bf16, fp16 on
+        CUDA, else fp32), ``"fp32"`` (exact), ``"bf16"``, ``"fp16"``. ``compile=True`` adds
+        ``torch.compile`` (tens of seconds on the first call). This model is not changed.
+        See :func:`models.optimize.optimize_for_inference`.
+        """
+        # Imported here: optimize.py builds on this module's classes.
+        from .optimize import optimize_for_inference
+
+        return optimize_for_inference(self, precision=precision, channels_last=channels_last, compile=compile)
+
     def forward_stem(self, x: Tensor) -> Tensor:
         return self.maxpool(self.act1(self.bn1(self.conv1(x))))
 

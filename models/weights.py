@@ -183,6 +183,15 @@ def get_weights(architecture: str, weights: str | Weights | None = None) -> Weig
         if weights.architecture != architecture:
             raise ValueError(f"weights {weights.name!r} are for {weights.architecture!r}, not {architecture!r}")
         return weights
+    if not isinstance(weights, (str, type(None))):
+        # Any manifest record, also one from the other import of this package (torch.hub's
+        # ``resnext_hub.models`` vs a program's top-level ``models``): look it up by name.
+        name, owner = getattr(weights, "name", None), getattr(weights, "architecture", None)
+        if not isinstance(name, str):
+            raise TypeError(f"weights must be None, a tag, a name or a Weights record; got {type(weights).__name__}")
+        if owner != architecture:
+            raise ValueError(f"weights {name!r} are for {owner!r}, not {architecture!r}")
+        weights = name
     if not available:
         raise ValueError(f"no published weights for {architecture!r} in {MANIFEST_PATH.name}")
     if weights is None:

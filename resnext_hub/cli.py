@@ -9,15 +9,18 @@ import json
 import logging
 import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TextIO
 
+from .arguments import add_model_options, add_progress_options
 from .inference import Classifier, Result, expand_inputs
-from .models import VARIANTS, WeightsUnavailableError, load_manifest
+from .models import WeightsUnavailableError, load_manifest
 from .models.checkpoint import CheckpointError
+from .processing.images import is_url
 
 EXIT_USAGE, EXIT_SOME_FAILED = 2, 1
 # Modules of this package that add a subcommand: each has ``register(commands)``.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("evaluate", "predict", "export", "serve")
 
 
 def _progress(results: Iterable[Result], total: int, enabled: bool) -> Iterable[Result]:
@@ -68,8 +71,18 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if not inputs:
         print(f"error: no images found in {args.inputs}", file=sys.stderr)
         return EXIT_USAGE
+    missing = [item for item in inputs if not is_url(item) and not Path(item).exists()]
+    if len(missing) == len(inputs):
+        # Nothing to classify: say so before loading (maybe downloading) a model.
+        print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
+        return EXIT_USAGE
     classifier = Classifier.from_name(
-        args.model, checkpoint=args.checkpoint, weights=args.weights, device=args.device, amp=not args.no_amp
+        args.model,
+        checkpoint=args.checkpoint,
+        weights=args.weights,
+        device=args.device,
+        amp=not args.no_amp,
+        exact=args.exact,
     )
     failed = 0
 
@@ -105,19 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     classify = commands.add_parser("classify", help="classify image files, folders and URLs")
     classify.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or http(s) URLs")
-    classify.add_argument("--model", default="se_resnext101_32x4d", choices=sorted(VARIANTS))
-    weights = classify.add_mutually_exclusive_group()
-    weights.add_argument("--weights", help="manifest tag or name (default: the model's default weights)")
-    weights.add_argument("--checkpoint", help="a local checkpoint file instead of the published weights")
+    add_model_options(classify)
     classify.add_argument("--batch-size", type=int, default=16)
     classify.add_argument("--top-k", type=int, default=5)
     classify.add_argument("--format", choices=sorted(WRITERS), default="text", help="json writes one object per line")
     classify.add_argument("--output", "-o", help="write results to this file instead of stdout")
     classify.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    classify.add_argument("--no-amp", action="store_true", help="on CUDA, run in fp32 instead of fp16 autocast")
-    progress = classify.add_mutually_exclusive_group()
-    progress.add_argument("--progress", dest="progress", action="store_true", default=None)
-    progress.add_argument("--no-progress", dest="progress", action="store_false")
+    classify.add_argument("--no-amp", action="store_true", help="on CUDA, run in fp32 instead of fp16")
+    classify.add_argument(
+        "--exact", action="store_true", help="exact fp32 (default: the fastest faithful precision, e.g. bf16 on CPU)"
+    )
+    add_progress_options(classify)
     classify.set_defaults(func=cmd_classify)
 
     listing = commands.add_parser("models", help="list the served models and their weights")

@@ -7,9 +7,8 @@ import sys
 import textwrap
 
 import pytest
-from conftest import ROOT
-
 from checkpoints import NGC_FILES
+from conftest import ROOT
 
 ENTRY_POINTS = {
     "nvidia_convnets_processing_utils",

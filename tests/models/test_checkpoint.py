@@ -6,9 +6,9 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from checkpoints import random_state_dict, to_nvidia_layout
 from safetensors.torch import save_file
 
-from checkpoints import random_state_dict, to_nvidia_layout
 from models import CheckpointError, build_model, read_checkpoint
 
 ARCH = "se_resnext101_32x4d"

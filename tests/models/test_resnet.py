@@ -6,9 +6,9 @@ import logging
 
 import pytest
 import torch
+from checkpoints import NGC_FILES
 from reference import reference_from_ngc_file
 
-from checkpoints import NGC_FILES
 from models import VARIANTS, build_model
 
 EXPECTED_PARAMS = {

@@ -1,0 +1,202 @@
+"""``evaluate`` on a small ImageNet-layout folder: exact counts, in one process and under torchrun.
+
+The folder holds 12 photos (crops and flips of the shared ones) and one broken JPEG: 13 files,
+which 2 processes cannot split evenly. Each photo's folder is chosen from a reference forward
+pass of the same random-weight model, so the expected top-1/top-5 counts are known: a third
+sit in their top-1 class, a third in their second-ranked class (top-5 only), a third far down.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import RGB_PHOTOS, ROOT
+from PIL import Image
+
+from models import build_model
+from processing import build_transform, imagenet_wnids, load_image
+from resnext_hub.cli import main
+from resnext_hub.distributed import shard_batches
+from resnext_hub.evaluate import evaluate, find_samples
+
+ARCH = "seresnext26d_32x4d"
+BROKEN = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 20  # a JPEG cut off in its header
+TIMING_KEYS = {"seconds", "images_per_second", "world_size"}
+
+
+# -- helpers shared with test_predict.py --------------------------------------------------------------
+
+
+def write_checkpoint(folder: Path) -> Path:
+    """Random weights with the statistics of a trained net (tests/checkpoints.py), in our own key layout."""
+    from checkpoints import random_state_dict
+
+    path = folder / f"{ARCH}.pth"
+    torch.save(random_state_dict(ARCH), path)
+    return path
+
+
+def photo_variants() -> list[tuple[str, Image.Image]]:
+    """12 small RGB photos: each shared JPEG at 160 px, mirrored, and cropped."""
+    variants = []
+    for path in RGB_PHOTOS[:4]:
+        image = Image.open(path).convert("RGB")
+        image.thumbnail((160, 160))
+        w, h = image.size
+        crop = image.crop((0, 0, 2 * w // 3, 2 * h // 3))
+        variants += [
+            (f"{path.stem}_full", image),
+            (f"{path.stem}_mirror", image.transpose(0)),
+            (f"{path.stem}_crop", crop),
+        ]
+    return variants
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cli_env() -> dict[str, str]:
+    """One thread per process (as torchrun sets), the repo importable, gloo on the loopback interface."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("RESNEXT_HUB_WEIGHTS_MIRROR", None)
+    if Path("/sys/class/net/lo").exists():
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    return env
+
+
+def cli_command(args: list[str], nproc: int = 1) -> list[str]:
+    """``python -m resnext_hub ARGS``, or the same under ``torchrun --nproc_per_node=nproc`` on 127.0.0.1."""
+    if nproc == 1:
+        return [sys.executable, "-m", "resnext_hub", *args]
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr", "127.0.0.1"]
+    return [sys.executable, *launcher, "--master_port", str(free_port()), "-m", "resnext_hub", *args]
+
+
+def run_cli(args: list[str], cwd: Path, nproc: int = 1) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_command(args, nproc), cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=240)
+
+
+# -- fixtures -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> dict:
+    """The folder, the checkpoint, and the counts a correct evaluation must find."""
+    base = tmp_path_factory.mktemp("imagenet_val")
+    checkpoint = write_checkpoint(base)
+    model = build_model(ARCH, pretrained_from_file=checkpoint)
+    flat = base / "flat"
+    flat.mkdir()
+    paths = []
+    for name, image in photo_variants():
+        image.save(flat / f"{name}.jpg", quality=90)
+        paths.append(flat / f"{name}.jpg")
+    transform = build_transform(model)
+    with torch.inference_mode():
+        logits = model(torch.stack([transform(load_image(p)) for p in paths]))
+    order = logits.argsort(dim=1, descending=True)
+    wnids, root, targets = imagenet_wnids(), base / "val", []
+    for i, path in enumerate(paths):
+        target = int(order[i, (0, 1, 500)[i % 3]])  # top-1 hit, top-5 hit only, miss
+        folder = root / wnids[target]
+        folder.mkdir(parents=True, exist_ok=True)
+        path.rename(folder / path.name)
+        targets.append(target)
+    (root / wnids[targets[0]] / "broken.jpg").write_bytes(BROKEN)
+    (root / wnids[targets[0]] / "notes.txt").write_text("not an image: not counted\n")
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor(targets)).item()
+    return {"root": root, "checkpoint": checkpoint, "model": model, "loss": loss, "base": base}
+
+
+@pytest.fixture(scope="module")
+def single(dataset) -> dict:
+    """The CLI in one plain process (no torchrun): its summary file, stdout and stderr."""
+    out = dataset["base"] / "single.json"
+    args = ["evaluate", str(dataset["root"]), "--model", ARCH, "--checkpoint", str(dataset["checkpoint"])]
+    run = run_cli([*args, "--batch-size", "4", "--workers", "2", "--exact", "-o", str(out)], dataset["base"])
+    return {"run": run, "summary": json.loads(out.read_text()) if out.exists() else None}
+
+
+# -- tests ----------------------------------------------------------------------------------------------
+
+
+def test_shards_cover_every_index_once_in_the_same_batches():
+    for count in range(0, 23):
+        for batch_size in (1, 3, 4):
+            alone = [list(b) for b in shard_batches(count, batch_size)]
+            for world in (2, 3, 5):
+                shards = [[list(b) for b in shard_batches(count, batch_size, r, world)] for r in range(world)]
+                indices = sorted(i for shard in shards for batch in shard for i in batch)
+                assert indices == list(range(count))
+                assert sorted(batch for shard in shards for batch in shard) == sorted(alone)
+
+
+def test_folders_map_to_wordnet_ids_not_sort_order(tmp_path):
+    wnids = imagenet_wnids()
+    for wnid in (wnids[999], wnids[0], wnids[500]):
+        (tmp_path / wnid).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / wnid / "a.png")
+    assert sorted(target for _, target in find_samples(tmp_path)) == [0, 500, 999]
+
+
+def test_a_folder_that_is_not_an_imagenet_class_is_refused(tmp_path, capsys):
+    (tmp_path / imagenet_wnids()[1]).mkdir()
+    (tmp_path / "cats").mkdir()
+    with pytest.raises(ValueError, match=r"not ImageNet classes: 'cats'.*WordNet id"):
+        find_samples(tmp_path)
+    # The CLI says so before loading any model, once, with the usage exit status.
+    assert main(["evaluate", str(tmp_path), "--model", ARCH, "--checkpoint", "/nonexistent.pth"]) == 2
+    assert capsys.readouterr().err.count("'cats'") == 1
+
+
+def test_one_process_counts_every_image_once_and_scores_it_right(dataset, single):
+    run, summary = single["run"], single["summary"]
+    assert run.returncode == 1, run.stderr  # 1: one file could not be read
+    assert json.loads(run.stdout) == summary  # printed and written: the same summary
+    assert summary["images"] == 13 and summary["evaluated"] == 12 and summary["failed"] == 1
+    assert summary["correct_top1"] == 4 and summary["correct_top5"] == 8
+    assert summary["top1"] == pytest.approx(100 * 4 / 12) and summary["top5"] == pytest.approx(100 * 8 / 12)
+    assert summary["loss"] == pytest.approx(dataset["loss"], rel=1e-4)
+    [failure] = summary["failures"]
+    assert failure["input"].endswith("broken.jpg") and failure["error"]
+    assert summary["world_size"] == 1 and summary["precision"] == "fp32" and summary["images_per_second"] > 0
+    assert summary["model"] == ARCH and summary["preprocessing"]["interpolation"] == "bicubic"  # timm's weights
+
+
+def test_torchrun_two_processes_give_identical_counts_and_accuracy(dataset, single):
+    out = dataset["base"] / "two.json"
+    args = ["evaluate", str(dataset["root"]), "--model", ARCH, "--checkpoint", str(dataset["checkpoint"])]
+    run = run_cli([*args, "--batch-size", "4", "--workers", "1", "--exact", "-o", str(out)], dataset["base"], nproc=2)
+    assert out.exists(), run.stderr[-3000:]
+    two, one = json.loads(out.read_text()), single["summary"]
+    assert two["world_size"] == 2
+    assert {k: v for k, v in two.items() if k not in TIMING_KEYS | {"loss"}} == {
+        k: v for k, v in one.items() if k not in TIMING_KEYS | {"loss"}
+    }
+    assert math.isclose(two["loss"], one["loss"], rel_tol=1e-12)  # summed in another order
+    # Only rank 0 printed: one summary on stdout, one result line on stderr.
+    assert json.loads(run.stdout) == two
+    assert run.stderr.count("top-1 33.333%") == 1 and run.stderr.count("broken.jpg: ERROR") == 1
+
+
+def test_api_with_loader_workers_and_the_fast_path(dataset):
+    summary = evaluate(dataset["model"], dataset["root"], batch_size=5, workers=2)
+    assert summary["evaluated"] + summary["failed"] == summary["images"] == 13
+    assert summary["failed"] == 1 and summary["world_size"] == 1
+    expected = {"fp32", "bf16"} if hasattr(dataset["model"], "optimize_for_inference") else {"fp32"}
+    assert summary["precision"] in expected
+    if summary["precision"] == "fp32":
+        assert (summary["correct_top1"], summary["correct_top5"]) == (4, 8)
+    else:  # bf16 may move a borderline rank of this random-weight model; its fidelity is tested with the model
+        assert 0 <= summary["correct_top1"] <= summary["correct_top5"] <= 12

@@ -1,0 +1,206 @@
+"""ONNX, TorchScript and Triton-repository export: real files, run and compared with eager."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from checkpoints import random_state_dict, write_ngc_file
+from torch import nn
+
+from models import build_model
+from processing import imagenet_labels
+from resnext_hub import cli
+from resnext_hub.export import (
+    DEFAULT_OPSET,
+    FP16_TOLERANCE,
+    FP32_TOLERANCE,
+    TRACE_BATCH,
+    ExportError,
+    export_onnx,
+    export_torchscript,
+)
+from resnext_hub.triton import (
+    TritonConfigError,
+    build_config,
+    config_text,
+    onnx_signature,
+    read_config,
+    validate_model_dir,
+)
+
+ARCH = "seresnext26d_32x4d"
+SIZE = 64  # every property here holds at any input size; 64 keeps the forward passes cheap
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / f"{ARCH}.pth"
+    torch.save(random_state_dict(ARCH, seed=3), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return build_model(ARCH, pretrained_from_file=checkpoint)
+
+
+@pytest.fixture(scope="module")
+def triton_repo(tmp_path_factory, checkpoint):
+    """A Triton repository written by the command line, as a user would."""
+    repo = tmp_path_factory.mktemp("repo")
+    argv = ["export", "--model", ARCH, "--checkpoint", str(checkpoint), "--format", "triton", "-o", str(repo)]
+    argv += ["--image-size", str(SIZE), "--max-batch-size", "16", "--preferred-batch-sizes", "4,8"]
+    argv += ["--queue-delay-us", "500", "--instance-kind", "cpu", "--instance-count", "2"]
+    assert cli.main(argv) == 0
+    return repo
+
+
+def _eager(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    with torch.inference_mode():
+        return model(x).numpy()
+
+
+def test_triton_repository_layout_and_config(triton_repo):
+    model_dir = triton_repo / ARCH
+    assert sorted(p.name for p in triton_repo.iterdir()) == [ARCH]  # no staging leftovers
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt", "labels.txt"]
+    assert (model_dir / "1" / "model.onnx").is_file()
+    config = read_config(model_dir / "config.pbtxt")  # Triton's own schema
+    assert (config.name, config.platform, config.max_batch_size) == (ARCH, "onnxruntime_onnx", 16)
+    assert [(i.name, list(i.dims)) for i in config.input] == [("input", [3, SIZE, SIZE])]
+    assert [(o.name, list(o.dims), o.label_filename) for o in config.output] == [
+        ("logits", [1000], "labels.txt"),
+        ("probabilities", [1000], "labels.txt"),
+    ]
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 500
+    assert [(g.kind, g.count) for g in config.instance_group] == [(config.instance_group[0].KIND_CPU, 2)]
+    labels = (model_dir / "labels.txt").read_text(encoding="utf-8").splitlines()
+    assert labels == imagenet_labels() and labels[0] == "tench, Tinca tinca"
+    assert validate_model_dir(model_dir).name == ARCH
+
+
+def test_triton_onnx_has_dynamic_batch_and_matches_eager(triton_repo, model):
+    path = triton_repo / ARCH / "1" / "model.onnx"
+    graph = onnx.load(str(path))
+    assert max(op.version for op in graph.opset_import if op.domain in ("", "ai.onnx")) == DEFAULT_OPSET
+    signature = onnx_signature(path)
+    assert signature["inputs"]["input"][1][0] == "batch" and signature["inputs"]["input"][1][1:] == [3, SIZE, SIZE]
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):  # neither is the batch it was traced with
+        assert batch != TRACE_BATCH
+        x = torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(batch))
+        logits, probabilities = session.run(None, {"input": x.numpy()})
+        expected = _eager(model, x)
+        assert logits.shape == (batch, 1000)
+        np.testing.assert_allclose(logits, expected, rtol=0, atol=FP32_TOLERANCE * max(1, np.abs(expected).max()))
+        np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
+
+
+def test_validation_catches_what_triton_would_refuse(triton_repo, tmp_path):
+    source = triton_repo / ARCH
+    config_text = (source / "config.pbtxt").read_text()
+
+    def broken(name: str, text: str, labels: int | None = None):
+        folder = tmp_path / name
+        shutil.copytree(source, folder)
+        (folder / "config.pbtxt").write_text(text)
+        if labels is not None:
+            (folder / "labels.txt").write_text("x\n" * labels)
+        with pytest.raises(TritonConfigError) as caught:
+            validate_model_dir(folder)
+        return str(caught.value)
+
+    assert "differs from the folder name" in broken("renamed", config_text)
+    assert f"dims [3, 32, 32] in config, [3, {SIZE}, {SIZE}] in the graph" in broken(
+        ARCH + "_a", config_text.replace(f"dims: {SIZE}", "dims: 32")
+    )
+    assert "not a valid Triton model config" in broken(ARCH + "_b", config_text + "\nmax_batch: 3\n")
+    assert "output names" in broken(ARCH + "_c", config_text.replace('"logits"', '"scores"'))
+    assert "999 lines in labels.txt, 1000 classes" in broken(ARCH + "_d", config_text, labels=999)
+    assert "preferred_batch_size [32]" in broken(
+        ARCH + "_e", config_text.replace("preferred_batch_size: 8", "preferred_batch_size: 32")
+    )
+
+
+def test_fp16_onnx_within_stated_bound(model, tmp_path):
+    result = export_onnx(model, tmp_path / "m16.onnx", image_size=SIZE, fp16=True)
+    graph = onnx.load(str(result.path))
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.graph.initializer)
+    assert onnx_signature(result.path)["inputs"]["input"][0] == "TYPE_FP32"  # casts are inside the graph
+    session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    x = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
+    logits = session.run(["logits"], {"input": x.numpy()})[0]
+    expected = _eager(model, x)
+    diff = np.abs(logits - expected).max()
+    assert 0 < diff <= FP16_TOLERANCE * max(1, np.abs(expected).max())  # really fp16, and within the bound
+    assert [c.batch_size for c in result.checks] == [1, 3] and all(c.passed for c in result.checks)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m16.onnx"]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_torchscript_traced_frozen_and_verified(model, tmp_path):
+    result = export_torchscript(model, tmp_path / "m.pt", image_size=SIZE)
+    assert all(c.max_abs_diff <= FP32_TOLERANCE for c in result.checks)
+    loaded = torch.jit.load(str(result.path))
+    assert list(loaded.parameters()) == []  # frozen: weights are constants of the graph
+    x = torch.randn(5, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        np.testing.assert_allclose(loaded(x).numpy(), _eager(model, x), rtol=0, atol=FP32_TOLERANCE)
+
+
+class _BatchTwoOnly(nn.Module):
+    """Right only at the traced batch size: the bug that verification at other sizes exists to catch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = x.mean((2, 3)).repeat(1, 4)
+        return scores * 2 if x.shape[0] == 2 else scores
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_an_export_that_does_not_generalise_is_refused_and_removed(tmp_path):
+    with pytest.raises(ExportError, match="does not match the eager model on batch 1"):
+        export_torchscript(_BatchTwoOnly(), tmp_path / "bad.pt", image_size=SIZE)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_command_reports_errors(tmp_path, capsys, checkpoint):
+    assert cli.main(["export", "--model", ARCH, "--random-weights", "--format", "torchscript", "--fp16",
+                     "-o", str(tmp_path / "m.pt")]) == 2  # fmt: skip
+    assert "--fp16 applies to ONNX and Triton" in capsys.readouterr().err
+    (tmp_path / "repo" / ARCH).mkdir(parents=True)
+    argv = ["export", "--model", ARCH, "--checkpoint", str(checkpoint), "-o", str(tmp_path / "repo")]
+    assert cli.main(argv) == 1
+    assert "already exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
+
+
+def test_nvidia_model_exports_to_onnx(tmp_path):
+    """One 101-layer NVIDIA model, from its NGC-layout file, through the whole ONNX path."""
+    ngc = write_ngc_file(tmp_path / "ngc", "se_resnext101_32x4d", seed=1)
+    nvidia = build_model("se_resnext101_32x4d", pretrained_from_file=ngc)
+    result = export_onnx(nvidia, tmp_path / "se101.onnx", image_size=32, verify_batches=(1,))
+    check = result.checks[0]
+    assert check.batch_size == 1 and check.top1_agrees
+    assert check.max_abs_diff <= FP32_TOLERANCE * max(1, check.logit_scale)
+    assert onnx_signature(result.path)["outputs"]["logits"][1] == ["batch", 1000]
+
+
+def test_gpu_tensorrt_config_round_trips_and_bad_options_are_refused(tmp_path):
+    config = build_config(
+        "m", image_size=224, num_classes=10, instance_kind="gpu", instance_count=2, accelerator="tensorrt", fp16=True
+    )
+    (tmp_path / "config.pbtxt").write_text(config_text(config))
+    parsed = read_config(tmp_path / "config.pbtxt")
+    assert parsed == config
+    assert [(g.kind, g.count) for g in parsed.instance_group] == [(parsed.instance_group[0].KIND_GPU, 2)]
+    trt = parsed.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert (trt.name, trt.parameters["precision_mode"]) == ("tensorrt", "FP16")
+    with pytest.raises(TritonConfigError) as caught:
+        build_config("m", image_size=224, num_classes=10, max_batch_size=4, preferred_batch_sizes=(8,),
+                     instance_kind="cpu", accelerator="tensorrt")  # fmt: skip
+    assert len(caught.value.problems) == 2 and "needs GPU instances" in str(caught.value)

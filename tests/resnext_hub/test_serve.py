@@ -1,0 +1,206 @@
+"""A real Triton Inference Server (PyTriton) on 127.0.0.1, driven by tritonclient over HTTP and gRPC."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from checkpoints import random_state_dict
+from conftest import RGB_PHOTOS, ROOT
+from tritonclient.utils import InferenceServerException
+
+from models import build_model
+from processing import InvalidImageError, load_image
+from resnext_hub import cli
+from resnext_hub.inference import Classifier
+from resnext_hub.serve import TOKEN_ENV, ServeUnavailableError, check_interpreter
+
+ARCH = "seresnext26d_32x4d"
+TOKEN = "test-token-for-admin-endpoints"
+TOP_K = 3
+START_TIMEOUT_S = 180
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """``python -m resnext_hub serve`` in a subprocess, as a user starts it."""
+
+    def __init__(self, checkpoint, log_path) -> None:
+        self.http_port, self.grpc_port = _free_port(), _free_port()
+        argv = [sys.executable, "-m", "resnext_hub", "serve", "--model", ARCH, "--checkpoint", str(checkpoint)]
+        argv += ["--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), "--metrics-port", "0"]
+        # A long queue delay makes batching certain however slowly this machine runs the requests.
+        argv += ["--max-batch-size", "8", "--preferred-batch-sizes", "4,8", "--queue-delay-us", "200000"]
+        # Exact fp32 on both sides: bf16 may swap near-tied classes of random weights.
+        argv += ["--top-k", str(TOP_K), "--device", "cpu", "--exact"]
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        env = {**os.environ, TOKEN_ENV: TOKEN}
+        self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.http = httpclient.InferenceServerClient(f"127.0.0.1:{self.http_port}", concurrency=8)
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                log = self.log_path.read_text()[-3000:]
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{log}")
+            try:
+                if self.http.is_model_ready(ARCH) and self.http.is_model_ready(f"{ARCH}_image"):
+                    return
+            except Exception:  # not listening yet
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server not ready after {START_TIMEOUT_S} s:\n{self.log_path.read_text()[-3000:]}")
+
+    def statistics(self, model: str) -> dict:
+        return self.http.get_inference_statistics(model, headers={"triton-access-token": TOKEN})["model_stats"][0]
+
+    def stop(self) -> int:
+        self.http.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            return -9
+        finally:
+            self.log.close()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve") / f"{ARCH}.pth"
+    torch.save(random_state_dict(ARCH, seed=11), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def classifier(checkpoint):
+    return Classifier(build_model(ARCH, pretrained_from_file=checkpoint), device="cpu", exact=True)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    server = Server(checkpoint, tmp_path_factory.mktemp("serve-log") / "server.log")
+    yield server
+    server.stop()
+
+
+def test_interpreter_check(capsys):
+    assert cli.main(["serve", "--check"]) == 0
+    assert f"PyTriton can serve with this interpreter: Python {sys.version.split()[0]}" in capsys.readouterr().out
+    library = check_interpreter()
+    assert library.is_file() and library.name.startswith(f"libpython{sys.version_info[0]}.{sys.version_info[1]}")
+    # The pyenv case found on this machine: 3.11.7 running beside Debian's 3.11.2 shared library.
+    wrong = f"{sys.version_info[0]}.{sys.version_info[1]}.99"
+    with pytest.raises(ServeUnavailableError, match=rf"\(Python {sys.version.split()[0]}\).* is Python {wrong}"):
+        check_interpreter(wrong)
+    with pytest.raises(ServeUnavailableError, match=r"stubs for Python \[.*\], not 2\.7"):
+        check_interpreter("2.7.18")
+
+
+def _tensor_request(protocol, x: np.ndarray):
+    module = httpclient if protocol == "http" else grpcclient
+    tensor = module.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return [tensor]
+
+
+def test_concurrent_http_and_grpc_requests_match_local_inference_and_are_batched(server, classifier):
+    before = server.statistics(ARCH)
+    inputs = torch.randn(16, 3, 224, 224, generator=torch.Generator().manual_seed(0)).numpy()
+
+    def send(i: int):
+        x = inputs[i : i + 1]
+        if i % 2:
+            client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+            result = client.infer(ARCH, _tensor_request("grpc", x), client_timeout=120)
+        else:
+            client = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}", network_timeout=120)
+            result = client.infer(ARCH, _tensor_request("http", x))
+        client.close()
+        return {name: result.as_numpy(name)[0] for name in ("labels", "probabilities", "indices")}
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(send, range(len(inputs))))
+    expected = classifier.predict_tensor(torch.from_numpy(inputs), TOP_K)
+    for answer, local in zip(answers, expected):
+        assert answer["indices"].tolist() == [p.index for p in local]
+        assert [label.decode() for label in answer["labels"]] == [p.label for p in local]
+        np.testing.assert_allclose(answer["probabilities"], [p.probability for p in local], rtol=1e-4, atol=1e-6)
+    after = server.statistics(ARCH)
+    requests = int(after["inference_count"]) - int(before["inference_count"])
+    executions = int(after["execution_count"]) - int(before["execution_count"])
+    assert requests == len(inputs)
+    assert executions < requests  # the dynamic batcher put several requests into one model execution
+
+
+def test_encoded_images_are_decoded_with_the_hardened_loader(server, classifier):
+    photos = RGB_PHOTOS[:2]
+    bad = b"GIF89a but not really"
+    with pytest.raises(InvalidImageError) as local_error:
+        load_image(bad)
+    payload = np.array([[p.read_bytes()] for p in photos] + [[bad]], dtype=object)
+    expected = list(classifier.classify([str(p) for p in photos], k=TOP_K))
+    for protocol, module, port in (("http", httpclient, server.http_port), ("grpc", grpcclient, server.grpc_port)):
+        client = module.InferenceServerClient(f"127.0.0.1:{port}")
+        tensor = module.InferInput("image", [len(payload), 1], "BYTES")
+        tensor.set_data_from_numpy(payload)
+        result = client.infer(f"{ARCH}_image", [tensor])
+        client.close()
+        errors = [e.decode() for e in result.as_numpy("error")[:, 0]]
+        assert errors[:2] == ["", ""], protocol
+        assert errors[2] == local_error.value.reason  # the same loader, the same verdict
+        for row, local in enumerate(expected):
+            assert result.as_numpy("indices")[row].tolist() == [p.index for p in local.predictions], protocol
+            np.testing.assert_allclose(
+                result.as_numpy("probabilities")[row], [p.probability for p in local.predictions], rtol=1e-4
+            )
+        assert result.as_numpy("indices")[2].tolist() == [-1] * TOP_K
+
+
+def test_wrong_input_shape_is_refused_by_the_server(server):
+    with pytest.raises(InferenceServerException, match="input"):
+        server.http.infer(ARCH, _tensor_request("http", np.zeros((1, 3, 64, 64), np.float32)))
+    with pytest.raises(InferenceServerException, match="403"):
+        server.http.get_inference_statistics(ARCH)  # admin endpoints need the token
+
+
+def test_load_script_reports_throughput_and_latency(server):
+    argv = [sys.executable, str(ROOT / "benchmarks" / "triton_load.py"), "--model", ARCH, "--json"]
+    argv += ["--url", f"127.0.0.1:{server.http_port}", "--concurrency", "1,4", "--requests", "8"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**os.environ, TOKEN_ENV: TOKEN})
+    assert done.returncode == 0, done.stderr
+    levels = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [level["concurrency"] for level in levels] == [1, 4]
+    for level in levels:
+        assert level["requests"] == 8 and level["throughput_per_s"] > 0 and 0 < level["p50_ms"] <= level["p99_ms"]
+    assert levels[1]["mean_batch"] > 1  # four clients at once are batched together
+
+
+def test_server_stops_cleanly(server):
+    assert server.stop() == 0
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", server.http_port)) != 0  # nothing listens any more
+    assert "Traceback" not in server.log_path.read_text()

@@ -1,0 +1,152 @@
+"""The demo's request handlers in-process: limits, loading states and messages, and the Space bundle."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SPACE = ROOT / "space"
+IMAGES = ROOT / "assets" / "images"
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """The ``app`` module with a mirror holding seresnext26d and 26t (random weights), fp32."""
+    from checkpoints import random_state_dict
+    from safetensors.torch import save_file
+
+    mirror = tmp_path_factory.mktemp("mirror")
+    for name in ("seresnext26d_32x4d", "seresnext26t_32x4d"):
+        state = random_state_dict(name)
+        save_file({k: v.contiguous() for k, v in state.items()}, mirror / f"{name}.bt_in1k.safetensors")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RESNEXT_HUB_WEIGHTS_MIRROR", str(mirror))
+        patch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+        patch.setenv("RESNEXT_HUB_SPACE_PRECISION", "fp32")
+        patch.syspath_prepend(str(SPACE))
+        import app
+
+        yield app
+
+
+@pytest.fixture(scope="module")
+def demo(app):
+    return app.Demo(default_model="seresnext26d_32x4d")
+
+
+def _message(excinfo) -> str:
+    return excinfo.value.message
+
+
+def test_every_model_entry_point_is_offered_once(demo) -> None:
+    assert demo.entries == [
+        "nvidia_resnext101_32x4d",
+        "nvidia_se_resnext101_32x4d",
+        "seresnext26d_32x4d",
+        "seresnext26t_32x4d",
+        "seresnext50_32x4d",
+    ]
+
+
+def test_an_upload_gives_a_photo_a_top5_and_the_card(demo) -> None:
+    photo, top5, card = demo.classify_upload("seresnext26d_32x4d", {"path": str(IMAGES / "camera.png")})
+    assert max(photo.size) <= 512 and photo.mode == "RGB"
+    assert len(top5) == 5 and all(0 < p < 1 for p in top5.values())
+    assert list(top5.values()) == sorted(top5.values(), reverse=True)
+    assert "16,809,512 parameters" in card
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda d: d.classify_upload("seresnext26d_32x4d", None), "Upload or paste a photo first"),
+        (lambda d: d.classify_url("seresnext26d_32x4d", "  "), "Paste the address of an image"),
+        (lambda d: d.classify_upload("nvidia_convnets_processing_utils", {"path": "x"}), "Pick one of the listed"),
+        (lambda d: d.classify_url("seresnext26d_32x4d", "http://[::1]:8080/a.jpg"), "::1 is a local"),
+        (lambda d: d.classify_url("seresnext26d_32x4d", "file:///etc/passwd"), "only http:// and https://"),
+        (lambda d: d.classify_upload("seresnext26d_32x4d", {"path": str(ROOT / "README.md")}), "not a usable image"),
+    ],
+)
+def test_bad_requests_get_a_short_message(demo, app, call, message: str) -> None:
+    with pytest.raises(app.gr.Error) as excinfo:
+        call(demo)
+    assert message in _message(excinfo)
+    assert "Traceback" not in _message(excinfo) and len(_message(excinfo)) <= 200
+
+
+def test_a_url_gives_the_same_answer_as_the_upload(demo, monkeypatch) -> None:
+    import ipaddress
+
+    from servers import FileServer
+
+    # The app's own policy refuses 127.0.0.1; here it may reach the test server and nothing else.
+    monkeypatch.setattr(demo, "url_policy", lambda ip: ip == ipaddress.ip_address("127.0.0.1"))
+    with FileServer(IMAGES) as server:
+        _, from_url, _ = demo.classify_url("seresnext26d_32x4d", f"{server.url}/chelsea.jpg")
+    _, from_upload, _ = demo.classify_upload("seresnext26d_32x4d", {"path": str(IMAGES / "chelsea.jpg")})
+    assert from_url == from_upload and server.requests["/chelsea.jpg"] == 1
+
+
+def test_a_slow_request_is_stopped_at_the_time_limit(demo, app, monkeypatch) -> None:
+    from PIL import Image
+
+    monkeypatch.setattr(app, "REQUEST_TIME_LIMIT_S", 0.5)
+    started = time.monotonic()
+    with pytest.raises(app.gr.Error) as excinfo:
+        demo._classify("seresnext26d_32x4d", lambda: time.sleep(3) or Image.new("RGB", (64, 64)))
+    assert "took over 0.5 s" in _message(excinfo)
+    assert time.monotonic() - started < 2.5
+
+
+def test_a_loading_model_says_so_then_serves(demo, app, monkeypatch) -> None:
+    monkeypatch.setattr(app, "MODEL_WAIT_S", 0.0)
+    with pytest.raises(app.gr.Error) as excinfo:
+        demo.describe("seresnext26t_32x4d")
+    assert "still loading" in _message(excinfo)
+    monkeypatch.setattr(app, "MODEL_WAIT_S", 120.0)
+    assert "16,806,976 parameters" in demo.describe("seresnext26t_32x4d")
+
+
+def test_a_model_without_weights_is_reported_not_raised(demo, app) -> None:
+    with pytest.raises(app.gr.Error) as excinfo:
+        demo.describe("seresnext50_32x4d")  # not in the mirror
+    assert "could not be loaded on this server" in _message(excinfo)
+
+
+def test_duplicate_imagenet_names_stay_distinct(app) -> None:
+    from processing import Prediction
+
+    ranked = [Prediction(134, None, "crane", 0.5), Prediction(517, None, "crane", 0.3)]
+    assert app.top5_dict(ranked) == {"crane": 0.5, "crane (#517)": 0.3}
+
+
+def test_the_space_bundle_runs_the_same_app(tmp_path) -> None:
+    dest = tmp_path / "space"
+    subprocess.run([sys.executable, str(SPACE / "bundle.py"), str(dest)], check=True, capture_output=True)
+    for name in ("app.py", "netguard.py", "serving.py", "requirements.txt", "hubconf.py", "weights_manifest.json"):
+        assert (dest / name).is_file(), name
+    assert (dest / "assets" / "images" / "chelsea.jpg").is_file()
+    assert not list(dest.rglob("__pycache__"))
+    probe = "import app; print(app.REPO); print(len(app.sample_photos())); print(app.hub_entries(app.REPO))"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=dest, capture_output=True, text=True, timeout=120, check=True
+    )
+    repo, samples, entries = result.stdout.strip().splitlines()[-3:]
+    assert Path(repo) == dest.resolve() and samples == "5" and "nvidia_se_resnext101_32x4d" in entries
+
+
+def test_the_space_requirements_match_the_repo() -> None:
+    space = (SPACE / "requirements.txt").read_text()
+    dev = (ROOT / "requirements-dev.txt").read_text()
+    front_matter = (SPACE / "README.md").read_text().split("---")[1]
+    pin = next(line for line in space.splitlines() if line.startswith("gradio=="))
+    assert pin in dev.splitlines()
+    assert f"sdk_version: {pin.split('==')[1]}" in front_matter
+    names = {line.split("=")[0].split(">")[0].split("<")[0].strip().lower() for line in space.splitlines()}
+    for needed in ("torch", "torchvision", "pillow", "numpy", "requests", "safetensors", "tqdm"):
+        assert needed in names, needed
