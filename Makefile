@@ -15,7 +15,8 @@ setup: $(STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install $(TORCH_PINS) -r requirements.txt -r requirements-dev.txt 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PIP) install $(TORCH_PINS) -r requirements.txt -r requirements-dev.txt >$(VENV)/pip.log 2>&1 \
+		|| { grep -v "is ignored: it is neither" $(VENV)/pip.log; exit 1; }
 	$(BIN)/python -c "import torch, torchvision, timm, onnxruntime, onnxscript, tritonclient.grpc, pytriton"
 	$(BIN)/python -m resnext_hub serve --check || echo "note: $(PYTHON) cannot run the Triton server (serve); everything else works"
 	touch $@
