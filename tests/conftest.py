@@ -26,6 +26,17 @@ def ngc_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory) -> Path:
+    """A seresnext26d_32x4d checkpoint with random weights (timm's layout), for fast end-to-end tests."""
+    import torch
+    from checkpoints import random_state_dict
+
+    path = tmp_path_factory.mktemp("small") / "seresnext26d_32x4d.pth"
+    torch.save(random_state_dict("seresnext26d_32x4d", seed=5), path)
+    return path
+
+
 @pytest.fixture
 def torch_home(tmp_path, monkeypatch) -> Path:
     """An empty torch.hub cache (TORCH_HOME) and no weights mirror."""

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-from checkpoints import random_state_dict
 from conftest import IMAGES, ROOT
 from servers import FileServer
 
@@ -22,10 +21,8 @@ ARCH = "seresnext26d_32x4d"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli") / "small.pth"
-    torch.save(random_state_dict(ARCH, seed=5), path)
-    return path
+def checkpoint(small_checkpoint):
+    return small_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from checkpoints import random_state_dict, write_ngc_file
+from checkpoints import write_ngc_file
 from torch import nn
 
 from models import build_model
@@ -38,10 +38,8 @@ SIZE = 64  # every property here holds at any input size; 64 keeps the forward p
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / f"{ARCH}.pth"
-    torch.save(random_state_dict(ARCH, seed=3), path)
-    return path
+def checkpoint(small_checkpoint):
+    return small_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from checkpoints import random_state_dict
 from conftest import RGB_PHOTOS, ROOT
 from tritonclient.utils import InferenceServerException
 
@@ -89,10 +88,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("serve") / f"{ARCH}.pth"
-    torch.save(random_state_dict(ARCH, seed=11), path)
-    return path
+def checkpoint(small_checkpoint):
+    return small_checkpoint
 
 
 @pytest.fixture(scope="module")
