@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
-from PIL import Image
 from torchvision import transforms as T
 
 _INTERPOLATION = {
@@ -72,7 +71,3 @@ def build_transform(preprocessing: Any = None) -> T.Compose:
         ]
     )
 
-
-def to_tensor(image: Image.Image, preprocessing: Any = None) -> torch.Tensor:
-    """One RGB image as a ``(3, crop, crop)`` tensor."""
-    return build_transform(preprocessing)(image)
