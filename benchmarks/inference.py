@@ -37,30 +37,17 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/checkpoints.py: trained-like random weights
+
+from checkpoints import random_state_dict  # noqa: E402
 
 from models import VARIANTS, build_model  # noqa: E402
 from models.optimize import cpu_has_native_bf16, reuse_freed_memory  # noqa: E402
 from processing import build_transform, load_image  # noqa: E402
+from resnext_hub.model_table import image_gflops  # noqa: E402
 
 DEFAULT_MODES = "plain,timm,fp32,auto,fp32+compile,auto+compile"
 PHOTOS = sorted((ROOT / "assets" / "images").glob("*.[jp][pn]g"))
-
-
-def realistic_random_state(architecture: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights shaped like trained ones (BN statistics away from identity, small last-BN gains)."""
-    torch.manual_seed(seed)
-    state = build_model(architecture, pretrained=False).state_dict()
-    for key, value in state.items():
-        if key.endswith("running_var"):
-            value.uniform_(0.5, 1.5)
-        elif key.endswith("running_mean"):
-            value.uniform_(-0.1, 0.1)
-        elif ".bn3.weight" in key:
-            value.uniform_(0.0, 0.3)
-        elif value.dim() == 1 and key.endswith(("weight", "bias")) and ("bn" in key or "downsample" in key):
-            value.uniform_(0.5, 1.5) if key.endswith("weight") else value.uniform_(-0.1, 0.1)
-    return state
 
 
 def timm_model(architecture: str) -> nn.Module:
@@ -157,14 +144,6 @@ def gemm_peak_gflops(dtype: torch.dtype, device: torch.device) -> float:
     return 2 * 2048**3 / best / 1e9
 
 
-def gflop_per_image(model: nn.Module, size: int, device: torch.device) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(torch.randn(1, 3, size, size, device=device))
-    return counter.get_total_flops() / 1e9
-
-
 def fidelity_batch(model: nn.Module, size: int, batch: int, device: torch.device) -> torch.Tensor:
     """The shared photos (preprocessed as the weights declare) topped up with random inputs."""
     transform = build_transform(model.preprocessing)
@@ -242,7 +221,7 @@ def run(args: argparse.Namespace) -> dict:
     workdir = tempfile.TemporaryDirectory(prefix="resnext-bench-")
     path = Path(args.checkpoint) if args.checkpoint else Path(workdir.name) / "weights.pth"
     if not args.checkpoint:
-        torch.save(realistic_random_state(args.model), path)
+        torch.save(random_state_dict(args.model), path)
     sampler = HeapSampler() if device.type == "cpu" else None
     report: dict = {
         "model": args.model,
@@ -284,7 +263,7 @@ def run(args: argparse.Namespace) -> dict:
         entry["img_s"] = {b: round(b / min(s), 2) for b, s in samples.items()}
         entry["img_s_median"] = {b: round(b / statistics.median(s), 2) for b, s in samples.items()}
         entry["latency_ms_b1"] = round(1000 * min(samples[1]), 1) if 1 in samples else None
-    flops = gflop_per_image(models.get("plain") or build_model(args.model, pretrained=False), args.size, device)
+    flops = image_gflops(models.get("plain") or build_model(args.model, pretrained=False), args.size)
     report["gflop_per_image"] = round(flops, 2)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     report["gemm_peak_gflops"] = {

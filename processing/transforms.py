@@ -70,4 +70,3 @@ def build_transform(preprocessing: Any = None) -> T.Compose:
             T.Normalize(spec.mean, spec.std),
         ]
     )
-

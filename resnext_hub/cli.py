@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from .arguments import add_model_options, add_progress_options
+from .arguments import add_model_options, add_progress_options, model_from_args
 from .inference import Classifier, Result, expand_inputs
 from .models import WeightsUnavailableError, load_manifest
 from .models.checkpoint import CheckpointError
@@ -76,10 +76,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
         # Nothing to classify: say so before loading (maybe downloading) a model.
         print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
         return EXIT_USAGE
-    classifier = Classifier.from_name(
-        args.model,
-        checkpoint=args.checkpoint,
-        weights=args.weights,
+    classifier = Classifier(
+        model_from_args(args),
         device=args.device,
         amp=not args.no_amp,
         exact=args.exact,

@@ -18,7 +18,6 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -140,24 +139,11 @@ def prepare_inference(
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
     """A function images -> fp32 logits on ``device``, and the precision it runs in.
 
-    Uses the model's fast path (``optimize_for_inference``) when it has one: ``precision="auto"``,
-    or ``"fp32"`` with ``exact``. Without it: the plain model, in fp16 autocast on CUDA unless ``exact``.
-    With ``ctx``, a rank whose "auto" choice differs from the others' is reported.
+    The model's fast path (``optimize_for_inference``): ``precision="auto"``, or ``"fp32"``
+    with ``exact``. With ``ctx``, a rank whose "auto" choice differs from the others' is reported.
     """
-    model = model.eval().to(device)
-    optimize = getattr(model, "optimize_for_inference", None)
-    autocast: Any = nullcontext()
-    if optimize is not None:
-        module = optimize(precision="fp32" if exact else "auto", compile=compile)
-        precision = str(getattr(module, "precision", "fp32" if exact else "auto"))  # what "auto" chose
-    else:
-        precision, module = "fp32", model
-        if device.type == "cuda":
-            module = model.to(memory_format=torch.channels_last)
-            if not exact:
-                precision, autocast = "fp16-autocast", torch.autocast("cuda", dtype=torch.float16)
-        if compile:
-            module = torch.compile(module)
+    module = model.eval().to(device).optimize_for_inference(precision="fp32" if exact else "auto", compile=compile)
+    precision = module.precision  # what "auto" chose
 
     chosen = sorted(set(ctx.all_gather_object(precision))) if ctx is not None else [precision]
     if len(chosen) > 1:  # e.g. mixed hardware: results would then depend on which rank got an image
@@ -166,9 +152,7 @@ def prepare_inference(
 
     @torch.inference_mode()
     def run(images: torch.Tensor) -> torch.Tensor:
-        images = images.to(device, non_blocking=True)
-        with autocast:
-            return module(images).float()
+        return module(images.to(device, non_blocking=True)).float()
 
     return run, precision
 

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from .models import ResNet, build_model
+from .models import ResNet
 from .processing import InvalidImageError, Prediction, build_transform, load_image, top_k
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -53,8 +51,7 @@ class Classifier:
 
     The model runs through ``model.optimize_for_inference``: ``precision="auto"`` (bf16 on CPUs
     with native bf16, fp16 on CUDA, else fp32; checked faithful), or exact fp32 with
-    ``exact=True`` (``amp=False`` does the same on CUDA, as before). A model without that method
-    runs as it is, under fp16 autocast on CUDA.
+    ``exact=True`` (``amp=False`` does the same on CUDA).
     """
 
     def __init__(
@@ -72,21 +69,8 @@ class Classifier:
         self.transform = build_transform(getattr(model, "preprocessing", None))
         self.workers = workers
         exact = exact or (not amp and self.device.type == "cuda")
-        optimize = getattr(model, "optimize_for_inference", None)
-        if optimize is not None:
-            self.model = optimize(precision="fp32" if exact else "auto", compile=compile)
-            self.amp = False  # the optimized module runs in its own precision
-        else:
-            if self.device.type == "cuda":
-                model = model.to(memory_format=torch.channels_last)
-            self.model = model
-            self.amp = not exact and self.device.type == "cuda"
-        self.precision = "fp16-autocast" if self.amp else str(getattr(self.model, "precision", "fp32"))
-
-    @classmethod
-    def from_name(cls, architecture: str, *, checkpoint: str | None = None, weights: str | None = None, **kwargs: Any):
-        model = build_model(architecture, weights=weights, pretrained_from_file=checkpoint)
-        return cls(model, **kwargs)
+        self.model = model.optimize_for_inference(precision="fp32" if exact else "auto", compile=compile)
+        self.precision: str = self.model.precision
 
     def _prepare(self, item: str) -> torch.Tensor | str:
         try:
@@ -97,12 +81,7 @@ class Classifier:
     @torch.inference_mode()
     def predict_tensor(self, batch: torch.Tensor, k: int = 5) -> list[list[Prediction]]:
         batch = batch.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
-        with autocast:
-            logits = self.model(batch)
-        return top_k(logits.float(), k, logits=True)
+        return top_k(self.model(batch).float(), k, logits=True)
 
     def classify(self, inputs: Sequence[str], *, batch_size: int = 16, k: int = 5) -> Iterator[Result]:
         """Yield one :class:`Result` per input, in order; bad inputs give an error, not an exception."""

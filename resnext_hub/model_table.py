@@ -80,6 +80,15 @@ def model_entry_points() -> dict[str, str]:
     return found
 
 
+def image_gflops(model: torch.nn.Module, size: int = FLOPS_SIZE) -> float:
+    """GFLOPs of one ``size`` x ``size`` image (a multiply-add counts 2), on the model's device (meta works)."""
+    device = next(model.parameters()).device
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.empty(1, 3, size, size, device=device))
+    return counter.get_total_flops() / 1e9
+
+
 @cache
 def measure(architecture: str) -> tuple[int, float]:
     """(parameter count, GFLOPs of one 224x224 image) of ``architecture``, built through its entry point."""
@@ -87,10 +96,7 @@ def measure(architecture: str) -> tuple[int, float]:
     if not names:
         raise ModelTableError(f"no hub entry point builds {architecture!r}; add one to hubconf.py")
     model = _meta_model(getattr(_hubconf(), names[0]))
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.empty(1, 3, FLOPS_SIZE, FLOPS_SIZE, device="meta"))
-    return sum(p.numel() for p in model.parameters()), counter.get_total_flops() / 1e9
+    return sum(p.numel() for p in model.parameters()), image_gflops(model)
 
 
 def _accuracy(record: Weights, key: str) -> str:
