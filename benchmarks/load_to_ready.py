@@ -29,7 +29,7 @@ def high_water_mib():
 
 import torch
 baseline = high_water_mib()
-from models import build_model
+from resnext_hub.models import build_model
 start = time.perf_counter()
 model = build_model({architecture!r}, pretrained_from_file={checkpoint!r})
 ready = time.perf_counter() - start

@@ -5,6 +5,10 @@ under the private ``resnext_hub`` prefix, where cross-imports by top-level name 
 up another hub repo's packages.
 """
 
+if __name__ != "resnext_hub.models":
+    # One import identity: a second copy of these modules would break isinstance checks.
+    raise ImportError(f"import this folder as resnext_hub.models, not as {__name__} (see README, Layout)")
+
 from .builder import build_model
 from .checkpoint import CheckpointError, read_checkpoint
 from .download import MIRROR_ENV, WeightsUnavailableError

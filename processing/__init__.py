@@ -3,6 +3,10 @@
 Imports nothing from ``models``: see that package's docstring.
 """
 
+if __name__ != "resnext_hub.processing":
+    # One import identity: a second copy of these modules would break isinstance checks.
+    raise ImportError(f"import this folder as resnext_hub.processing, not as {__name__} (see README, Layout)")
+
 from .images import BACKGROUND, InvalidImageError, load_image
 from .labels import get_imgnet_classes, imagenet_labels, imagenet_wnids
 from .predictions import Prediction, pick_n_best, top_k

@@ -1,10 +1,11 @@
-"""Private import root of this repository.
+"""resnext-hub: NVIDIA's ResNeXt/SE-ResNeXt for torch.hub, and the tools around them.
 
-torch.hub imports ``hubconf`` with the repo on ``sys.path``; other hub repos also have
-top-level ``models``/``processing`` packages, and whichever is imported first would own
-those names in ``sys.modules``. So ``hubconf`` imports ours as ``resnext_hub.models`` and
-``resnext_hub.processing``: this package's search path also covers the repo root.
-The command line lives here too (``python -m resnext_hub --help``).
+The model and input code lives in the repo's top-level ``models/`` and ``processing/`` folders
+(the layout hub users know) but has ONE import identity: ``resnext_hub.models`` and
+``resnext_hub.processing``. torch.hub puts the repo root on ``sys.path`` while it imports
+``hubconf``, and other hub repos have top-level ``models``/``processing`` packages too, so the
+bare names are never ours to take: this package's search path also covers the repo root, and
+those two folders refuse to be imported under their bare names.
 """
 
 import os

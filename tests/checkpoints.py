@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from models import VARIANTS, ResNet
+from resnext_hub.models import VARIANTS, ResNet
 
 NGC_FILES = {
     "resnext101_32x4d": "nvidia_resnext101-32x4d_200821.pth.tar",

@@ -9,7 +9,7 @@ import torch
 from checkpoints import random_state_dict, to_nvidia_layout
 from safetensors.torch import save_file
 
-from models import CheckpointError, build_model, read_checkpoint
+from resnext_hub.models import CheckpointError, build_model, read_checkpoint
 
 ARCH = "se_resnext101_32x4d"
 

@@ -12,8 +12,8 @@ from checkpoints import random_state_dict
 from rawserver import RawServer
 from safetensors.torch import save_file
 
-from models import MIRROR_ENV, build_model
-from models.download import cache_dir, sha256_of
+from resnext_hub.models import MIRROR_ENV, build_model
+from resnext_hub.models.download import cache_dir, sha256_of
 
 ARCH = "seresnext26d_32x4d"
 SAFETENSORS = "seresnext26d_32x4d.bt_in1k.safetensors"  # the manifest's alternative source

@@ -25,9 +25,9 @@ from rawserver import RawServer, drip, reply, stall
 from safetensors.torch import save_file
 from servers import FileServer
 
-from models import MIRROR_ENV, WeightsUnavailableError, build_model, download
-from models.download import cache_dir, fetch_checkpoint, sha256_of
-from models.weights import Source
+from resnext_hub.models import MIRROR_ENV, WeightsUnavailableError, build_model, download
+from resnext_hub.models.download import cache_dir, fetch_checkpoint, sha256_of
+from resnext_hub.models.weights import Source
 
 SMALL = "small-weights.pth"
 TIMEOUT_S = 0.5
@@ -247,7 +247,7 @@ def test_build_model_refetches_a_corrupted_safetensors_file(tmp_path, torch_home
 
 
 def test_manifest_tool_records_sha256_and_size_then_downloads_are_checked(served, tmp_path, torch_home, capsys):
-    from models.weights import MANIFEST_PATH, parse_manifest
+    from resnext_hub.models.weights import MANIFEST_PATH, parse_manifest
     from resnext_hub.manifest_tool import EXIT_MISMATCH, EXIT_OK, EXIT_USAGE, main
 
     original = MANIFEST_PATH.read_bytes()
@@ -286,7 +286,7 @@ def test_manifest_tool_records_sha256_and_size_then_downloads_are_checked(served
 
 
 def test_manifest_tool_refuses_a_file_that_contradicts_its_published_prefix(served, tmp_path, capsys):
-    from models.weights import MANIFEST_PATH
+    from resnext_hub.models.weights import MANIFEST_PATH
     from resnext_hub.manifest_tool import EXIT_USAGE, main
 
     copy = tmp_path / "manifest.json"
@@ -299,7 +299,7 @@ def test_manifest_tool_refuses_a_file_that_contradicts_its_published_prefix(serv
 
 
 def test_manifest_tool_runs_as_a_module(served, tmp_path):
-    from models.weights import MANIFEST_PATH
+    from resnext_hub.models.weights import MANIFEST_PATH
 
     copy = tmp_path / "manifest.json"
     copy.write_bytes(MANIFEST_PATH.read_bytes())

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from checkpoints import random_state_dict
 from conftest import IMAGES
 
-import processing
-from models import VARIANTS, ResNet, build_model
+from resnext_hub import processing
+from resnext_hub.models import VARIANTS, ResNet, build_model
 from resnext_hub.cli import main as cli_main
 from resnext_hub.inference import Classifier
 
@@ -129,7 +129,7 @@ def test_bf16_is_faithful(architecture):
 
 
 def test_bf16_spatial_mean_matches_mean():
-    from models.optimize import _spatial_mean
+    from resnext_hub.models.optimize import _spatial_mean
 
     x = torch.rand(2, 64, 14, 14).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     want = x.double().mean((2, 3))
@@ -169,7 +169,7 @@ def test_bad_arguments_are_explained():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="fp16.*CUDA only"):
             model.optimize_for_inference("fp16")
-    from models.optimize import optimize_for_inference
+    from resnext_hub.models.optimize import optimize_for_inference
 
     with pytest.raises(TypeError, match="needs a models.ResNet, got Linear"):
         optimize_for_inference(torch.nn.Linear(2, 2))

@@ -9,7 +9,7 @@ import torch
 from checkpoints import NGC_FILES
 from reference import reference_from_ngc_file
 
-from models import VARIANTS, build_model
+from resnext_hub.models import VARIANTS, build_model
 
 EXPECTED_PARAMS = {
     "resnext101_32x4d": 44_177_704,

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 from PIL import Image
 
-from processing import InvalidImageError, load_image
+from resnext_hub.processing import InvalidImageError, load_image
 
 # Hypothesis keeps caches under ./.hypothesis by default: keep them out of the repo.
 set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "resnext-hub-hypothesis")

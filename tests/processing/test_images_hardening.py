@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 from rawserver import RawServer, drip, endless, reply, stall
 
-from processing import InvalidImageError, load_image, prepare_batch, prepare_input_from_uri
-from processing.images import MAX_BYTES_ENV, MAX_PIXELS_ENV, decode
+from resnext_hub.processing import InvalidImageError, load_image, prepare_batch, prepare_input_from_uri
+from resnext_hub.processing.images import MAX_BYTES_ENV, MAX_PIXELS_ENV, decode
 
 DEADLINE_S = 1.0
 # The deadline plus the slack of a loaded 2-core CI machine.

@@ -13,7 +13,7 @@ from PIL import Image
 from servers import FileServer
 from torchvision import transforms
 
-import processing
+from resnext_hub import processing
 
 
 def nvidia_prepare(path) -> torch.Tensor:

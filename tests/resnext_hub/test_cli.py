@@ -14,8 +14,8 @@ import torch
 from conftest import IMAGES, ROOT
 from servers import FileServer
 
-import processing
-from models import build_model
+from resnext_hub import processing
+from resnext_hub.models import build_model
 
 ARCH = "seresnext26d_32x4d"
 

@@ -21,8 +21,8 @@ import torch
 from conftest import RGB_PHOTOS, ROOT
 from PIL import Image
 
-from models import build_model
-from processing import build_transform, imagenet_wnids, load_image
+from resnext_hub.models import build_model
+from resnext_hub.processing import build_transform, imagenet_wnids, load_image
 from resnext_hub.cli import main
 from resnext_hub.distributed import shard_batches
 from resnext_hub.evaluate import evaluate, find_samples

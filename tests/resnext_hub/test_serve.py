@@ -19,8 +19,8 @@ import tritonclient.http as httpclient
 from conftest import RGB_PHOTOS, ROOT
 from tritonclient.utils import InferenceServerException
 
-from models import build_model
-from processing import InvalidImageError, load_image
+from resnext_hub.models import build_model
+from resnext_hub.processing import InvalidImageError, load_image
 from resnext_hub import cli
 from resnext_hub.inference import Classifier
 from resnext_hub.serve import TOKEN_ENV, ServeUnavailableError, check_interpreter

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from processing import prepare_input_from_uri, top_k
+from resnext_hub.processing import prepare_input_from_uri, top_k
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "assets" / "images"

@@ -119,7 +119,7 @@ def test_a_model_without_weights_is_reported_not_raised(demo, app) -> None:
 
 
 def test_duplicate_imagenet_names_stay_distinct(app) -> None:
-    from processing import Prediction
+    from resnext_hub.processing import Prediction
 
     ranked = [Prediction(134, None, "crane", 0.5), Prediction(517, None, "crane", 0.3)]
     assert app.top5_dict(ranked) == {"crane": 0.5, "crane (#517)": 0.3}
