@@ -106,7 +106,7 @@ def test_refused_in_a_fresh_interpreter_started_with_the_variable(tmp_path):
     """The variable set before Python starts (as a user's shell would) changes nothing."""
     marker = tmp_path / "marker"
     path = _write("zip", _payloads(marker)["os.system"], tmp_path / "evil.pth")
-    code = "import sys; from models import read_checkpoint; read_checkpoint(sys.argv[1])"
+    code = "import sys; from resnext_hub.models import read_checkpoint; read_checkpoint(sys.argv[1])"
     env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
         [sys.executable, "-c", code, str(path)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120

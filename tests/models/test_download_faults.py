@@ -122,7 +122,7 @@ def test_the_raw_server_serves_good_files(served, torch_home):
 def test_a_killed_download_leaves_a_partial_that_the_next_fetch_removes(served, torch_home):
     good = (served / SMALL).read_bytes()
     code = (
-        "import sys; from models.download import fetch_checkpoint; from models.weights import Source; "
+        "import sys; from resnext_hub.models.download import fetch_checkpoint; from resnext_hub.models.weights import Source; "
         "fetch_checkpoint((Source(url=sys.argv[1] + '/' + sys.argv[2], file_name=sys.argv[2]),), progress=False)"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
