@@ -5,22 +5,9 @@ model = torch.hub.load("<org>/resnext-hub", "nvidia_se_resnext101_32x4d", trust_
 
 dependencies = ["torch", "torchvision", "PIL", "numpy", "requests"]
 
-from resnext_hub.models import (  # noqa: E402
-    nvidia_resneXt,
-    nvidia_resnext101_32x4d,
-    nvidia_se_resnext101_32x4d,
-    seresnext26d_32x4d,
-    seresnext26t_32x4d,
-    seresnext50_32x4d,
-)
-from resnext_hub.processing import nvidia_convnets_processing_utils  # noqa: E402
+# The entry points are registered once, beside their code (resnext_hub/models/hub.py): hubconf
+# exports exactly what the registry holds, which is also what the CLI, web demo and model table list.
+from resnext_hub.models import hub_entries as _hub_entries  # noqa: E402
 
-__all__ = [
-    "nvidia_convnets_processing_utils",
-    "nvidia_resneXt",
-    "nvidia_resnext101_32x4d",
-    "nvidia_se_resnext101_32x4d",
-    "seresnext26d_32x4d",
-    "seresnext26t_32x4d",
-    "seresnext50_32x4d",
-]
+globals().update(_hub_entries())
+__all__ = sorted(_hub_entries())

@@ -40,10 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/checkpoints.py: trained-like random weights
 
 from checkpoints import random_state_dict  # noqa: E402
-
 from resnext_hub.models import VARIANTS, build_model  # noqa: E402
 from resnext_hub.models.optimize import cpu_has_native_bf16, reuse_freed_memory  # noqa: E402
-from resnext_hub.processing import build_transform, load_image  # noqa: E402
+from resnext_hub.processing import load_image  # noqa: E402
+
 from resnext_hub.model_table import image_gflops  # noqa: E402
 
 DEFAULT_MODES = "plain,timm,fp32,auto,fp32+compile,auto+compile"
@@ -146,7 +146,7 @@ def gemm_peak_gflops(dtype: torch.dtype, device: torch.device) -> float:
 
 def fidelity_batch(model: nn.Module, size: int, batch: int, device: torch.device) -> torch.Tensor:
     """The shared photos (preprocessed as the weights declare) topped up with random inputs."""
-    transform = build_transform(model.preprocessing)
+    transform = model.preprocessing
     photos = [transform(load_image(str(path))) for path in PHOTOS][:batch]
     generator = torch.Generator().manual_seed(1)
     noise = torch.randn(batch - len(photos), 3, size, size, generator=generator)

@@ -1,8 +1,6 @@
-"""ResNeXt / SE-ResNeXt models, their weights manifest and the one weights loader.
+"""ResNeXt / SE-ResNeXt models, their weights manifest, the one weights loader and the entry-point registry.
 
-This package imports nothing from ``processing`` (and vice versa): torch.hub imports both
-under the private ``resnext_hub`` prefix, where cross-imports by top-level name would pick
-up another hub repo's packages.
+Builds on ``resnext_hub.processing`` (presets, class lists, the HTTP fetch), never the reverse.
 """
 
 if __name__ != "resnext_hub.models":
@@ -20,26 +18,32 @@ from .hub import (
     seresnext26t_32x4d,
     seresnext50_32x4d,
 )
+from .meta import ModelMeta
+from .registry import get_entry, hub_entries, list_models, register_model
 from .resnet import ResNet, ResNetConfig
 from .variants import VARIANTS
-from .weights import Preprocessing, Weights, get_weights, load_manifest
+from .weights import Weights, get_weights, load_manifest
 
 __all__ = [
     "MIRROR_ENV",
     "VARIANTS",
     "CheckpointError",
-    "Preprocessing",
+    "ModelMeta",
     "ResNet",
     "ResNetConfig",
     "Weights",
     "WeightsUnavailableError",
     "build_model",
+    "get_entry",
     "get_weights",
+    "hub_entries",
+    "list_models",
     "load_manifest",
     "nvidia_resneXt",
     "nvidia_resnext101_32x4d",
     "nvidia_se_resnext101_32x4d",
     "read_checkpoint",
+    "register_model",
     "seresnext26d_32x4d",
     "seresnext26t_32x4d",
     "seresnext50_32x4d",

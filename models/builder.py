@@ -10,6 +10,7 @@ import torch
 
 from .checkpoint import load_weights, read_checkpoint
 from .download import fetch_checkpoint
+from .meta import ModelMeta, default_classes
 from .resnet import ResNet
 from .variants import get_config
 from .weights import Weights, get_weights
@@ -23,7 +24,7 @@ def build_model(
     pretrained: bool = True,
     pretrained_from_file: str | Path | None = None,
     weights: str | Weights | None = None,
-    num_classes: int = 1000,
+    num_classes: int | None = None,
     state_dict_key_map_fn: Callable[[str], str] | None = None,
     channels_last: bool = False,
     fused_se: bool = True,
@@ -31,16 +32,23 @@ def build_model(
 ) -> ResNet:
     """Build ``architecture`` and load weights into it; returns the model in eval mode.
 
-    ``pretrained_from_file`` wins over ``pretrained``; ``pretrained=False`` without a file
-    gives random weights. The manifest record (``weights``, default: the architecture's
-    default) supplies the download sources and, as ``model.preprocessing``, the input
-    transform. With ``num_classes`` other than the checkpoint's, the backbone is loaded and
-    the head is fresh.
+    - ``pretrained``: load the published weights (downloaded once into torch.hub's cache).
+    - ``pretrained_from_file``: load this local checkpoint instead (any NVIDIA or timm layout,
+      ``.pth``/``.pth.tar``/``.safetensors``); it wins over ``pretrained``. ``pretrained=False``
+      without a file gives random weights.
+    - ``weights``: a manifest tag or name (default: the architecture's default record). The
+      record supplies the download sources, ``model.preprocessing`` and ``model.classes``.
+    - ``num_classes``: default the record's (1000); another N keeps the backbone, adds a fresh head.
+    - ``state_dict_key_map_fn``: renames each checkpoint key before loading (NVIDIA's option).
+    - ``channels_last``: return the model in channels-last memory format.
+    - ``fused_se``: NVIDIA's option; both settings compute the same function.
+    - ``progress``: show a progress bar while downloading.
     """
     config = get_config(architecture)
+    record = get_weights(architecture, weights)
+    num_classes = record.num_classes if num_classes is None else num_classes
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    record = get_weights(architecture, weights)
     loaded: Weights | None = None
     if pretrained_from_file is not None or pretrained:
         if pretrained_from_file is not None:
@@ -51,15 +59,19 @@ def build_model(
         state_dict = read_checkpoint(path)
         # Built on the meta device: the checkpoint's tensors are assigned, never initialised twice.
         with torch.device("meta"):
-            model = ResNet(config, num_classes, fused_se=fused_se)
+            model = ResNet(
+                config, num_classes, fused_se=fused_se, meta=_meta(architecture, record, num_classes, loaded)
+            )
         load_weights(model, state_dict, key_map_fn=state_dict_key_map_fn, source=where)
         if model.fc.weight.is_meta:
             model.reset_classifier(num_classes)
     else:
-        model = ResNet(config, num_classes, fused_se=fused_se)
-    model.architecture = architecture
-    model.weights_record = loaded
-    model.preprocessing = record.preprocessing
+        model = ResNet(config, num_classes, fused_se=fused_se, meta=_meta(architecture, record, num_classes, None))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model.eval()
+
+
+def _meta(architecture: str, record: Weights, num_classes: int, loaded: Weights | None) -> ModelMeta:
+    classes = record.class_list if num_classes == record.num_classes else default_classes(num_classes)
+    return ModelMeta(architecture, record.preprocessing, classes, weights=loaded)

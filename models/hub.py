@@ -1,48 +1,45 @@
-"""torch.hub entry points for the models (``hubconf.py`` re-exports these)."""
+"""torch.hub entry points, registered in :mod:`.registry` (``hubconf.py`` exports what is registered)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..processing.utils import nvidia_convnets_processing_utils
 from .builder import build_model
+from .registry import register_entry, register_model
 from .resnet import ResNet
 
-_KWARGS_DOC = """
-    Keyword arguments (all optional):
-        pretrained (bool): load the published weights (default True).
-        pretrained_from_file (str): load this local checkpoint instead (any NVIDIA or timm
-            layout, .pth/.pth.tar/.safetensors); no need to also pass pretrained=False.
-        weights (str): a manifest tag or name, e.g. {tag!r} (default).
-        num_classes (int): 1000, or N for a fresh N-class head on the pretrained backbone.
-        state_dict_key_map_fn (callable): renames each checkpoint key before loading.
-        channels_last (bool): return the model in channels-last memory format.
-        fused_se (bool): NVIDIA's option; both settings compute the same function.
-        progress (bool): show a progress bar while downloading (default True).
-
-    Returns the model in eval mode. ``model.preprocessing`` describes its input transform.
-"""
+register_entry(nvidia_convnets_processing_utils)
 
 
-def _entry(architecture: str, pretrained: bool, kwargs: dict[str, Any]) -> ResNet:
-    return build_model(architecture, pretrained=pretrained, **kwargs)
+@register_model("resnext101_32x4d")
+def nvidia_resnext101_32x4d(*, pretrained: bool = True, **kwargs: Any) -> ResNet:
+    """ResNeXt101-32x4d (44,177,704 parameters), NVIDIA's ImageNet weights (top-1 79.47%); same as ``nvidia_resneXt``.
+
+    Keyword-only: pretrained (bool, default True), pretrained_from_file (str: a local checkpoint, any NVIDIA
+    or timm layout, no pretrained=False needed), weights (str, default "ngc_20.06"), num_classes (int),
+    state_dict_key_map_fn, channels_last, fused_se, progress. ``build_model`` documents each.
+    """
+    return build_model("resnext101_32x4d", pretrained=pretrained, **kwargs)
 
 
-def nvidia_resneXt(pretrained: bool = True, **kwargs: Any) -> ResNet:
-    """ResNeXt101-32x4d (44,177,704 parameters), NVIDIA's ImageNet weights (top-1 79.47%).
+@register_model("resnext101_32x4d", alias_of="nvidia_resnext101_32x4d")
+def nvidia_resneXt(*, pretrained: bool = True, **kwargs: Any) -> ResNet:
+    """ResNeXt101-32x4d under NVIDIA's entry-point name (44,177,704 parameters, top-1 79.47%).
 
     Example::
 
         model = torch.hub.load("<org>/resnext-hub", "nvidia_resneXt", trust_repo=True)
+
+    Keyword-only: pretrained (bool, default True), pretrained_from_file (str: a local checkpoint; no
+    pretrained=False needed), weights (str, default "ngc_20.06"), num_classes (int), state_dict_key_map_fn,
+    channels_last, fused_se, progress. ``build_model`` documents each. Returns the model in eval mode.
     """
-    return _entry("resnext101_32x4d", pretrained, kwargs)
+    return build_model("resnext101_32x4d", pretrained=pretrained, **kwargs)
 
 
-def nvidia_resnext101_32x4d(pretrained: bool = True, **kwargs: Any) -> ResNet:
-    """ResNeXt101-32x4d: the same model as ``nvidia_resneXt``, under its architecture's name."""
-    return _entry("resnext101_32x4d", pretrained, kwargs)
-
-
-def nvidia_se_resnext101_32x4d(pretrained: bool = True, **kwargs: Any) -> ResNet:
+@register_model("se_resnext101_32x4d")
+def nvidia_se_resnext101_32x4d(*, pretrained: bool = True, **kwargs: Any) -> ResNet:
     """SE-ResNeXt101-32x4d (45,251,128 parameters), NVIDIA's ImageNet weights (top-1 80.03%).
 
     Example::
@@ -51,31 +48,39 @@ def nvidia_se_resnext101_32x4d(pretrained: bool = True, **kwargs: Any) -> ResNet
         utils = torch.hub.load("<org>/resnext-hub", "nvidia_convnets_processing_utils", trust_repo=True)
         batch = utils.prepare_input_from_uri("cat.jpg")
         utils.pick_n_best(torch.softmax(model(batch), 1), n=5)
+
+    Keyword-only: pretrained (bool), pretrained_from_file (str), weights (default "ngc_20.06"), num_classes,
+    state_dict_key_map_fn, channels_last, fused_se, progress; see ``build_model``.
     """
-    return _entry("se_resnext101_32x4d", pretrained, kwargs)
+    return build_model("se_resnext101_32x4d", pretrained=pretrained, **kwargs)
 
 
-def seresnext26d_32x4d(pretrained: bool = True, **kwargs: Any) -> ResNet:
-    """timm's SE-ResNeXt26d-32x4d (deep stem, avg-pool shortcuts; 16,809,512 parameters, top-1 77.59%)."""
-    return _entry("seresnext26d_32x4d", pretrained, kwargs)
+@register_model("seresnext26d_32x4d")
+def seresnext26d_32x4d(*, pretrained: bool = True, **kwargs: Any) -> ResNet:
+    """timm's SE-ResNeXt26d-32x4d (deep stem, avg-pool shortcuts; 16,809,512 parameters, top-1 77.59%).
+
+    Its weights expect timm's preprocessing (bicubic): pass the model to the utilities
+    (``preprocessing=model``). Keyword-only: pretrained, pretrained_from_file (str), weights (default
+    "bt_in1k"), num_classes, state_dict_key_map_fn, channels_last, fused_se, progress; see ``build_model``.
+    """
+    return build_model("seresnext26d_32x4d", pretrained=pretrained, **kwargs)
 
 
-def seresnext26t_32x4d(pretrained: bool = True, **kwargs: Any) -> ResNet:
-    """timm's SE-ResNeXt26t-32x4d (tiered deep stem, avg-pool shortcuts; 16,806,976 parameters, top-1 77.98%)."""
-    return _entry("seresnext26t_32x4d", pretrained, kwargs)
+@register_model("seresnext26t_32x4d")
+def seresnext26t_32x4d(*, pretrained: bool = True, **kwargs: Any) -> ResNet:
+    """timm's SE-ResNeXt26t-32x4d (tiered deep stem, avg-pool shortcuts; 16,806,976 parameters, top-1 77.98%).
+
+    Keyword-only: pretrained (bool), pretrained_from_file (str), weights (default "bt_in1k"), num_classes,
+    state_dict_key_map_fn, channels_last, fused_se, progress; see ``build_model``.
+    """
+    return build_model("seresnext26t_32x4d", pretrained=pretrained, **kwargs)
 
 
-def seresnext50_32x4d(pretrained: bool = True, **kwargs: Any) -> ResNet:
-    """timm's SE-ResNeXt50-32x4d (27,559,896 parameters, top-1 81.27%)."""
-    return _entry("seresnext50_32x4d", pretrained, kwargs)
+@register_model("seresnext50_32x4d")
+def seresnext50_32x4d(*, pretrained: bool = True, **kwargs: Any) -> ResNet:
+    """timm's SE-ResNeXt50-32x4d (27,559,896 parameters, top-1 81.27%).
 
-
-for _fn, _tag in (
-    (nvidia_resneXt, "ngc_20.06"),
-    (nvidia_resnext101_32x4d, "ngc_20.06"),
-    (nvidia_se_resnext101_32x4d, "ngc_20.06"),
-    (seresnext26d_32x4d, "bt_in1k"),
-    (seresnext26t_32x4d, "bt_in1k"),
-    (seresnext50_32x4d, "racm_in1k"),
-):
-    _fn.__doc__ = (_fn.__doc__ or "") + _KWARGS_DOC.format(tag=_tag)
+    Keyword-only: pretrained (bool), pretrained_from_file (str), weights (default "racm_in1k"), num_classes,
+    state_dict_key_map_fn, channels_last, fused_se, progress; see ``build_model``.
+    """
+    return build_model("seresnext50_32x4d", pretrained=pretrained, **kwargs)

@@ -10,7 +10,7 @@ in eval mode; the original is left as it was. What it does, and why each step ke
   ``addcmul`` (shortcut + out * gate), as NVIDIA's ``fused_se``.
 - ``bf16`` (CPUs with native bf16 instructions) and ``fp16`` (CUDA) convert the weights once,
   instead of autocast re-casting them on every call; the logits come back as fp32.
-- On Linux CPUs, glibc is told to keep freed memory for reuse (see :func:`reuse_freed_memory`):
+- On Linux CPUs, glibc is told to keep freed memory for reuse (``reuse_memory``, see :func:`reuse_freed_memory`):
   activations of tens of MB are otherwise mapped fresh from the OS on every call, and the page
   faults can double the time of the layer that fills them.
 - 1x1 convolutions on small maps (batch 1 in the last stages) run as one matmul, which oneDNN
@@ -21,17 +21,20 @@ in eval mode; the original is left as it was. What it does, and why each step ke
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import functools
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .meta import Described
 from .resnet import Bottleneck, ResNet
 
 log = logging.getLogger(__name__)
@@ -40,8 +43,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Faithfulness of a reduced-precision copy, checked by "auto" on a random input (see _faithful).
 MIN_COSINE = 0.999
-# Attributes the builder sets on a model (weights, preprocessing) and that callers read.
-CARRIED_ATTRIBUTES = ("architecture", "weights_record", "preprocessing", "config", "num_classes", "num_features")
 
 
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d, *, pointwise: bool = False) -> nn.Conv2d:
@@ -173,7 +174,7 @@ def _fold_stem(stem: nn.Module, bn: nn.BatchNorm2d) -> nn.Sequential:
     return nn.Sequential(*folded, nn.ReLU(inplace=True))
 
 
-class OptimizedResNet(nn.Module):
+class OptimizedResNet(Described, nn.Module):
     """Inference-only ResNet: folded BN, fused SE, a fixed memory format and compute dtype.
 
     ``forward`` takes the same fp32 NCHW (or NHWC) batch as the original model and returns
@@ -182,6 +183,7 @@ class OptimizedResNet(nn.Module):
 
     def __init__(self, model: ResNet, *, dtype: torch.dtype, channels_last: bool) -> None:
         super().__init__()
+        self.meta = model.meta.with_classes(model.classes)
         self.stem = _fold_stem(model.conv1, model.bn1)
         self.maxpool = copy.deepcopy(model.maxpool)
         stages = [getattr(model, name) for name in ("layer1", "layer2", "layer3", "layer4")]
@@ -202,8 +204,23 @@ class OptimizedResNet(nn.Module):
         return self.stages(self.maxpool(self.stem(x)))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda and not torch.backends.cudnn.benchmark and not torch.compiler.is_compiling():
+            # cuDNN picks the fastest algorithm per input shape once (inference shapes repeat),
+            # for this call only: the process-wide setting stays the caller's.
+            with _cudnn_benchmark():
+                return self.forward(x)
         pooled = self.forward_features(x).mean((2, 3))
         return self.fc(pooled).float()
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark() -> Iterator[None]:
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 def cpu_has_native_bf16() -> bool:
@@ -286,20 +303,37 @@ def _faithful(reference: nn.Module, candidate: nn.Module) -> tuple[bool, float]:
     return cosine >= MIN_COSINE and same_top1, cosine
 
 
-def _compile(module: nn.Module, device: torch.device) -> nn.Module:
-    # Freezing turns the weights into constants, so inductor can pre-pack them for oneDNN and
-    # fuse bias + ReLU (+ add) into the convolutions; it is only valid without autograd.
-    options = {"freezing": True} if device.type == "cpu" else {}
-    # Every batch size (and every copy: they share OptimizedResNet.forward) is one more compiled
-    # variant; past dynamo's default limit of 8 it silently falls back to eager.
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, 64)
-    compiled = torch.compile(module, options=options, dynamic=False)
-    return compiled
+class CompiledResNet(Described, nn.Module):
+    """``torch.compile`` of an :class:`OptimizedResNet`, keeping its ``meta`` and ``precision``.
+
+    Every batch size is one more compiled variant of the shared ``forward``; past dynamo's
+    default limit of 8 it would silently fall back to eager, so calls raise the limit for
+    their own duration only (``torch._dynamo.config.patch``), not for the whole process.
+    """
+
+    RECOMPILE_LIMIT = 64
+
+    def __init__(self, module: OptimizedResNet, device: torch.device) -> None:
+        super().__init__()
+        self.meta = module.meta
+        self.precision = module.precision
+        # Freezing turns the weights into constants, so inductor can pre-pack them for oneDNN and
+        # fuse bias + ReLU (+ add) into the convolutions; it is only valid without autograd.
+        options = {"freezing": True} if device.type == "cpu" else {}
+        self.compiled = torch.compile(module, options=options, dynamic=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
+            return self.compiled(x)
 
 
 def optimize_for_inference(
-    model: ResNet, precision: str = "auto", channels_last: bool = True, compile: bool = False
+    model: ResNet,
+    precision: str = "auto",
+    channels_last: bool = True,
+    compile: bool = False,
+    *,
+    reuse_memory: bool = True,
 ) -> nn.Module:
     """A new eval-mode module on ``model``'s device computing ``model``'s function, faster.
 
@@ -312,9 +346,14 @@ def optimize_for_inference(
     run faster; call it under ``torch.inference_mode()`` (on CPU the weights are frozen into the
     compiled graph). A new input shape compiles again. ``model`` itself is not changed.
 
-    The result keeps ``architecture``, ``weights_record`` and ``preprocessing`` and has a
-    ``precision`` attribute; without ``compile`` it can be traced (``torch.jit.trace``,
-    ``torch.onnx.export``).
+    ``reuse_memory`` (CPU, Linux): call :func:`reuse_freed_memory`, a one-time switch for the
+    whole process (glibc keeps freed memory for reuse: up to 2x faster large layers, at the
+    cost of keeping the peak mapped). On CUDA, the result's ``forward`` lets cuDNN pick the
+    fastest algorithm per shape (``cudnn.benchmark``) for its own calls only.
+
+    The result keeps the model's ``meta`` (``architecture``, ``weights_record``, ``preprocessing``,
+    ``classes``) and has a ``precision`` attribute; without ``compile`` it can be traced
+    (``torch.jit.trace``, ``torch.onnx.export``).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -325,11 +364,8 @@ def optimize_for_inference(
         log.warning("this CPU has no native bf16 instructions: bf16 will be emulated and slower than fp32")
     if precision == "fp16" and device.type == "cpu":
         raise ValueError("precision='fp16' runs on CUDA only; on CPU use 'bf16' or 'fp32' (or 'auto')")
-    if device.type == "cpu":
+    if device.type == "cpu" and reuse_memory:
         reuse_freed_memory()
-    if device.type == "cuda":
-        # cuDNN picks the fastest algorithm per input shape once; inference shapes repeat.
-        torch.backends.cudnn.benchmark = True
 
     exact = OptimizedResNet(model, dtype=torch.float32, channels_last=channels_last)
     chosen: nn.Module = exact
@@ -344,13 +380,4 @@ def optimize_for_inference(
     elif precision != "fp32":
         chosen = OptimizedResNet(model, dtype=DTYPES[precision], channels_last=channels_last)
 
-    for name in CARRIED_ATTRIBUTES:
-        if hasattr(model, name):
-            setattr(chosen, name, getattr(model, name))
-    if compile:
-        compiled = _compile(chosen, device)
-        for name in (*CARRIED_ATTRIBUTES, "precision"):
-            if hasattr(chosen, name):
-                setattr(compiled, name, getattr(chosen, name))
-        return compiled
-    return chosen
+    return CompiledResNet(chosen, device) if compile else chosen

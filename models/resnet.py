@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..processing.labels import ClassList
+from .meta import Described, ModelMeta, default_classes
+
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 FEATURES = (*STAGES, "classifier")
 
@@ -141,17 +144,24 @@ def _stem_conv(stem: str) -> nn.Module:
     )
 
 
-class ResNet(nn.Module):
+class ResNet(Described, nn.Module):
     """ResNet v1.5 with grouped bottlenecks; see :class:`ResNetConfig` for the options.
 
     ``forward(x)`` takes a normalized float batch ``(N, 3, H, W)`` (any H, W >= 32) and
     returns logits ``(N, num_classes)``. ``extract_features`` returns intermediate maps.
+    ``meta`` (:class:`ModelMeta`) says what it is: ``architecture``, ``weights_record``,
+    ``preprocessing`` and ``classes`` read from it.
     """
 
-    def __init__(self, config: ResNetConfig, num_classes: int = 1000, *, fused_se: bool = True) -> None:
+    def __init__(
+        self, config: ResNetConfig, num_classes: int = 1000, *, fused_se: bool = True, meta: ModelMeta | None = None
+    ) -> None:
         super().__init__()
         self.config = config
-        self.num_classes = num_classes
+        meta = meta or ModelMeta.default(num_classes)
+        if len(meta.classes) != num_classes:
+            raise ValueError(f"{len(meta.classes)} class names for a {num_classes}-class head")
+        self.meta = meta
         self.conv1 = _stem_conv(config.stem)
         self.bn1 = nn.BatchNorm2d(64)
         self.act1 = nn.ReLU(inplace=True)
@@ -187,26 +197,41 @@ class ResNet(nn.Module):
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
-    def reset_classifier(self, num_classes: int) -> None:
+    @property
+    def num_classes(self) -> int:
+        return self.fc.out_features
+
+    @property
+    def classes(self) -> ClassList:
+        # A head replaced by hand (model.fc = nn.Linear(...)) gets index names, not stale ones.
+        return self.meta.classes if len(self.meta.classes) == self.num_classes else default_classes(self.num_classes)
+
+    def reset_classifier(self, num_classes: int, classes: ClassList | None = None) -> None:
         """Replace the head by a freshly initialised ``Linear(num_features, num_classes)``."""
+        classes = classes or default_classes(num_classes)
+        if len(classes) != num_classes:
+            raise ValueError(f"{len(classes)} class names for a {num_classes}-class head")
         device = self.fc.weight.device if not self.fc.weight.is_meta else "cpu"
         self.fc = nn.Linear(self.num_features, num_classes, device=device)
-        self.num_classes = num_classes
+        self.meta = self.meta.with_classes(classes)
 
     def optimize_for_inference(
-        self, precision: str = "auto", channels_last: bool = True, compile: bool = False
+        self, precision: str = "auto", channels_last: bool = True, compile: bool = False, *, reuse_memory: bool = True
     ) -> nn.Module:
         """A faster inference-only copy of this model (BN folded, channels-last, bf16/fp16).
 
         ``precision``: ``"auto"`` (fastest faithful: bf16 on CPUs with native bf16, fp16 on
         CUDA, else fp32), ``"fp32"`` (exact), ``"bf16"``, ``"fp16"``. ``compile=True`` adds
         ``torch.compile`` (tens of seconds on the first call). This model is not changed.
-        See :func:`models.optimize.optimize_for_inference`.
+        ``reuse_memory``: a one-time, process-wide glibc switch on Linux CPUs (see
+        :func:`resnext_hub.models.optimize.optimize_for_inference`).
         """
         # Imported here: optimize.py builds on this module's classes.
         from .optimize import optimize_for_inference
 
-        return optimize_for_inference(self, precision=precision, channels_last=channels_last, compile=compile)
+        return optimize_for_inference(
+            self, precision=precision, channels_last=channels_last, compile=compile, reuse_memory=reuse_memory
+        )
 
     def forward_stem(self, x: Tensor) -> Tensor:
         return self.maxpool(self.act1(self.bn1(self.conv1(x))))

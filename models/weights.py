@@ -8,34 +8,17 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-MANIFEST_PATH = Path(__file__).resolve().parent.parent / "weights_manifest.json"
-KEY_LAYOUTS = ("nvidia", "timm")
+from ..processing.labels import ClassList, class_list
+from ..processing.presets import MANIFEST_PATH, ImageClassification, parse_presets
+
+FORMAT_VERSION = 2
 FILE_FORMATS = ("torch", "safetensors")
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+# The metric every record publishes: ImageNet-1k validation top-1/top-5 at 224x224.
+IMAGENET_224 = "imagenet-1k@224"
 
 
 class ManifestError(ValueError):
     """``weights_manifest.json`` does not have the documented shape."""
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """Resize the shorter side to ``resize_size``, center-crop ``crop_size``, normalize."""
-
-    resize_size: int
-    crop_size: int
-    interpolation: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "resize_size": self.resize_size,
-            "crop_size": self.crop_size,
-            "interpolation": self.interpolation,
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
 
 
 @dataclass(frozen=True)
@@ -56,15 +39,15 @@ class Weights:
     name: str
     architecture: str
     default: bool
+    publisher: str
     source: Source
     alternatives: tuple[Source, ...]
     integrity_note: str
     num_params: int
-    key_layout: str
     classes: str
     num_classes: int
-    preprocessing: Preprocessing
-    test_preprocessing: Preprocessing | None
+    preprocessing: ImageClassification
+    test_preprocessing: ImageClassification | None
     metrics: dict[str, dict[str, Any]] = field(hash=False)
     license: str = ""
     provenance: str = ""
@@ -81,6 +64,16 @@ class Weights:
     def sources(self) -> tuple[Source, ...]:
         return (self.source, *self.alternatives)
 
+    @property
+    def class_list(self) -> ClassList:
+        """The names of the classes these weights predict, by output index."""
+        return class_list(self.classes)
+
+    @property
+    def accuracy(self) -> dict[str, Any]:
+        """Published ImageNet-1k top-1/top-5 at 224 (``top1``, ``top5``, ``source``)."""
+        return self.metrics[IMAGENET_224]
+
 
 def _require(entry: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
     if key not in entry:
@@ -91,20 +84,10 @@ def _require(entry: dict[str, Any], key: str, kind: type | tuple[type, ...], whe
     return value
 
 
-def _preprocessing(entry: dict[str, Any], where: str) -> Preprocessing:
-    interpolation = _require(entry, "interpolation", str, where)
-    if interpolation not in INTERPOLATIONS:
-        raise ManifestError(f"{where}.interpolation: expected one of {INTERPOLATIONS}, got {interpolation!r}")
-    mean, std = (tuple(float(v) for v in _require(entry, key, list, where)) for key in ("mean", "std"))
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ManifestError(f"{where}: mean and std need 3 values each (std > 0), got {mean} and {std}")
-    return Preprocessing(
-        resize_size=_require(entry, "resize_size", int, where),
-        crop_size=_require(entry, "crop_size", int, where),
-        interpolation=interpolation,
-        mean=mean,  # type: ignore[arg-type]
-        std=std,  # type: ignore[arg-type]
-    )
+def _preset(name: str, presets: dict[str, ImageClassification], where: str) -> ImageClassification:
+    if name not in presets:
+        raise ManifestError(f"{where}: expected one of the presets {sorted(presets)}, got {name!r}")
+    return presets[name]
 
 
 def _source(entry: dict[str, Any], where: str) -> Source:
@@ -125,34 +108,46 @@ def _source(entry: dict[str, Any], where: str) -> Source:
 
 def parse_manifest(data: dict[str, Any]) -> dict[str, Weights]:
     """Validate a manifest's JSON and return its records by name (``<architecture>.<tag>``)."""
-    if data.get("format_version") != 1:
-        raise ManifestError(f"format_version: expected 1, got {data.get('format_version')!r}")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ManifestError(f"format_version: expected {FORMAT_VERSION}, got {data.get('format_version')!r}")
+    try:
+        presets = parse_presets(data.get("presets"))
+    except ValueError as error:
+        raise ManifestError(str(error)) from None
     records = {}
     for name, entry in _require(data, "weights", dict, "manifest").items():
         where = f"weights[{name!r}]"
         architecture = _require(entry, "architecture", str, where)
         if not name.startswith(architecture + "."):
             raise ManifestError(f"{where}: name must be '<architecture>.<tag>' with architecture {architecture!r}")
-        key_layout = _require(entry, "key_layout", str, where)
-        if key_layout not in KEY_LAYOUTS:
-            raise ManifestError(f"{where}.key_layout: expected one of {KEY_LAYOUTS}, got {key_layout!r}")
+        classes_name = _require(entry, "classes", str, where)
+        try:
+            classes = class_list(classes_name)
+        except ValueError as error:
+            raise ManifestError(f"{where}.classes: {error}") from None
+        num_classes = _require(entry, "num_classes", int, where)
+        if num_classes != len(classes):
+            raise ManifestError(f"{where}.num_classes: {num_classes}, but {classes_name!r} has {len(classes)} classes")
+        test = entry.get("test_preprocessing")
+        metrics = _require(entry, "metrics", dict, where)
+        if not isinstance(metrics.get(IMAGENET_224), dict):
+            raise ManifestError(f"{where}.metrics: missing {IMAGENET_224!r} (top1, top5, source)")
         if entry.get("sha256") is None and not entry.get("integrity_note"):
             raise ManifestError(f"{where}: sha256 is null, so integrity_note must say why")
-        test_pre = entry.get("test_preprocessing")
         records[name] = Weights(
             name=name,
             architecture=architecture,
             default=bool(entry.get("default", False)),
+            publisher=_require(entry, "publisher", str, where),
             source=_source(entry, where),
             alternatives=tuple(_source(alt, f"{where}.alternatives") for alt in entry.get("alternatives", [])),
             integrity_note=entry.get("integrity_note", ""),
             num_params=_require(entry, "num_params", int, where),
-            key_layout=key_layout,
-            classes=_require(entry, "classes", str, where),
-            num_classes=_require(entry, "num_classes", int, where),
-            preprocessing=_preprocessing(_require(entry, "preprocessing", dict, where), f"{where}.preprocessing"),
-            test_preprocessing=_preprocessing(test_pre, f"{where}.test_preprocessing") if test_pre else None,
-            metrics=_require(entry, "metrics", dict, where),
+            classes=classes_name,
+            num_classes=num_classes,
+            preprocessing=_preset(_require(entry, "preprocessing", str, where), presets, f"{where}.preprocessing"),
+            test_preprocessing=_preset(test, presets, f"{where}.test_preprocessing") if test is not None else None,
+            metrics=metrics,
             license=_require(entry, "license", str, where),
             provenance=_require(entry, "provenance", str, where),
         )
@@ -184,14 +179,7 @@ def get_weights(architecture: str, weights: str | Weights | None = None) -> Weig
             raise ValueError(f"weights {weights.name!r} are for {weights.architecture!r}, not {architecture!r}")
         return weights
     if not isinstance(weights, (str, type(None))):
-        # Any manifest record, also one from the other import of this package (torch.hub's
-        # ``resnext_hub.models`` vs a program's top-level ``models``): look it up by name.
-        name, owner = getattr(weights, "name", None), getattr(weights, "architecture", None)
-        if not isinstance(name, str):
-            raise TypeError(f"weights must be None, a tag, a name or a Weights record; got {type(weights).__name__}")
-        if owner != architecture:
-            raise ValueError(f"weights {name!r} are for {owner!r}, not {architecture!r}")
-        weights = name
+        raise TypeError(f"weights must be None, a tag, a name or a Weights record; got {type(weights).__name__}")
     if not available:
         raise ValueError(f"no published weights for {architecture!r} in {MANIFEST_PATH.name}")
     if weights is None:

@@ -1,6 +1,6 @@
-"""Image loading, preprocessing and label utilities (NVIDIA-compatible, hardened).
+"""Inputs and outputs of the models: the hardened image loader, presets, class lists, NVIDIA's utilities.
 
-Imports nothing from ``models``: see that package's docstring.
+Imports nothing from ``resnext_hub.models`` (that package builds on this one).
 """
 
 if __name__ != "resnext_hub.processing":
@@ -8,20 +8,22 @@ if __name__ != "resnext_hub.processing":
     raise ImportError(f"import this folder as resnext_hub.processing, not as {__name__} (see README, Layout)")
 
 from .images import BACKGROUND, InvalidImageError, load_image
-from .labels import get_imgnet_classes, imagenet_labels, imagenet_wnids
+from .labels import ClassList, class_list, get_imgnet_classes, imagenet_classes, imagenet_labels, imagenet_wnids
 from .predictions import Prediction, pick_n_best, top_k
-from .transforms import NVIDIA, PreprocessingSpec, build_transform, resolve_spec
+from .presets import ImageClassification, as_preset
 from .utils import ConvNetsProcessingUtils, nvidia_convnets_processing_utils, prepare_batch, prepare_input_from_uri
 
 __all__ = [
     "BACKGROUND",
-    "NVIDIA",
+    "ClassList",
     "ConvNetsProcessingUtils",
+    "ImageClassification",
     "InvalidImageError",
     "Prediction",
-    "PreprocessingSpec",
-    "build_transform",
+    "as_preset",
+    "class_list",
     "get_imgnet_classes",
+    "imagenet_classes",
     "imagenet_labels",
     "imagenet_wnids",
     "load_image",
@@ -29,6 +31,5 @@ __all__ = [
     "pick_n_best",
     "prepare_batch",
     "prepare_input_from_uri",
-    "resolve_spec",
     "top_k",
 ]

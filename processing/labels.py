@@ -1,31 +1,70 @@
-"""ImageNet-1k class names and WordNet ids, shipped with the repo (never downloaded)."""
+"""Class lists: ImageNet-1k's names and WordNet ids shipped with the repo (never downloaded), and custom ones."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 
 CLASSES_PATH = Path(__file__).resolve().parent / "data" / "imagenet1k_classes.json"
+IMAGENET_1K = "imagenet-1k"
+
+
+@dataclass(frozen=True)
+class ClassList:
+    """The names of a model's output classes, by index; ``wnids`` (WordNet ids) where known."""
+
+    names: tuple[str, ...]
+    wnids: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.names or not all(isinstance(name, str) for name in self.names):
+            raise ValueError("a class list needs at least one class name, all strings")
+        if self.wnids is not None and len(self.wnids) != len(self.names):
+            raise ValueError(f"{len(self.wnids)} WordNet ids for {len(self.names)} class names")
+
+    @classmethod
+    def of(cls, names: Sequence[str]) -> ClassList:
+        """A custom class list (e.g. a fine-tuned head's)."""
+        return cls(tuple(str(name) for name in names))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def wnid(self, index: int) -> str | None:
+        return self.wnids[index] if self.wnids is not None else None
 
 
 @cache
-def _classes() -> tuple[tuple[str, str], ...]:
+def imagenet_classes() -> ClassList:
+    """ImageNet-1k in the standard order (0 = "tench, Tinca tinca"), as NVIDIA's label list spells them."""
     with open(CLASSES_PATH, encoding="utf-8") as handle:
         entries = json.load(handle)
-    return tuple((entry["wnid"], entry["name"]) for entry in entries)
+    return ClassList(tuple(entry["name"] for entry in entries), tuple(entry["wnid"] for entry in entries))
+
+
+KNOWN = {IMAGENET_1K: imagenet_classes}
+
+
+def class_list(name: str) -> ClassList:
+    """A shipped class list by its manifest name (``"imagenet-1k"``)."""
+    if name not in KNOWN:
+        raise ValueError(f"unknown class list {name!r}; expected one of {sorted(KNOWN)}")
+    return KNOWN[name]()
 
 
 def imagenet_wnids() -> list[str]:
     """WordNet ids by class index (``n01440764`` = 0)."""
-    return [wnid for wnid, _ in _classes()]
+    return list(imagenet_classes().wnids or ())
 
 
 def imagenet_labels() -> list[str]:
     """Class names by class index, spelled as NVIDIA's label list ("tench, Tinca tinca")."""
-    return [name for _, name in _classes()]
+    return list(imagenet_classes().names)
 
 
 def get_imgnet_classes() -> np.ndarray:

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .labels import imagenet_labels, imagenet_wnids
+from .labels import ClassList, imagenet_classes
 
 
 class Prediction(NamedTuple):
@@ -29,15 +29,24 @@ def _as_2d(scores: torch.Tensor | np.ndarray) -> torch.Tensor:
     return scores
 
 
-def pick_n_best(predictions: torch.Tensor | np.ndarray, n: int = 5) -> list[list[tuple[str, str]]]:
+def _classes(labels: ClassList | Sequence[str] | None) -> ClassList:
+    if labels is None:
+        return imagenet_classes()
+    return labels if isinstance(labels, ClassList) else ClassList.of(labels)
+
+
+def pick_n_best(
+    predictions: torch.Tensor | np.ndarray, n: int = 5, *, labels: ClassList | Sequence[str] | None = None
+) -> list[list[tuple[str, str]]]:
     """NVIDIA's ``pick_n_best``: per sample, ``n`` pairs ``(class name, "12.3%")``, best first.
 
-    ``predictions`` are probabilities of shape (N, 1000). Prints ``sample {i}: [...]`` per sample.
+    ``predictions`` are probabilities of shape (N, classes); ``labels`` name the classes
+    (default: ImageNet-1k's 1000). Prints ``sample {i}: [...]`` per sample.
     """
     probabilities = _as_2d(predictions).numpy()
-    labels = imagenet_labels()
+    labels = _classes(labels).names
     if probabilities.shape[1] != len(labels):
-        raise ValueError(f"expected predictions over {len(labels)} ImageNet classes, got {probabilities.shape[1]}")
+        raise ValueError(f"expected predictions over {len(labels)} classes, got {probabilities.shape[1]}")
     results = []
     for sample, row in enumerate(probabilities):
         best = np.argsort(-row)[:n]
@@ -52,22 +61,24 @@ def top_k(
     k: int = 5,
     *,
     logits: bool = False,
-    labels: Sequence[str] | None = None,
+    labels: ClassList | Sequence[str] | None = None,
 ) -> list[list[Prediction]]:
     """Per sample, the ``k`` best classes as :class:`Prediction` records.
 
     ``scores`` are probabilities, or logits with ``logits=True``. ``labels`` name the classes
-    of a custom head (default: ImageNet-1k, which also gives WordNet ids).
+    (a model's ``.classes``; default: ImageNet-1k, which also gives WordNet ids).
     """
     scores = _as_2d(scores)
     probabilities = scores.softmax(1) if logits else scores
-    names = list(labels) if labels is not None else imagenet_labels()
-    if len(names) != probabilities.shape[1]:
-        raise ValueError(f"{probabilities.shape[1]} classes in the scores but {len(names)} labels")
-    wnids = imagenet_wnids() if labels is None else [None] * len(names)
+    classes = _classes(labels)
+    if len(classes) != probabilities.shape[1]:
+        raise ValueError(f"{probabilities.shape[1]} classes in the scores but {len(classes)} labels")
     k = min(k, probabilities.shape[1])
     values, indices = probabilities.topk(k, dim=1)
     return [
-        [Prediction(int(i), wnids[i], names[i], float(p)) for p, i in zip(row_p.tolist(), row_i.tolist())]
+        [
+            Prediction(int(i), classes.wnid(i), classes.names[i], float(p))
+            for p, i in zip(row_p.tolist(), row_i.tolist())
+        ]
         for row_p, row_i in zip(values, indices)
     ]

@@ -9,19 +9,19 @@ import numpy as np
 import torch
 
 from .images import ImageSource, load_image
-from .labels import get_imgnet_classes
+from .labels import ClassList, get_imgnet_classes
 from .predictions import Prediction, pick_n_best, top_k
-from .transforms import build_transform
+from .presets import as_preset
 
 
 def prepare_input_from_uri(uri: ImageSource, cuda: bool = False, *, preprocessing: Any = None) -> torch.Tensor:
     """NVIDIA's ``prepare_input_from_uri``: a ``(1, 3, 224, 224)`` input from a URL or path.
 
     Any image mode is converted to RGB; bad input raises ``InvalidImageError`` (a
-    ``ValueError``). ``preprocessing`` (a model or its ``.preprocessing``) overrides
-    NVIDIA's default transform (resize 256 bilinear, crop 224, ImageNet mean/std).
+    ``ValueError``). ``preprocessing`` (a preset, or a model or weights record carrying one)
+    overrides NVIDIA's default transform (resize 256 bilinear, crop 224, ImageNet mean/std).
     """
-    tensor = build_transform(preprocessing)(load_image(uri))[None]
+    tensor = as_preset(preprocessing)(load_image(uri))[None]
     return tensor.cuda() if cuda else tensor
 
 
@@ -33,8 +33,8 @@ def prepare_batch(
     channels_last: bool = False,
 ) -> torch.Tensor:
     """Stack URLs, paths, bytes or ``PIL.Image`` objects into one ``(N, 3, H, W)`` batch."""
-    transform = build_transform(preprocessing)
-    tensors = [transform(load_image(image)) for image in images]
+    preset = as_preset(preprocessing)
+    tensors = [preset(load_image(image)) for image in images]
     if not tensors:
         raise ValueError("prepare_batch needs at least one image")
     batch = torch.stack(tensors)
@@ -46,12 +46,14 @@ def prepare_batch(
 class ConvNetsProcessingUtils:
     """What ``nvidia_convnets_processing_utils`` returns: NVIDIA's three calls and helpers.
 
-    ``preprocessing`` (a model or its ``.preprocessing``) replaces NVIDIA's default
-    transform in ``prepare_input_from_uri`` and ``prepare_batch``.
+    ``preprocessing`` (a preset, or a model or weights record) replaces NVIDIA's default
+    transform; a model also gives its class names to ``pick_n_best`` and ``top_k``.
     """
 
     def __init__(self, preprocessing: Any = None) -> None:
-        self.preprocessing = preprocessing
+        self.preprocessing = as_preset(preprocessing)
+        classes = getattr(preprocessing, "classes", None)
+        self.classes: ClassList | None = classes if isinstance(classes, ClassList) else None
 
     def prepare_input_from_uri(self, uri: ImageSource, cuda: bool = False) -> torch.Tensor:
         return prepare_input_from_uri(uri, cuda, preprocessing=self.preprocessing)
@@ -60,16 +62,15 @@ class ConvNetsProcessingUtils:
         kwargs.setdefault("preprocessing", self.preprocessing)
         return prepare_batch(images, **kwargs)
 
-    @staticmethod
-    def pick_n_best(predictions: torch.Tensor | np.ndarray, n: int = 5) -> list[list[tuple[str, str]]]:
-        return pick_n_best(predictions, n)
+    def pick_n_best(self, predictions: torch.Tensor | np.ndarray, n: int = 5) -> list[list[tuple[str, str]]]:
+        return pick_n_best(predictions, n, labels=self.classes)
 
     @staticmethod
     def get_imgnet_classes() -> np.ndarray:
         return get_imgnet_classes()
 
-    @staticmethod
-    def top_k(scores: torch.Tensor | np.ndarray, k: int = 5, **kwargs: Any) -> list[list[Prediction]]:
+    def top_k(self, scores: torch.Tensor | np.ndarray, k: int = 5, **kwargs: Any) -> list[list[Prediction]]:
+        kwargs.setdefault("labels", self.classes)
         return top_k(scores, k, **kwargs)
 
     load_image = staticmethod(load_image)
@@ -79,7 +80,7 @@ def nvidia_convnets_processing_utils(preprocessing: Any = None) -> ConvNetsProce
     """NVIDIA's processing utilities: ``prepare_input_from_uri``, ``pick_n_best``, ``get_imgnet_classes``.
 
     Also ``prepare_batch`` (many images, a device) and ``top_k`` (index, wnid, label,
-    probability). Pass ``preprocessing=model`` to use that model's weights' transform.
+    probability). Pass ``preprocessing=model`` to use that model's input transform and class names.
 
     Example::
 

@@ -105,7 +105,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     for record in load_manifest().values():
-        top1 = record.metrics.get("imagenet-1k@224", {}).get("top1")
+        top1 = record.accuracy.get("top1")
         print(f"{record.name:36} {record.num_params:>11,} params  top-1 {top1}%  {record.file_name}")
     return 0
 

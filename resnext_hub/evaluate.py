@@ -28,8 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from .arguments import add_model_options, add_progress_options, model_from_args
 from .distributed import DistContext, current_context, distributed, shard_batches, sigterm_as_exit
 from .inference import IMAGE_SUFFIXES
-from .processing import InvalidImageError, build_transform, imagenet_wnids, load_image
-from .processing.transforms import resolve_spec
+from .processing import InvalidImageError, imagenet_wnids, load_image
 
 log = logging.getLogger(__name__)
 EXIT_USAGE, EXIT_SOME_FAILED = 2, 1
@@ -190,11 +189,10 @@ def evaluate(
     """
     ctx = ctx or current_context(next(model.parameters()).device)
     samples = find_samples(root)
-    dataset = ImageListDataset([p for p, _ in samples], build_transform(model), [t for _, t in samples])
+    dataset = ImageListDataset([p for p, _ in samples], model.preprocessing, [t for _, t in samples])
     batches = shard_batches(len(samples), batch_size, ctx.rank, ctx.world_size)
     forward, precision = prepare_inference(model, ctx.device, exact=exact, compile=compile, ctx=ctx)
-    num_classes = model.fc.out_features if hasattr(model, "fc") else 1000
-    k = min(5, num_classes)
+    k = min(5, model.num_classes)
 
     sums = torch.zeros(5, dtype=torch.float64)
     failures: list[tuple[int, str]] = []
@@ -227,10 +225,10 @@ def evaluate(
         raise RuntimeError(
             f"{evaluated} scored + {failed} failed != {len(samples)} images: a rank lost or repeated some"
         )
-    record = getattr(model, "weights_record", None)
-    published = record.metrics.get("imagenet-1k@224", {}) if record is not None else {}
+    record = model.weights_record
+    published = record.accuracy if record is not None else {}
     return {
-        "model": getattr(model, "architecture", type(model).__name__),
+        "model": model.architecture or type(model).__name__,
         "weights": record.name if record is not None else None,
         "dataset": str(root),
         "images": len(samples),
@@ -248,7 +246,7 @@ def evaluate(
         "device": ctx.device.type,
         "precision": precision,
         "batch_size": batch_size,
-        "preprocessing": resolve_spec(model)._asdict(),
+        "preprocessing": model.preprocessing.as_dict(),
         "failures": [{"input": samples[i][0], "error": reason} for i, reason in all_failures],
     }
 

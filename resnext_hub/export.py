@@ -30,7 +30,8 @@ from torch import nn
 
 from . import triton as triton_config
 from .arguments import add_model_options, model_from_args
-from .processing import imagenet_labels
+from .models import ResNet
+from .models.meta import Described
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +108,8 @@ def _quiet(names: Sequence[str]):
 
 
 def default_image_size(model: nn.Module) -> int:
-    """The crop size the model's weights expect (224 without a preprocessing record)."""
-    preprocessing = getattr(model, "preprocessing", None)
-    return int(getattr(preprocessing, "crop_size", 224))
+    """The crop size the model's weights expect (224 for a module that is not one of ours)."""
+    return model.preprocessing.crop_size if isinstance(model, Described) else 224
 
 
 def _eager_copy(model: nn.Module) -> nn.Module:
@@ -268,7 +268,7 @@ def export_torchscript(
 
 
 def export_triton(
-    model: nn.Module,
+    model: ResNet,
     repository: str | Path,
     *,
     name: str | None = None,
@@ -292,11 +292,11 @@ def export_triton(
     moved into place. ``labels`` default to the ImageNet names for 1000-class models.
     """
     repository = Path(repository)
-    name = name or getattr(model, "architecture", None) or type(model).__name__.lower()
+    name = name or model.architecture or type(model).__name__.lower()
     size = image_size or default_image_size(model)
-    num_classes = int(getattr(model, "num_classes", 1000))
-    if labels is None and num_classes == len(imagenet_labels()):
-        labels = imagenet_labels()
+    num_classes = model.num_classes
+    if labels is None:
+        labels = list(model.classes.names)
     if labels is not None and len(labels) != num_classes:
         raise ExportError(f"{len(labels)} labels for a model with {num_classes} classes")
     final = repository / name

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .models import ResNet
-from .processing import InvalidImageError, Prediction, build_transform, load_image, top_k
+from .processing import InvalidImageError, Prediction, load_image, top_k
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -66,7 +66,8 @@ class Classifier:
     ) -> None:
         self.device = resolve_device(device)
         model = model.eval().to(self.device)
-        self.transform = build_transform(getattr(model, "preprocessing", None))
+        self.transform = model.preprocessing
+        self.classes = model.classes
         self.workers = workers
         exact = exact or (not amp and self.device.type == "cuda")
         self.model = model.optimize_for_inference(precision="fp32" if exact else "auto", compile=compile)
@@ -81,7 +82,7 @@ class Classifier:
     @torch.inference_mode()
     def predict_tensor(self, batch: torch.Tensor, k: int = 5) -> list[list[Prediction]]:
         batch = batch.to(self.device, non_blocking=True)
-        return top_k(self.model(batch).float(), k, logits=True)
+        return top_k(self.model(batch).float(), k, logits=True, labels=self.classes)
 
     def classify(self, inputs: Sequence[str], *, batch_size: int = 16, k: int = 5) -> Iterator[Result]:
         """Yield one :class:`Result` per input, in order; bad inputs give an error, not an exception."""

@@ -33,7 +33,6 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 BEGIN, END = "<!-- model-table:begin -->", "<!-- model-table:end -->"
 FLOPS_SIZE = 224
-PUBLISHERS = {"nvidia": "NVIDIA NGC", "timm": "timm"}
 NOTE = (
     "GFLOPs: one 224x224 image, counted by `torch.utils.flop_counter` (a multiply-add is 2 FLOPs; "
     "timm's tables list GMACs, half these). Accuracy: ImageNet-1k validation as published, at the "
@@ -111,7 +110,7 @@ def _source(record: Weights) -> str:
     tag = record.name.split(".", 1)[1]
     # File names, not URLs: the manifest holds where each file is fetched from.
     files = ", ".join(f"`{s.file_name}`" for s in record.sources)
-    return f"{PUBLISHERS.get(record.key_layout, record.key_layout)} `{tag}` ({files})"
+    return f"{record.publisher} `{tag}` ({files})"
 
 
 def row(record: Weights, entries: Mapping[str, str]) -> list[str]:

@@ -36,7 +36,6 @@ from .evaluate import (
     quiet_unless_main,
 )
 from .inference import expand_inputs
-from .processing import build_transform, imagenet_labels, imagenet_wnids
 
 log = logging.getLogger(__name__)
 EXIT_USAGE, EXIT_SOME_FAILED = 2, 1
@@ -200,8 +199,7 @@ def predict(
     """
     ctx = ctx or current_context(next(model.parameters()).device)
     output, fmt = Path(output), output_format(output, fmt)
-    num_classes = model.fc.out_features if hasattr(model, "fc") else 1000
-    k = min(top_k, num_classes)
+    k = min(top_k, model.num_classes)
     done_records, _ = load_done(output, fmt, k)
     done = {r["input"] for r in done_records if not (retry_errors and "error" in r)}
     ctx.barrier()  # every rank has read what is done before any rank adds to it
@@ -211,12 +209,10 @@ def predict(
         for b in shard_batches(len(inputs), batch_size, ctx.rank, ctx.world_size)
     ]
     batches = [b for b in batches if b]
-    dataset = ImageListDataset(inputs, build_transform(model))
+    dataset = ImageListDataset(inputs, model.preprocessing)
     forward, precision = prepare_inference(model, ctx.device, exact=exact, compile=compile, ctx=ctx)
-    labels, wnids = imagenet_labels(), imagenet_wnids()
-    names = (
-        (labels, wnids) if num_classes == len(labels) else ([str(i) for i in range(num_classes)], [""] * num_classes)
-    )
+    classes = model.classes
+    names = (classes.names, [classes.wnid(i) or "" for i in range(len(classes))])
 
     part_path = parts_dir(output) / f"{time.time_ns():020d}-rank{ctx.rank:05d}-{os.getpid()}.jsonl"
     processed, failures = 0, []

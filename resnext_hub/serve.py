@@ -32,7 +32,7 @@ import torch
 
 from .arguments import add_model_options, model_from_args
 from .inference import Classifier
-from .processing import InvalidImageError, load_image, resolve_spec
+from .processing import InvalidImageError, load_image
 from .triton import parse_batch_sizes
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def build_server(
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
-    size = resolve_spec(getattr(classifier.model, "preprocessing", None)).crop_size
+    size = classifier.model.preprocessing.crop_size
     config = TritonConfig(
         http_address=host,
         http_port=http_port,

@@ -130,7 +130,7 @@ class ModelCache:
         started = time.perf_counter()
         model = torch.hub.load(str(self.repo), entry, source="local", trust_repo=True, verbose=False)
         model = model.eval().to(self.device)
-        transform = self.processing.build_transform(model)
+        transform = model.preprocessing
         fast, how = model, "plain eager fp32"
         optimize = getattr(model, "optimize_for_inference", None)
         if optimize is not None:

@@ -11,7 +11,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-
 from resnext_hub.models import VARIANTS, ResNet
 
 NGC_FILES = {

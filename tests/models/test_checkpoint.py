@@ -7,9 +7,8 @@ from collections import OrderedDict
 import pytest
 import torch
 from checkpoints import random_state_dict, to_nvidia_layout
-from safetensors.torch import save_file
-
 from resnext_hub.models import CheckpointError, build_model, read_checkpoint
+from safetensors.torch import save_file
 
 ARCH = "se_resnext101_32x4d"
 

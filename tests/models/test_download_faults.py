@@ -22,12 +22,11 @@ import torch
 from checkpoints import random_state_dict
 from conftest import ROOT
 from rawserver import RawServer, drip, reply, stall
-from safetensors.torch import save_file
-from servers import FileServer
-
 from resnext_hub.models import MIRROR_ENV, WeightsUnavailableError, build_model, download
 from resnext_hub.models.download import cache_dir, fetch_checkpoint, sha256_of
 from resnext_hub.models.weights import Source
+from safetensors.torch import save_file
+from servers import FileServer
 
 SMALL = "small-weights.pth"
 TIMEOUT_S = 0.5
@@ -122,7 +121,8 @@ def test_the_raw_server_serves_good_files(served, torch_home):
 def test_a_killed_download_leaves_a_partial_that_the_next_fetch_removes(served, torch_home):
     good = (served / SMALL).read_bytes()
     code = (
-        "import sys; from resnext_hub.models.download import fetch_checkpoint; from resnext_hub.models.weights import Source; "
+        "import sys; from resnext_hub.models.download import fetch_checkpoint; "
+        "from resnext_hub.models.weights import Source; "
         "fetch_checkpoint((Source(url=sys.argv[1] + '/' + sys.argv[2], file_name=sys.argv[2]),), progress=False)"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -248,6 +248,7 @@ def test_build_model_refetches_a_corrupted_safetensors_file(tmp_path, torch_home
 
 def test_manifest_tool_records_sha256_and_size_then_downloads_are_checked(served, tmp_path, torch_home, capsys):
     from resnext_hub.models.weights import MANIFEST_PATH, parse_manifest
+
     from resnext_hub.manifest_tool import EXIT_MISMATCH, EXIT_OK, EXIT_USAGE, main
 
     original = MANIFEST_PATH.read_bytes()
@@ -287,6 +288,7 @@ def test_manifest_tool_records_sha256_and_size_then_downloads_are_checked(served
 
 def test_manifest_tool_refuses_a_file_that_contradicts_its_published_prefix(served, tmp_path, capsys):
     from resnext_hub.models.weights import MANIFEST_PATH
+
     from resnext_hub.manifest_tool import EXIT_USAGE, main
 
     copy = tmp_path / "manifest.json"

@@ -9,10 +9,10 @@ from urllib.parse import urlparse
 
 import pytest
 import torch
-
-from resnext_hub import models
 from resnext_hub.models.weights import MANIFEST_PATH, ManifestError, Weights, get_weights, parse_manifest
 from resnext_hub.processing import imagenet_labels
+
+from resnext_hub import models
 
 RECORDS = sorted(models.load_manifest().values(), key=lambda w: w.name)
 
@@ -42,7 +42,7 @@ def test_nvidia_records_match_facts():
     assert se.url.endswith(
         "/seresnext101_32x4d_pyt_amp/versions/20.06.0/files/nvidia_se-resnext101-32x4d_200821.pth.tar"
     )
-    assert se.key_layout == "nvidia" and se.preprocessing.interpolation == "bilinear"
+    assert se.publisher == "NVIDIA NGC" and se.preprocessing.interpolation == "bilinear"
     assert get_weights("resnext101_32x4d", "ngc_20.06").metrics["imagenet-1k@224"]["top1"] == 79.47
 
 
@@ -60,14 +60,17 @@ def _manifest() -> dict:
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda m: m.update(format_version=2), "format_version"),
+        (lambda m: m.update(format_version=1), "format_version"),
         (lambda m: m["weights"]["se_resnext101_32x4d.ngc_20.06"].pop("url"), "missing field 'url'"),
-        (lambda m: m["weights"]["se_resnext101_32x4d.ngc_20.06"].update(key_layout="caffe"), "key_layout"),
+        (lambda m: m["weights"]["se_resnext101_32x4d.ngc_20.06"].update(publisher=None), "publisher"),
+        (lambda m: m["weights"]["se_resnext101_32x4d.ngc_20.06"].update(classes="coco"), "unknown class list"),
+        (lambda m: m["weights"]["se_resnext101_32x4d.ngc_20.06"].update(num_classes=10), "num_classes"),
+        (lambda m: m["weights"]["se_resnext101_32x4d.ngc_20.06"].update(preprocessing="nope"), "presets"),
         (lambda m: m["weights"]["se_resnext101_32x4d.ngc_20.06"].update(integrity_note=""), "integrity_note"),
         (lambda m: m["weights"]["se_resnext101_32x4d.ngc_20.06"].update(num_params="45M"), "num_params"),
         (lambda m: m["weights"]["se_resnext101_32x4d.ngc_20.06"].update(sha256="abc"), "64 hex digits"),
         (
-            lambda m: m["weights"]["se_resnext101_32x4d.ngc_20.06"]["preprocessing"].update(interpolation="lanczos"),
+            lambda m: m["presets"]["nvidia"].update(interpolation="lanczos"),
             "interpolation",
         ),
     ],

@@ -127,12 +127,12 @@ def test_prepare_batch_mixes_sources_and_matches_single_calls():
 
 def test_preprocessing_follows_the_model_record():
     spec = {"resize_size": 320, "crop_size": 288, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}
-    utils = processing.nvidia_convnets_processing_utils(preprocessing=spec)
+    utils = processing.nvidia_convnets_processing_utils(preprocessing=processing.ImageClassification.from_dict(spec))
     assert utils.prepare_input_from_uri(RGB_PHOTOS[0]).shape == (1, 3, 288, 288)
     default = processing.nvidia_convnets_processing_utils()
     assert default.prepare_input_from_uri(RGB_PHOTOS[0]).shape == (1, 3, 224, 224)
     with pytest.raises(ValueError, match="interpolation must be one of"):
-        processing.resolve_spec({**spec, "interpolation": "lanczos"})
+        processing.ImageClassification.from_dict({**spec, "interpolation": "lanczos"})
 
 
 def test_bad_uri_is_a_value_error_naming_it(tmp_path):

@@ -20,9 +20,9 @@ import pytest
 import torch
 from conftest import RGB_PHOTOS, ROOT
 from PIL import Image
-
 from resnext_hub.models import build_model
-from resnext_hub.processing import build_transform, imagenet_wnids, load_image
+from resnext_hub.processing import imagenet_wnids, load_image
+
 from resnext_hub.cli import main
 from resnext_hub.distributed import shard_batches
 from resnext_hub.evaluate import evaluate, find_samples
@@ -102,7 +102,7 @@ def dataset(tmp_path_factory) -> dict:
     for name, image in photo_variants():
         image.save(flat / f"{name}.jpg", quality=90)
         paths.append(flat / f"{name}.jpg")
-    transform = build_transform(model)
+    transform = model.preprocessing
     with torch.inference_mode():
         logits = model(torch.stack([transform(load_image(p)) for p in paths]))
     order = logits.argsort(dim=1, descending=True)

@@ -10,10 +10,10 @@ import onnxruntime
 import pytest
 import torch
 from checkpoints import write_ngc_file
-from torch import nn
-
 from resnext_hub.models import build_model
 from resnext_hub.processing import imagenet_labels
+from torch import nn
+
 from resnext_hub import cli
 from resnext_hub.export import (
     DEFAULT_OPSET,
