@@ -40,11 +40,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/checkpoints.py: trained-like random weights
 
 from checkpoints import random_state_dict  # noqa: E402
+
 from resnext_hub.models import VARIANTS, build_model  # noqa: E402
 from resnext_hub.models.optimize import cpu_has_native_bf16, reuse_freed_memory  # noqa: E402
 from resnext_hub.processing import load_image  # noqa: E402
-
-from resnext_hub.model_table import image_gflops  # noqa: E402
+from tools.model_table import image_gflops  # noqa: E402
 
 DEFAULT_MODES = "plain,timm,fp32,auto,fp32+compile,auto+compile"
 PHOTOS = sorted((ROOT / "assets" / "images").glob("*.[jp][pn]g"))

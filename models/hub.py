@@ -16,8 +16,8 @@ register_entry(nvidia_convnets_processing_utils)
 def nvidia_resnext101_32x4d(*, pretrained: bool = True, **kwargs: Any) -> ResNet:
     """ResNeXt101-32x4d (44,177,704 parameters), NVIDIA's ImageNet weights (top-1 79.47%); same as ``nvidia_resneXt``.
 
-    Keyword-only: pretrained (bool, default True), pretrained_from_file (str: a local checkpoint, any NVIDIA
-    or timm layout, no pretrained=False needed), weights (str, default "ngc_20.06"), num_classes (int),
+    Keyword-only: pretrained (bool, default True), pretrained_from_file (str), a local checkpoint in any NVIDIA
+    or timm layout (no pretrained=False needed), weights (str, default "ngc_20.06"), num_classes (int),
     state_dict_key_map_fn, channels_last, fused_se, progress. ``build_model`` documents each.
     """
     return build_model("resnext101_32x4d", pretrained=pretrained, **kwargs)
@@ -31,7 +31,7 @@ def nvidia_resneXt(*, pretrained: bool = True, **kwargs: Any) -> ResNet:
 
         model = torch.hub.load("<org>/resnext-hub", "nvidia_resneXt", trust_repo=True)
 
-    Keyword-only: pretrained (bool, default True), pretrained_from_file (str: a local checkpoint; no
+    Keyword-only: pretrained (bool, default True), pretrained_from_file (str), a local checkpoint (no
     pretrained=False needed), weights (str, default "ngc_20.06"), num_classes (int), state_dict_key_map_fn,
     channels_last, fused_se, progress. ``build_model`` documents each. Returns the model in eval mode.
     """
@@ -60,7 +60,7 @@ def seresnext26d_32x4d(*, pretrained: bool = True, **kwargs: Any) -> ResNet:
     """timm's SE-ResNeXt26d-32x4d (deep stem, avg-pool shortcuts; 16,809,512 parameters, top-1 77.59%).
 
     Its weights expect timm's preprocessing (bicubic): pass the model to the utilities
-    (``preprocessing=model``). Keyword-only: pretrained, pretrained_from_file (str), weights (default
+    (``preprocessing=model``). Keyword-only: pretrained (bool), pretrained_from_file (str), weights (default
     "bt_in1k"), num_classes, state_dict_key_map_fn, channels_last, fused_se, progress; see ``build_model``.
     """
     return build_model("seresnext26d_32x4d", pretrained=pretrained, **kwargs)

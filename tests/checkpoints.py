@@ -11,6 +11,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+
 from resnext_hub.models import VARIANTS, ResNet
 
 NGC_FILES = {

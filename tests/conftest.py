@@ -1,15 +1,12 @@
-"""Shared fixtures: the repo root on sys.path, NGC-layout checkpoint files, isolated caches."""
+"""Shared fixtures: NGC-layout checkpoint files, isolated caches (pyproject puts the repo root on the path)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 IMAGES = ROOT / "assets" / "images"
 RGB_PHOTOS = sorted(p for p in IMAGES.glob("*.jpg"))

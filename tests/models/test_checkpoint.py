@@ -7,8 +7,9 @@ from collections import OrderedDict
 import pytest
 import torch
 from checkpoints import random_state_dict, to_nvidia_layout
-from resnext_hub.models import CheckpointError, build_model, read_checkpoint
 from safetensors.torch import save_file
+
+from resnext_hub.models import CheckpointError, build_model, read_checkpoint
 
 ARCH = "se_resnext101_32x4d"
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 from checkpoints import NGC_FILES
 from conftest import ROOT
-from resnext_hub.models import MIRROR_ENV, CheckpointError, build_model, read_checkpoint, seresnext26d_32x4d
 from servers import FileServer
+
+from resnext_hub.models import MIRROR_ENV, CheckpointError, build_model, read_checkpoint, seresnext26d_32x4d
 
 # Small and 101-layer models: refusal happens before any model is built, so both are cheap.
 ARCH = "resnext101_32x4d"

@@ -9,10 +9,11 @@ import socket
 import pytest
 import torch
 from checkpoints import NGC_FILES
+from servers import FileServer
+
 from resnext_hub.models import MIRROR_ENV, WeightsUnavailableError, build_model
 from resnext_hub.models.download import cache_dir, fetch_checkpoint, sha256_of
 from resnext_hub.models.weights import Source
-from servers import FileServer
 
 ARCH = "resnext101_32x4d"
 FILE = NGC_FILES[ARCH]

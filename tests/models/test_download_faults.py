@@ -22,11 +22,12 @@ import torch
 from checkpoints import random_state_dict
 from conftest import ROOT
 from rawserver import RawServer, drip, reply, stall
+from safetensors.torch import save_file
+from servers import FileServer
+
 from resnext_hub.models import MIRROR_ENV, WeightsUnavailableError, build_model, download
 from resnext_hub.models.download import cache_dir, fetch_checkpoint, sha256_of
 from resnext_hub.models.weights import Source
-from safetensors.torch import save_file
-from servers import FileServer
 
 SMALL = "small-weights.pth"
 TIMEOUT_S = 0.5
@@ -248,8 +249,7 @@ def test_build_model_refetches_a_corrupted_safetensors_file(tmp_path, torch_home
 
 def test_manifest_tool_records_sha256_and_size_then_downloads_are_checked(served, tmp_path, torch_home, capsys):
     from resnext_hub.models.weights import MANIFEST_PATH, parse_manifest
-
-    from resnext_hub.manifest_tool import EXIT_MISMATCH, EXIT_OK, EXIT_USAGE, main
+    from tools.manifest_tool import EXIT_MISMATCH, EXIT_OK, EXIT_USAGE, main
 
     original = MANIFEST_PATH.read_bytes()
     copy = tmp_path / "manifest.json"
@@ -288,8 +288,7 @@ def test_manifest_tool_records_sha256_and_size_then_downloads_are_checked(served
 
 def test_manifest_tool_refuses_a_file_that_contradicts_its_published_prefix(served, tmp_path, capsys):
     from resnext_hub.models.weights import MANIFEST_PATH
-
-    from resnext_hub.manifest_tool import EXIT_USAGE, main
+    from tools.manifest_tool import EXIT_USAGE, main
 
     copy = tmp_path / "manifest.json"
     copy.write_bytes(MANIFEST_PATH.read_bytes())
@@ -308,7 +307,7 @@ def test_manifest_tool_runs_as_a_module(served, tmp_path):
     published = tmp_path / "seresnext26d_32x4d.bt_in1k.safetensors"  # an alternative source's name
     published.write_bytes((served / SMALL).read_bytes())
     result = subprocess.run(
-        [sys.executable, "-m", "resnext_hub.manifest_tool", "--manifest", str(copy), str(published)],
+        [sys.executable, "-m", "tools.manifest_tool", "--manifest", str(copy), str(published)],
         cwd=ROOT,
         capture_output=True,
         text=True,

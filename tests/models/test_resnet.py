@@ -8,6 +8,7 @@ import pytest
 import torch
 from checkpoints import NGC_FILES
 from reference import reference_from_ngc_file
+
 from resnext_hub.models import VARIANTS, build_model
 
 EXPECTED_PARAMS = {

@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from resnext_hub.models import MIRROR_ENV, get_weights
 from safetensors.torch import save_file
 from servers import FileServer
 from torch.utils.flop_counter import FlopCounterMode
 
 import hubconf
-from resnext_hub import model_table
+from resnext_hub.models import MIRROR_ENV, get_weights
+from tools import model_table
 
 TOLERANCE = 1e-4
 # Parameter counts of timm's model page (FACTS.md), independent of both implementations.

@@ -9,10 +9,10 @@ from urllib.parse import urlparse
 
 import pytest
 import torch
-from resnext_hub.models.weights import MANIFEST_PATH, ManifestError, Weights, get_weights, parse_manifest
-from resnext_hub.processing import imagenet_labels
 
 from resnext_hub import models
+from resnext_hub.models.weights import MANIFEST_PATH, ManifestError, Weights, get_weights, parse_manifest
+from resnext_hub.processing import imagenet_labels
 
 RECORDS = sorted(models.load_manifest().values(), key=lambda w: w.name)
 

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 from PIL import Image
+
 from resnext_hub.processing import InvalidImageError, load_image
 
 # Hypothesis keeps caches under ./.hypothesis by default: keep them out of the repo.

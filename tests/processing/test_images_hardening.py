@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 from rawserver import RawServer, drip, endless, reply, stall
+
 from resnext_hub.processing import InvalidImageError, load_image, prepare_batch, prepare_input_from_uri
 from resnext_hub.processing.images import MAX_BYTES_ENV, MAX_PIXELS_ENV, decode
 

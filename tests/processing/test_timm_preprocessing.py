@@ -14,11 +14,11 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from resnext_hub.models import get_weights
-from resnext_hub.processing import nvidia_convnets_processing_utils, prepare_batch, prepare_input_from_uri
 from timm.data import create_transform, resolve_data_config
 
 import hubconf
+from resnext_hub.models import get_weights
+from resnext_hub.processing import nvidia_convnets_processing_utils, prepare_batch, prepare_input_from_uri
 
 IMAGES = Path(__file__).resolve().parents[2] / "assets" / "images"
 NAMES = ("seresnext26d_32x4d", "seresnext26t_32x4d", "seresnext50_32x4d")

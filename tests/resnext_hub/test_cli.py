@@ -12,10 +12,10 @@ import sys
 import pytest
 import torch
 from conftest import IMAGES, ROOT
-from resnext_hub.models import build_model
 from servers import FileServer
 
 from resnext_hub import processing
+from resnext_hub.models import build_model
 
 ARCH = "seresnext26d_32x4d"
 

@@ -20,12 +20,12 @@ import pytest
 import torch
 from conftest import RGB_PHOTOS, ROOT
 from PIL import Image
-from resnext_hub.models import build_model
-from resnext_hub.processing import imagenet_wnids, load_image
 
 from resnext_hub.cli import main
 from resnext_hub.distributed import shard_batches
 from resnext_hub.evaluate import evaluate, find_samples
+from resnext_hub.models import build_model
+from resnext_hub.processing import imagenet_wnids, load_image
 
 ARCH = "seresnext26d_32x4d"
 BROKEN = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 20  # a JPEG cut off in its header

@@ -10,8 +10,6 @@ import onnxruntime
 import pytest
 import torch
 from checkpoints import write_ngc_file
-from resnext_hub.models import build_model
-from resnext_hub.processing import imagenet_labels
 from torch import nn
 
 from resnext_hub import cli
@@ -24,6 +22,8 @@ from resnext_hub.export import (
     export_onnx,
     export_torchscript,
 )
+from resnext_hub.models import build_model
+from resnext_hub.processing import imagenet_labels
 from resnext_hub.triton import (
     TritonConfigError,
     build_config,

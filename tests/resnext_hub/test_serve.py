@@ -17,12 +17,12 @@ import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from conftest import RGB_PHOTOS, ROOT
-from resnext_hub.models import build_model
-from resnext_hub.processing import InvalidImageError, load_image
 from tritonclient.utils import InferenceServerException
 
 from resnext_hub import cli
 from resnext_hub.inference import Classifier
+from resnext_hub.models import build_model
+from resnext_hub.processing import InvalidImageError, load_image
 from resnext_hub.serve import TOKEN_ENV, ServeUnavailableError, check_interpreter
 
 ARCH = "seresnext26d_32x4d"

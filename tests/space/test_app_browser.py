@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from resnext_hub.processing import prepare_input_from_uri, top_k
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from resnext_hub.models import VARIANTS, load_manifest
 
-from resnext_hub import model_table
+from resnext_hub.models import VARIANTS, load_manifest
+from tools import model_table
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_readme_table_is_in_sync():
     """The real command, as CI or a maintainer runs it."""
     result = subprocess.run(
-        [sys.executable, "-m", "resnext_hub.model_table", "--check"],
+        [sys.executable, "-m", "tools.model_table", "--check"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -1,8 +1,8 @@
 """Maintainer command: record the SHA-256 and size of checkpoint files in the weights manifest.
 
-    python -m resnext_hub.manifest_tool FILE [FILE ...]            # write sha256 + size_bytes
-    python -m resnext_hub.manifest_tool --check FILE [FILE ...]    # compare, write nothing
-    python -m resnext_hub.manifest_tool --manifest COPY.json FILE  # another manifest file
+    python -m tools.manifest_tool FILE [FILE ...]            # write sha256 + size_bytes
+    python -m tools.manifest_tool --check FILE [FILE ...]    # compare, write nothing
+    python -m tools.manifest_tool --manifest COPY.json FILE  # another manifest file
 
 Each FILE is matched by its name to a source (``file_name``, primary or alternative) of
 ``weights_manifest.json``. Run it on files fetched from the publisher's URL and checked by
@@ -23,10 +23,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .models.download import _HASH_IN_NAME, sha256_of
-from .models.weights import MANIFEST_PATH, ManifestError, parse_manifest
-
-EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
+from resnext_hub.exit_codes import OK as EXIT_OK
+from resnext_hub.exit_codes import SOME_FAILED as EXIT_MISMATCH
+from resnext_hub.exit_codes import USAGE as EXIT_USAGE
+from resnext_hub.models.download import _HASH_IN_NAME, sha256_of
+from resnext_hub.models.weights import MANIFEST_PATH, ManifestError, parse_manifest
 
 
 class ManifestToolError(ValueError):
@@ -80,7 +81,7 @@ def record_files(
         entry["sha256"], entry["size_bytes"] = digest, size
         if primary:
             manifest["weights"][name]["integrity_note"] = (
-                f"SHA-256 and size recorded by the maintainers with `python -m resnext_hub.manifest_tool` from the "
+                f"SHA-256 and size recorded by the maintainers with `python -m tools.manifest_tool` from the "
                 f"published file on {today}; every download is checked against them."
             )
         changes.append(f"{name}: {path.name} sha256={digest} size_bytes={size}")
@@ -119,7 +120,7 @@ def write_manifest(manifest: dict[str, Any], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m resnext_hub.manifest_tool",
+        prog="python -m tools.manifest_tool",
         description="Record (or --check) the SHA-256 and size of checkpoint files in the weights manifest.",
     )
     parser.add_argument("files", nargs="+", type=Path, help="checkpoint files, named as in the manifest")
