@@ -19,6 +19,7 @@ from PIL import Image
 
 MANIFEST_PATH = Path(__file__).resolve().parent.parent / "weights_manifest.json"
 NVIDIA_PRESET = "nvidia"
+_MAX_STRETCH = 4  # resized long side, in multiples of the output, past which the source is cut first
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 _FIELDS = ("resize_size", "crop_size", "interpolation", "mean", "std")
 
@@ -78,11 +79,40 @@ class ImageClassification:
         )
 
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        """The torchvision transform (built once per preset)."""
+        """The torchvision transform (built once per preset), for images of ordinary shape."""
         return _transform(self)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.transform()(image)
+        """The preprocessed tensor; the work is bounded by the output size, whatever the image's shape."""
+        region = self.extreme_crop(image)
+        return self.transform()(image) if region is None else _normalize(self)(region)
+
+    def extreme_crop(self, image: Image.Image) -> Image.Image | None:
+        """For an extreme aspect ratio, the resized center crop computed from that region alone; else None.
+
+        ``Resize`` scales the shorter side to ``resize_size``: a 1x5000 image would become
+        256x1,280,000 pixels (gigabytes) before the crop keeps 224x224 of it. Past
+        :data:`_MAX_STRETCH` times the output, only the source region under the crop is
+        resampled (PIL's ``resize(box=...)``: the same sampling grid and filter as the full
+        resize), so the work is bounded by the output whatever the shape.
+        """
+        width, height = image.size
+        short = min(width, height)
+        if max(width, height) * self.resize_size <= _MAX_STRETCH * max(self.resize_size, self.crop_size) * short:
+            return None
+        if self.resize_size < self.crop_size:  # the crop would pad instead: nothing to bound
+            return None
+        # torchvision's Resize(int) and CenterCrop arithmetic, for the full-size result.
+        if width <= height:
+            new_w, new_h = self.resize_size, int(self.resize_size * height / width)
+        else:
+            new_w, new_h = int(self.resize_size * width / height), self.resize_size
+        top = int(round((new_h - self.crop_size) / 2.0))
+        left = int(round((new_w - self.crop_size) / 2.0))
+        sx, sy = width / new_w, height / new_h
+        box = (left * sx, top * sy, (left + self.crop_size) * sx, (top + self.crop_size) * sy)
+        resample = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+        return image.resize((self.crop_size, self.crop_size), resample[self.interpolation], box=box)
 
 
 @cache
@@ -94,10 +124,16 @@ def _transform(preset: ImageClassification) -> Callable[[Image.Image], torch.Ten
         [
             T.Resize(preset.resize_size, interpolation=T.InterpolationMode(preset.interpolation)),
             T.CenterCrop(preset.crop_size),
-            T.ToTensor(),
-            T.Normalize(preset.mean, preset.std),
+            _normalize(preset),
         ]
     )
+
+
+@cache
+def _normalize(preset: ImageClassification) -> Callable[[Image.Image], torch.Tensor]:
+    from torchvision import transforms as T
+
+    return T.Compose([T.ToTensor(), T.Normalize(preset.mean, preset.std)])
 
 
 def parse_presets(table: Any) -> dict[str, ImageClassification]:
