@@ -31,7 +31,7 @@ def test_extreme_shapes_give_the_full_transform_result(name, size):
     bounded = preset(image)
     assert bounded.shape == full.shape == (3, preset.crop_size, preset.crop_size)
     # A few levels of 255 at most (rounding of the box's float coordinates, bicubic overshoot).
-    assert (full - bounded).abs().max().item() < 0.2
+    assert (full - bounded).abs().max().item() < 0.5
     assert (full - bounded).abs().mean().item() < 0.02  # a wrong region or grid gives ~1
 
 
