@@ -160,6 +160,13 @@ def load_weights(
             parts.append(f"shape mismatches ({len(wrong_shape)}): {_listed(wrong_shape)}")
         parts.append("Is it a checkpoint of this architecture? A state_dict_key_map_fn can rename keys.")
         raise CheckpointError("\n  ".join(parts))
+    not_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if not_finite:
+        # A model with NaN/Inf weights answers NaN for every image: refuse it here, not at the first forward.
+        raise CheckpointError(
+            f"{source} holds NaN or infinite values in {len(not_finite)} tensor(s): {_listed(not_finite)}. "
+            "The file is damaged, or was saved from a training run that diverged."
+        )
     # assign=True lets a model built on the meta device take the tensors without a copy.
     state_dict = {k: v.to(expected[k].dtype) for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=False, assign=True)

@@ -123,3 +123,41 @@ def test_not_a_state_dict(tmp_path):
         read_checkpoint(path)
     with pytest.raises(CheckpointError, match="does not exist"):
         read_checkpoint(tmp_path / "nope.pth")
+
+
+SMALL = "seresnext26d_32x4d"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", ["layer3.1.conv2.weight", "bn1.running_var", "fc.bias"])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, value, where):
+    """A file that would make the model answer NaN for every image is refused at load, not served."""
+    state = random_state_dict(SMALL, seed=1)
+    state[where].view(-1)[0] = value
+    path = tmp_path / "diverged.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=rf"NaN or infinite values in 1 tensor\(s\): {where}"):
+        build_model(SMALL, pretrained_from_file=path)
+
+
+def _safetensors_with_header(path, header: bytes, body: bytes = b"") -> None:
+    path.write_bytes(len(header).to_bytes(8, "little") + header + body)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"[]",  # valid JSON, not an object
+        b'"text"',
+        b'{"fc.weight": {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}}',  # offsets of the wrong type
+        b'{"fc.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0]}}',
+        b'{"fc.weight": []}',
+        b'{"fc.weight": {"dtype": "F32", "shape": [1000000000], "data_offsets": [0, 8]}}',  # shape lies about size
+        b"{not json",
+    ],
+)
+def test_safetensors_headers_that_lie_are_a_checkpoint_error(tmp_path, header):
+    path = tmp_path / "lying.safetensors"
+    _safetensors_with_header(path, header, b"\0" * 8)
+    with pytest.raises(CheckpointError, match="lying.safetensors"):
+        read_checkpoint(path)
