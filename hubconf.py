@@ -3,7 +3,7 @@
 model = torch.hub.load("<org>/resnext-hub", "nvidia_se_resnext101_32x4d", trust_repo=True)
 """
 
-dependencies = ["torch", "torchvision", "PIL", "numpy", "requests"]
+dependencies = ["torch", "torchvision", "PIL", "numpy", "urllib3", "certifi", "validators"]
 
 # The entry points are registered once, beside their code (resnext_hub/models/hub.py): hubconf
 # exports exactly what the registry holds, which is also what the CLI, web demo and model table list.

@@ -1,7 +1,8 @@
 """Find a checkpoint file: torch.hub's cache, a mirror, or a download into that cache.
 
-Downloads stream through ``requests`` (connect/read timeouts, a total deadline checked as
-bytes arrive, short bodies refused) into a private temporary file that is renamed into
+Downloads stream through :func:`processing.fetch.stream` (connect/read timeouts, a total
+deadline that also cuts off a server dripping bytes, short bodies refused; the proxy variables
+are honoured) into a private temporary file that is renamed into
 place only after its size and hash check out, so an interrupted or concurrent download
 never leaves a bad file in the cache: concurrent processes each download to their own
 temporary file and the atomic rename makes one of the identical results win. Temporary
@@ -27,12 +28,10 @@ import time
 import uuid
 import zipfile
 from pathlib import Path
-from urllib.parse import urlparse
 
-import requests
 import torch.hub
-import urllib3
 
+from ..processing.fetch import DeadlineError, FetchError, is_url, redact, stream
 from .weights import Source
 
 log = logging.getLogger(__name__)
@@ -53,10 +52,6 @@ class WeightsUnavailableError(RuntimeError):
 def cache_dir() -> Path:
     """``<torch.hub.get_dir()>/checkpoints`` (follows ``TORCH_HOME``)."""
     return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def is_url(text: str) -> bool:
-    return urlparse(str(text)).scheme in ("http", "https")
 
 
 def sha256_of(path: Path) -> str:
@@ -200,33 +195,22 @@ def download(
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = _partial_name(dest)
     digest = hashlib.sha256()
-    started = time.monotonic()
+    shown = redact(url)
     offline_hint = (
         f"Offline? Put {source.file_name} in a folder and set {MIRROR_ENV}=/that/folder (or a base URL that serves it)."
     )
+    limits = {"connect_timeout_s": CONNECT_TIMEOUT_S, "read_timeout_s": READ_TIMEOUT_S, "deadline_s": DEADLINE_S}
+    bar_options = {"disable": not progress, "unit": "B", "unit_scale": True, "unit_divisor": 1024}
     try:
-        with requests.get(url, stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)) as response:
-            response.raise_for_status()
-            declared = response.headers.get("Content-Length", "").strip()
-            total = int(declared) if declared.isdigit() else None
-            received = 0
-            with (
-                open(tmp, "wb") as handle,
-                torch.hub.tqdm(total=total, disable=not progress, unit="B", unit_scale=True, unit_divisor=1024) as bar,
-            ):
-                # read1 returns what has arrived instead of waiting for a full chunk, so a server
-                # that drips bytes meets the deadline check.
-                read = getattr(response.raw, "read1", response.raw.read)  # read1: urllib3 >= 2
-                while chunk := read(_CHUNK, decode_content=True):
-                    if time.monotonic() - started > DEADLINE_S:
-                        raise WeightsUnavailableError(f"download of {url} took over {DEADLINE_S:.0f} s; gave up")
-                    handle.write(chunk)
-                    digest.update(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-            encoded = response.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
-            if total is not None and not encoded and received != total:
-                raise WeightsUnavailableError(f"download of {url} ended after {received} of {total} bytes")
+        with (
+            stream(url, **limits) as body,
+            open(tmp, "wb") as handle,
+            torch.hub.tqdm(total=body.length, **bar_options) as bar,
+        ):
+            for chunk in body:
+                handle.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
         sha256 = digest.hexdigest()
         problem = _expected_problem(tmp, source, sha256) or format_problem(tmp, source.file_format)
         if problem is None and expected_sha256 not in (None, sha256):
@@ -235,14 +219,17 @@ def download(
                 "(if the publisher really changed the file, delete the cached copy and its .sha256.json)"
             )
         if problem:
-            raise WeightsUnavailableError(f"downloaded {url} does not match the manifest: {problem}")
+            raise WeightsUnavailableError(f"downloaded {shown} does not match the manifest: {problem}")
         os.replace(tmp, dest)
         _write_stamp(dest, sha256)
         return dest
-    except (requests.RequestException, urllib3.exceptions.HTTPError) as error:
-        raise WeightsUnavailableError(f"could not download {url} to {dest}: {error}. {offline_hint}") from error
+    except DeadlineError as error:
+        raise WeightsUnavailableError(f"download of {shown} took over {DEADLINE_S:g} s; gave up") from error
+    except FetchError as error:
+        message = f"could not download {shown} to {dest}: {error.reason}. {offline_hint}"
+        raise WeightsUnavailableError(message) from error
     except OSError as error:  # disk full, no permission on the cache folder, ...
-        raise WeightsUnavailableError(f"could not write {url} into {dest.parent}: {error}") from error
+        raise WeightsUnavailableError(f"could not write {shown} into {dest.parent}: {error}") from error
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -320,7 +307,7 @@ def fetch_checkpoint(sources: tuple[Source, ...], *, progress: bool = True) -> t
             return download(source.url, dest, source, progress=progress, expected_sha256=expected), source
         except WeightsUnavailableError as error:
             failures.append(str(error))
-    where = f"{MIRROR_ENV}={mirror!r}" if mirror else f"{MIRROR_ENV} (unset)"
+    where = f"{MIRROR_ENV}={redact(mirror)!r}" if mirror else f"{MIRROR_ENV} (unset)"
     raise WeightsUnavailableError(
         "no source of these weights could be used:\n  - "
         + "\n  - ".join(failures)

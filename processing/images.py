@@ -17,7 +17,9 @@ Limits (keywords of :func:`load_image`; defaults below):
 - ``deadline_s``: total time for a URL, default :data:`DEADLINE_S` (30 s). Connect and read
   timeouts (5 s / 10 s, never more than the deadline) catch a server that does not answer; a
   watchdog shuts the socket when the deadline passes, so one that drips bytes (in the body or
-  in the headers) is abandoned on time too.
+  in the headers) is abandoned on time too. URLs are fetched by :mod:`.fetch`; an
+  :class:`InvalidImageError` for one that could not be fetched has the ``FetchError`` as its
+  ``__cause__``.
 
 Modes: alpha (RGBA, LA, PA, palette with transparency) is composited onto
 :data:`BACKGROUND` (white); 16/32-bit integer images (I;16, I) are scaled to 8 bits
@@ -29,19 +31,12 @@ from __future__ import annotations
 
 import io
 import os
-import socket
-import threading
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
-import requests
-import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
-from requests.adapters import HTTPAdapter
-from urllib3 import PoolManager
-from urllib3.connection import HTTPConnection, HTTPSConnection
+
+from .fetch import AddressPolicy, FetchError, URLRefusedError, fetch_bytes, is_url, redact
 
 ImageSource = str | Path | bytes | Image.Image
 
@@ -56,14 +51,15 @@ BACKGROUND = (255, 255, 255)
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 10.0
 DEADLINE_S = 30.0
-_CHUNK = 64 * 1024
+# Ask for the formats that can be opened, so content negotiation does not pick AVIF or JPEG XL.
+_ACCEPT = ", ".join(f"image/{name.lower()}" for name in OPEN_FORMATS) + ", */*;q=0.5"
 
 
 class InvalidImageError(ValueError):
     """This URI does not give a usable image. ``uri`` and ``reason`` are attributes."""
 
     def __init__(self, uri: object, reason: str) -> None:
-        self.uri = str(uri)
+        self.uri = redact(str(uri))  # a URL's user name and password never reach a message
         self.reason = reason
         super().__init__(f"{self.uri}: {reason}")
 
@@ -80,128 +76,21 @@ def _limit(value: int | None, env: str, default: int) -> int:
     return int(text)
 
 
-def is_url(uri: object) -> bool:
-    return isinstance(uri, str) and urlparse(uri).scheme in ("http", "https")
-
-
-class _Watchdog:
-    """Shuts down every socket of one fetch when its deadline passes, which unblocks any read."""
-
-    def __init__(self, seconds: float) -> None:
-        self.expired = False
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._fire)
-        self._timer.daemon = True
-
-    def watch(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._sockets.append(sock)
-            if self.expired:
-                self._shutdown(sock)
-
-    @staticmethod
-    def _shutdown(sock: socket.socket) -> None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # already closed
-
-    def _fire(self) -> None:
-        with self._lock:
-            self.expired = True
-            for sock in self._sockets:
-                self._shutdown(sock)
-
-    def __enter__(self) -> _Watchdog:
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
-
-
-class _WatchedHTTPConnection(HTTPConnection):
-    def __init__(self, *args: Any, watchdog: _Watchdog, **kwargs: Any) -> None:
-        self._watchdog = watchdog
-        super().__init__(*args, **kwargs)
-
-    def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
-        self._watchdog.watch(sock)
-        return sock
-
-
-class _WatchedHTTPSConnection(_WatchedHTTPConnection, HTTPSConnection):
-    pass
-
-
-class _WatchedPoolManager(PoolManager):
-    """Pools whose connections register their sockets with one fetch's watchdog."""
-
-    def __init__(self, watchdog: _Watchdog, **kwargs: Any) -> None:
-        self._watchdog = watchdog
-        super().__init__(**kwargs)
-
-    def _new_pool(self, scheme: str, host: str, port: int, request_context: dict | None = None) -> Any:
-        pool = super()._new_pool(scheme, host, port, request_context)
-        pool.ConnectionCls = _WatchedHTTPSConnection if scheme == "https" else _WatchedHTTPConnection
-        pool.conn_kw["watchdog"] = self._watchdog
-        return pool
-
-
-class _WatchedAdapter(HTTPAdapter):
-    def __init__(self, watchdog: _Watchdog) -> None:
-        self._watchdog = watchdog
-        super().__init__(max_retries=0)
-
-    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **kwargs: Any) -> None:
-        self._pool_connections, self._pool_maxsize, self._pool_block = connections, maxsize, block
-        self.poolmanager = _WatchedPoolManager(
-            self._watchdog, num_pools=connections, maxsize=maxsize, block=block, **kwargs
+def _fetch(url: str, max_bytes: int, deadline_s: float, allow: AddressPolicy | None) -> bytes:
+    try:
+        return fetch_bytes(
+            url,
+            max_bytes=max_bytes,
+            connect_timeout_s=CONNECT_TIMEOUT_S,
+            read_timeout_s=READ_TIMEOUT_S,
+            deadline_s=deadline_s,
+            allow=allow,
+            headers={"Accept": _ACCEPT},
+            expected="an image",
         )
-
-
-def _fetch(url: str, max_bytes: int, deadline_s: float) -> bytes:
-    timeout = (min(CONNECT_TIMEOUT_S, deadline_s), min(READ_TIMEOUT_S, deadline_s))
-    too_slow = f"gave up after the {deadline_s:g} s deadline (the server is too slow or drips bytes)"
-    with _Watchdog(deadline_s) as watchdog, requests.Session() as session:
-        session.mount("http://", _WatchedAdapter(watchdog))
-        session.mount("https://", _WatchedAdapter(watchdog))
-        try:
-            with session.get(url, stream=True, timeout=timeout) as response:
-                if response.status_code >= 400:
-                    raise InvalidImageError(url, f"HTTP {response.status_code} {response.reason}")
-                content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-                if content_type.startswith("text/"):
-                    raise InvalidImageError(url, f"the server sent {content_type}, not an image")
-                declared = response.headers.get("Content-Length", "").strip()
-                if declared.isdigit() and int(declared) > max_bytes:
-                    raise InvalidImageError(url, f"body of {int(declared)} bytes is over the {max_bytes}-byte cap")
-                body = bytearray()
-                # read1 returns what has arrived (up to _CHUNK decoded bytes) instead of waiting
-                # for a full chunk, so the cap and the deadline are checked as bytes come in.
-                read = getattr(response.raw, "read1", response.raw.read)  # read1: urllib3 >= 2
-                while chunk := read(_CHUNK, decode_content=True):
-                    body += chunk
-                    if len(body) > max_bytes:
-                        raise InvalidImageError(url, f"body is over the {max_bytes}-byte cap (still streaming)")
-                if watchdog.expired:
-                    raise InvalidImageError(url, too_slow)
-                return bytes(body)
-        except InvalidImageError:
-            raise
-        except (requests.Timeout, urllib3.exceptions.TimeoutError) as error:
-            reason = too_slow if watchdog.expired else f"timed out ({error.__class__.__name__})"
-            raise InvalidImageError(url, reason) from error
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
-            if watchdog.expired:
-                reason = too_slow
-            elif "IncompleteRead" in str(error):
-                reason = f"the body was cut short ({error})"
-            else:
-                reason = f"could not be fetched: {error}"
-            raise InvalidImageError(url, reason) from error
+    except FetchError as error:
+        verb = "refused" if isinstance(error, URLRefusedError) else "could not be fetched"
+        raise InvalidImageError(url, f"{verb}: {error.reason}") from error
 
 
 def _read_file(path: Path, max_bytes: int) -> bytes:
@@ -223,15 +112,27 @@ def _read_file(path: Path, max_bytes: int) -> bytes:
         raise InvalidImageError(path, f"could not be read: {error.strerror or error}") from error
 
 
-def read_source(source: str | Path | bytes, *, max_bytes: int | None = None, deadline_s: float = DEADLINE_S) -> bytes:
-    """The encoded bytes of a URL, a path or a bytes object (capped at ``max_bytes``)."""
+def read_source(
+    source: str | Path | bytes,
+    *,
+    max_bytes: int | None = None,
+    deadline_s: float = DEADLINE_S,
+    allow: AddressPolicy | None = None,
+) -> bytes:
+    """The encoded bytes of a URL, a path or a bytes object (capped at ``max_bytes``).
+
+    ``allow``: the address policy for URLs (see :mod:`.fetch`); given one, a string is always
+    fetched as a URL, never opened as a local path (it came from someone else).
+    """
     max_bytes = _limit(max_bytes, MAX_BYTES_ENV, MAX_BYTES)
     if isinstance(source, (bytes, bytearray)):
         if len(source) > max_bytes:
             raise InvalidImageError("<bytes>", f"{len(source)} bytes is over the {max_bytes}-byte cap")
         return bytes(source)
-    if is_url(source):
-        return _fetch(str(source), max_bytes, deadline_s)
+    if allow is not None or is_url(source):
+        return _fetch(str(source), max_bytes, deadline_s, allow)
+    if isinstance(source, str) and source[:8].lower().startswith(("http://", "https://")):
+        raise InvalidImageError(source, "is not a valid http(s) URL")
     return _read_file(Path(source).expanduser(), max_bytes)
 
 
@@ -337,12 +238,14 @@ def load_image(
     max_bytes: int | None = None,
     max_pixels: int | None = None,
     deadline_s: float = DEADLINE_S,
+    allow: AddressPolicy | None = None,
 ) -> Image.Image:
     """An upright RGB image from a URL, a path, encoded bytes or a ``PIL.Image``.
 
     ``max_bytes`` / ``max_pixels`` default to ``$RESNEXT_HUB_MAX_IMAGE_BYTES`` /
     ``$RESNEXT_HUB_MAX_IMAGE_PIXELS``, else :data:`MAX_BYTES` / :data:`MAX_PIXELS`;
-    ``deadline_s`` bounds a URL's whole fetch (see the module docstring).
+    ``deadline_s`` bounds a URL's whole fetch (see the module docstring); ``allow`` is the
+    address policy for a URL from a stranger (see :func:`read_source`).
 
     Raises :class:`InvalidImageError` (a ``ValueError`` naming the URI and the reason) for
     anything that does not give a usable image; ``ValueError`` for a malformed limit variable.
@@ -352,6 +255,6 @@ def load_image(
     if not isinstance(source, (str, Path, bytes, bytearray)):
         expected = "a URL, path, bytes or PIL.Image"
         raise InvalidImageError(repr(source)[:80], f"expected {expected}, got {type(source).__name__}")
-    data = read_source(source, max_bytes=max_bytes, deadline_s=deadline_s)
+    data = read_source(source, max_bytes=max_bytes, deadline_s=deadline_s, allow=allow)
     uri = "<bytes>" if isinstance(source, (bytes, bytearray)) else source
     return to_rgb(decode(data, uri, max_pixels=max_pixels), uri)

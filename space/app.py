@@ -4,7 +4,7 @@ Runs locally (``python space/app.py``, then open http://127.0.0.1:7860) and as a
 Space unchanged (``python space/bundle.py DIR`` lays out the Space). Built for the public
 internet: uploads are size-capped, the queue is bounded, one inference runs at a time per
 model pool, each request has a time limit, URLs are fetched only from public addresses
-(``netguard``), and visitors see a short message for every failure, never a traceback.
+(``processing.fetch``), and visitors see a short message for every failure, never a traceback.
 
 Settings (environment): ``RESNEXT_HUB_SPACE_DEFAULT_MODEL`` (hub entry shown first),
 ``RESNEXT_HUB_SPACE_PRECISION`` (``auto``/``fp32``/``bf16``, for ``optimize_for_inference``),
@@ -35,8 +35,8 @@ for _path in (str(HERE), str(REPO)):
         sys.path.insert(0, _path)
 
 import gradio as gr  # noqa: E402
-import netguard  # noqa: E402
 from PIL import Image  # noqa: E402
+from resnext_hub.processing.fetch import FetchError, URLRefusedError, is_public_address  # noqa: E402
 from serving import ModelCache, ModelLoadError, ModelNotReadyError, Served, hub_entries  # noqa: E402
 
 from resnext_hub import processing  # noqa: E402
@@ -48,6 +48,7 @@ DEFAULT_MODEL = "nvidia_se_resnext101_32x4d"
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024
 MAX_PIXELS = 40_000_000
 REQUEST_TIME_LIMIT_S = 20.0
+URL_DEADLINE_S = 15.0
 MODEL_WAIT_S = 90.0
 QUEUE_SIZE = 16
 CONCURRENCY = 2
@@ -83,7 +84,7 @@ class Demo:
         # At most CONCURRENCY requests decode and infer at once; Gradio's bounded queue holds the rest.
         self.workers = ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="classify")
         # Which resolved addresses a visitor's URL may reach: public ones only (tests swap in loopback).
-        self.url_policy = netguard.is_public_address
+        self.url_policy = is_public_address
 
     # -- request handlers (called by Gradio with raw, unpreprocessed values) --
 
@@ -103,8 +104,8 @@ class Demo:
             raise _error("Paste the address of an image (http:// or https://) first.", "No URL")
 
         def load() -> Image.Image:
-            body = netguard.fetch(url, max_bytes=MAX_UPLOAD_BYTES, allow=self.url_policy)
-            return processing.load_image(body, max_bytes=MAX_UPLOAD_BYTES, max_pixels=MAX_PIXELS)
+            limits = {"max_bytes": MAX_UPLOAD_BYTES, "max_pixels": MAX_PIXELS, "deadline_s": URL_DEADLINE_S}
+            return processing.load_image(url, allow=self.url_policy, **limits)
 
         return self._classify(entry, load)
 
@@ -150,11 +151,13 @@ class Demo:
     def _run(self, served: Served, load: Callable[[], Image.Image]) -> tuple[Image.Image, list]:
         try:
             image = load()
-        except netguard.URLRefusedError as error:
-            raise _Refused("Address not allowed", _short(f"That URL is not allowed: {error}.")) from None
-        except netguard.FetchError as error:
-            raise _Refused("Could not fetch the image", _short(f"Could not fetch that URL: {error}.")) from None
         except processing.InvalidImageError as error:
+            cause = error.__cause__  # the FetchError, for a URL that gave no body
+            if isinstance(cause, URLRefusedError):
+                raise _Refused("Address not allowed", _short(f"That URL is not allowed: {cause.reason}.")) from None
+            if isinstance(cause, FetchError):
+                message = f"Could not fetch that URL: {cause.reason}."
+                raise _Refused("Could not fetch the image", _short(message)) from None
             reason = re.sub(r" \(first bytes .*\)$", "", error.reason)
             raise _Refused("Not a usable image", _short(f"That file is not a usable image: {reason}.")) from None
         batch = served.transform(image)[None]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-SPACE_FILES = ("app.py", "serving.py", "netguard.py", "requirements.txt", "README.md")
+SPACE_FILES = ("app.py", "serving.py", "requirements.txt", "README.md")
 REPO_PATHS = ("hubconf.py", "weights_manifest.json", "models", "processing", "resnext_hub", "assets/images")
 _SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
 

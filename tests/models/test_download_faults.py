@@ -80,6 +80,7 @@ FAULTS = {
     "never-answers": lambda good: stall(),
     "head-then-silence": lambda good: stall(send_head=True),
     "drips": lambda good: drip(interval_s=0.02, content_length=len(good)),
+    "drips-headers": lambda good: drip(interval_s=0.02, in_head=True),
 }
 REASONS = {
     "http-404": "404",
@@ -91,6 +92,7 @@ REASONS = {
     "never-answers": "timed out",
     "head-then-silence": "timed out",
     "drips": "took over",
+    "drips-headers": "took over",
 }
 
 
@@ -106,6 +108,15 @@ def test_a_failed_download_leaves_nothing_in_the_cache(name, served, torch_home,
     assert str(cache_dir()) in str(caught.value) and MIRROR_ENV in str(caught.value)
     assert elapsed < DEADLINE_S + 2 * TIMEOUT_S + 1.0, f"took {elapsed:.2f} s"
     assert _cache_listing() == []  # no file, no .partial, no stamp
+
+
+def test_credentials_in_a_mirror_url_are_never_shown(torch_home, monkeypatch):
+    with RawServer(reply(b"no", status="404 Not Found", content_type="text/plain")) as server:
+        monkeypatch.setenv(MIRROR_ENV, server.url.replace("http://", "http://alice:s3cret@"))
+        with pytest.raises(WeightsUnavailableError, match="HTTP 404") as caught:
+            fetch_checkpoint(_source("http://unused.invalid"), progress=False)
+    assert "s3cret" not in str(caught.value) and "alice" not in str(caught.value)
+    assert "http://***@127.0.0.1" in str(caught.value)
 
 
 def test_the_raw_server_serves_good_files(served, torch_home):

@@ -128,7 +128,7 @@ def test_duplicate_imagenet_names_stay_distinct(app) -> None:
 def test_the_space_bundle_runs_the_same_app(tmp_path) -> None:
     dest = tmp_path / "space"
     subprocess.run([sys.executable, str(SPACE / "bundle.py"), str(dest)], check=True, capture_output=True)
-    for name in ("app.py", "netguard.py", "serving.py", "requirements.txt", "hubconf.py", "weights_manifest.json"):
+    for name in ("app.py", "serving.py", "requirements.txt", "hubconf.py", "weights_manifest.json"):
         assert (dest / name).is_file(), name
     assert (dest / "assets" / "images" / "chelsea.jpg").is_file()
     assert not list(dest.rglob("__pycache__"))
