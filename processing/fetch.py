@@ -30,6 +30,7 @@ shows a user name or password from a URL (:func:`redact`).
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 import threading
@@ -49,6 +50,7 @@ from urllib3.util import make_headers
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 AddressPolicy = Callable[[IPAddress], bool]
 
+CA_BUNDLE_ENVS = ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
 MAX_REDIRECTS = 5
 MAX_URL_CHARS = 2048
 CHUNK = 64 * 1024
@@ -407,7 +409,9 @@ class _Fetch:
             if proxy_parts.username is not None:
                 credentials = f"{unquote(proxy_parts.username)}:{unquote(proxy_parts.password or '')}"
                 proxy_headers = make_headers(proxy_basic_auth=credentials)
-            manager = _WatchedProxyManager(proxy, self.watchdog, proxy_headers=proxy_headers, ca_certs=certifi.where())
+            manager = _WatchedProxyManager(
+                proxy, self.watchdog, proxy_headers=proxy_headers, ca_certs=self._ca_bundle()
+            )
             try:
                 absolute = f"{hop.scheme}://{hop.host_header}{hop.target}"
                 return manager.urlopen("GET", absolute, timeout=timeout, **options), manager.clear
@@ -424,6 +428,18 @@ class _Fetch:
                 continue  # refused or unreachable there: try the host's next address
         return self._send(hop, addresses[-1], timeout, options)
 
+    def _ca_bundle(self) -> str:
+        """Certificates to trust: a corporate bundle named as requests/OpenSSL users do, else certifi's.
+
+        Under an address policy (a public web app) only certifi's: visitors' requests must not
+        depend on the operator's environment.
+        """
+        if self.allow is None:
+            for name in CA_BUNDLE_ENVS:
+                if os.environ.get(name):
+                    return os.environ[name]
+        return certifi.where()
+
     def _send(
         self, hop: _Hop, address: IPAddress, timeout: urllib3.Timeout, options: dict[str, Any]
     ) -> tuple[urllib3.BaseHTTPResponse, Callable[[], None]]:
@@ -435,7 +451,7 @@ class _Fetch:
                 server_hostname=hop.host,
                 assert_hostname=hop.host,
                 cert_reqs="CERT_REQUIRED",
-                ca_certs=certifi.where(),
+                ca_certs=self._ca_bundle(),
                 **pool_options,
             )
         else:

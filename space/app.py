@@ -36,10 +36,10 @@ for _path in (str(HERE), str(REPO)):
 
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
-from resnext_hub.processing.fetch import FetchError, URLRefusedError, is_public_address  # noqa: E402
 from serving import ModelCache, ModelLoadError, ModelNotReadyError, Served, hub_entries  # noqa: E402
 
 from resnext_hub import processing  # noqa: E402
+from resnext_hub.processing.fetch import FetchError, URLRefusedError, is_public_address  # noqa: E402
 
 log = logging.getLogger("resnext_hub.space")
 

@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from conftest import ROOT
 from rawserver import RawServer, drip, reply
+
 from resnext_hub.processing import InvalidImageError, fetch, load_image
 from resnext_hub.processing.fetch import is_public_address, is_url
 
@@ -446,3 +447,47 @@ def test_urls_are_recognised(text: str) -> None:
 )
 def test_paths_and_other_schemes_are_not_urls(text) -> None:
     assert not is_url(text)
+
+
+@pytest.fixture(scope="module")
+def https_server(tmp_path_factory):
+    """An HTTPS server on 127.0.0.1 with a self-signed certificate (a corporate mirror's own CA)."""
+    import ssl
+    import subprocess
+
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost"]
+        + ["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    (folder / "photo.jpg").write_bytes(PHOTO.read_bytes())
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler
+
+    handler = partial(SimpleHTTPRequestHandler, directory=str(folder))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{httpd.server_address[1]}", cert
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.parametrize("variable", ["REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"])
+def test_a_corporate_ca_bundle_is_trusted_when_named_and_only_then(https_server, monkeypatch, variable) -> None:
+    base, cert = https_server
+    options = {"max_bytes": 1 << 20, "connect_timeout_s": 5.0, "read_timeout_s": 5.0, "deadline_s": 10.0}
+    for name in fetch.CA_BUNDLE_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(fetch.FetchError, match="CERTIFICATE_VERIFY_FAILED|certificate"):
+        fetch.fetch_bytes(f"{base}/photo.jpg", **options)
+    monkeypatch.setenv(variable, str(cert))
+    assert fetch.fetch_bytes(f"{base}/photo.jpg", **options) == PHOTO.read_bytes()
+    # A public web app's visitors never get the operator's trust store.
+    with pytest.raises(fetch.FetchError):
+        fetch.fetch_bytes(f"{base}/photo.jpg", allow=loopback_only, **options)
