@@ -2,9 +2,9 @@
 
 Run from the repo root (a 101-layer model on a 2-core CPU takes 15-25 minutes with compile)::
 
-    .venv/bin/python benchmarks/inference.py                       # all modes, batches 1, 16, 32
-    .venv/bin/python benchmarks/inference.py --modes plain,fp32,auto --batch-sizes 1,16 --json out.json
-    .venv/bin/python benchmarks/inference.py --profile auto+compile  # where the time goes
+    .venv/bin/python -m benchmarks.inference                       # all modes, batches 1, 16, 32
+    .venv/bin/python -m benchmarks.inference --modes plain,fp32,auto --batch-sizes 1,16 --json out.json
+    .venv/bin/python -m benchmarks.inference --profile auto+compile  # where the time goes
 
 Everything runs in one process with the same weights (random, with realistic BatchNorm
 statistics, unless ``--checkpoint`` names a real file); speed does not depend on the values.
@@ -36,15 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from resnext_hub.models import VARIANTS, build_model
+from resnext_hub.models.optimize import cpu_has_native_bf16, reuse_freed_memory
+from resnext_hub.processing import load_image
+from tools.fake_checkpoints import random_state_dict  # trained-like random weights
+from tools.model_table import image_gflops
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/checkpoints.py: trained-like random weights
-
-from checkpoints import random_state_dict  # noqa: E402
-
-from resnext_hub.models import VARIANTS, build_model  # noqa: E402
-from resnext_hub.models.optimize import cpu_has_native_bf16, reuse_freed_memory  # noqa: E402
-from resnext_hub.processing import load_image  # noqa: E402
-from tools.model_table import image_gflops  # noqa: E402
 
 DEFAULT_MODES = "plain,timm,fp32,auto,fp32+compile,auto+compile"
 PHOTOS = sorted((ROOT / "assets" / "images").glob("*.[jp][pn]g"))

@@ -1,6 +1,6 @@
 """Load-to-ready time and peak RSS of a model built from a local checkpoint file.
 
-    .venv/bin/python benchmarks/load_to_ready.py --architecture se_resnext101_32x4d [--checkpoint FILE]
+    .venv/bin/python -m benchmarks.load_to_ready --architecture se_resnext101_32x4d [--checkpoint FILE]
 
 Without --checkpoint, an NGC-layout file with random weights is written to a temporary
 folder first (same size and key layout as NVIDIA's). Each measurement runs in a fresh
@@ -16,11 +16,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tools.fake_checkpoints import NGC_FILES, write_ngc_file
+
 ROOT = Path(__file__).resolve().parent.parent
 
+# Run with the repo root as its working directory: ``python -c`` imports from there.
 CHILD = """
 import sys, time, json
-sys.path.insert(0, {root!r})
 
 def high_water_mib():
     # VmHWM is this process's own peak (ru_maxrss would carry the parent's across exec).
@@ -44,8 +46,8 @@ print(json.dumps({{"load_to_ready_s": ready, "ready_plus_first_224_image_s": fir
 def measure(architecture: str, checkpoint: str, repeats: int) -> list[dict]:
     runs = []
     for _ in range(repeats):
-        code = CHILD.format(root=str(ROOT), architecture=architecture, checkpoint=checkpoint)
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        code = CHILD.format(architecture=architecture, checkpoint=checkpoint)
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
         runs.append(json.loads(out.splitlines()[-1]))
     return runs
 
@@ -59,9 +61,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint
         if checkpoint is None:
-            sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-            from checkpoints import NGC_FILES, write_ngc_file
-
             if args.architecture not in NGC_FILES:
                 parser.error(f"--checkpoint is required for {args.architecture}")
             checkpoint = str(write_ngc_file(Path(tmp), args.architecture))

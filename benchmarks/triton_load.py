@@ -5,7 +5,7 @@ For each concurrency level, that many client threads (one ``tritonclient`` conne
 and with ``--json`` one JSON object per level. Every request is bounded by ``--timeout``.
 
     python -m resnext_hub serve --model seresnext26d_32x4d --random-weights &
-    python benchmarks/triton_load.py --model seresnext26d_32x4d --concurrency 1,4,8 --requests 64
+    python -m benchmarks.triton_load --model seresnext26d_32x4d --concurrency 1,4,8 --requests 64
 """
 
 from __future__ import annotations

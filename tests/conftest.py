@@ -15,7 +15,7 @@ RGB_PHOTOS = sorted(p for p in IMAGES.glob("*.jpg"))
 @pytest.fixture(scope="session")
 def ngc_dir(tmp_path_factory) -> Path:
     """A folder holding both NGC checkpoint files (random weights, the real layout)."""
-    from checkpoints import NGC_FILES, write_ngc_file
+    from tools.fake_checkpoints import NGC_FILES, write_ngc_file
 
     folder = tmp_path_factory.mktemp("ngc")
     for architecture in NGC_FILES:
@@ -27,7 +27,8 @@ def ngc_dir(tmp_path_factory) -> Path:
 def small_checkpoint(tmp_path_factory) -> Path:
     """A seresnext26d_32x4d checkpoint with random weights (timm's layout), for fast end-to-end tests."""
     import torch
-    from checkpoints import random_state_dict
+
+    from tools.fake_checkpoints import random_state_dict
 
     path = tmp_path_factory.mktemp("small") / "seresnext26d_32x4d.pth"
     torch.save(random_state_dict("seresnext26d_32x4d", seed=5), path)

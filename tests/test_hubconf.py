@@ -7,8 +7,9 @@ import sys
 import textwrap
 
 import pytest
-from checkpoints import NGC_FILES
 from conftest import ROOT
+
+from tools.fake_checkpoints import NGC_FILES
 
 ENTRY_POINTS = {
     "nvidia_convnets_processing_utils",

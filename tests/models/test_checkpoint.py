@@ -6,10 +6,10 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from checkpoints import random_state_dict, to_nvidia_layout
 from safetensors.torch import save_file
 
 from resnext_hub.models import CheckpointError, build_model, read_checkpoint
+from tools.fake_checkpoints import random_state_dict, to_nvidia_layout
 
 ARCH = "se_resnext101_32x4d"
 

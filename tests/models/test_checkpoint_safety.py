@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import NGC_FILES
 from conftest import ROOT
 from servers import FileServer
 
 from resnext_hub.models import MIRROR_ENV, CheckpointError, build_model, read_checkpoint, seresnext26d_32x4d
+from tools.fake_checkpoints import NGC_FILES
 
 # Small and 101-layer models: refusal happens before any model is built, so both are cheap.
 ARCH = "resnext101_32x4d"

@@ -8,12 +8,12 @@ import multiprocessing
 import time
 
 import torch
-from checkpoints import random_state_dict
 from rawserver import RawServer
 from safetensors.torch import save_file
 
 from resnext_hub.models import MIRROR_ENV, build_model
 from resnext_hub.models.download import cache_dir, sha256_of
+from tools.fake_checkpoints import random_state_dict
 
 ARCH = "seresnext26d_32x4d"
 SAFETENSORS = "seresnext26d_32x4d.bt_in1k.safetensors"  # the manifest's alternative source

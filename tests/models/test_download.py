@@ -8,12 +8,12 @@ import socket
 
 import pytest
 import torch
-from checkpoints import NGC_FILES
 from servers import FileServer
 
 from resnext_hub.models import MIRROR_ENV, WeightsUnavailableError, build_model
 from resnext_hub.models.download import cache_dir, fetch_checkpoint, sha256_of
 from resnext_hub.models.weights import Source
+from tools.fake_checkpoints import NGC_FILES
 
 ARCH = "resnext101_32x4d"
 FILE = NGC_FILES[ARCH]

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import random_state_dict
 from conftest import ROOT
 from rawserver import RawServer, drip, reply, stall
 from safetensors.torch import save_file
@@ -28,6 +27,7 @@ from servers import FileServer
 from resnext_hub.models import MIRROR_ENV, WeightsUnavailableError, build_model, download
 from resnext_hub.models.download import cache_dir, fetch_checkpoint, sha256_of
 from resnext_hub.models.weights import Source
+from tools.fake_checkpoints import random_state_dict
 
 SMALL = "small-weights.pth"
 TIMEOUT_S = 0.5

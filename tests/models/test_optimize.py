@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from checkpoints import random_state_dict
 from conftest import IMAGES
 
 from resnext_hub import processing
 from resnext_hub.cli import main as cli_main
 from resnext_hub.inference import Classifier
 from resnext_hub.models import VARIANTS, ResNet, build_model
+from tools.fake_checkpoints import random_state_dict
 
 SMALL = "seresnext26d_32x4d"
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

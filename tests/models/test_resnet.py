@@ -6,10 +6,10 @@ import logging
 
 import pytest
 import torch
-from checkpoints import NGC_FILES
 from reference import reference_from_ngc_file
 
 from resnext_hub.models import VARIANTS, build_model
+from tools.fake_checkpoints import NGC_FILES
 
 EXPECTED_PARAMS = {
     "resnext101_32x4d": 44_177_704,

@@ -37,7 +37,7 @@ TIMING_KEYS = {"seconds", "images_per_second", "world_size"}
 
 def write_checkpoint(folder: Path) -> Path:
     """Random weights with the statistics of a trained net (tests/checkpoints.py), in our own key layout."""
-    from checkpoints import random_state_dict
+    from tools.fake_checkpoints import random_state_dict
 
     path = folder / f"{ARCH}.pth"
     torch.save(random_state_dict(ARCH), path)

@@ -9,7 +9,6 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from checkpoints import write_ngc_file
 from torch import nn
 
 from resnext_hub import cli
@@ -32,6 +31,7 @@ from resnext_hub.triton import (
     read_config,
     validate_model_dir,
 )
+from tools.fake_checkpoints import write_ngc_file
 
 ARCH = "seresnext26d_32x4d"
 SIZE = 64  # every property here holds at any input size; 64 keeps the forward passes cheap

@@ -40,8 +40,9 @@ STARTUP_S = 120
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory) -> Path:
     """Random weights with a sharpened head, so the top-5 probabilities are far apart and readable."""
-    from checkpoints import random_state_dict
     from safetensors.torch import save_file
+
+    from tools.fake_checkpoints import random_state_dict
 
     state = random_state_dict(MODEL, seed=3)
     state["fc.weight"] *= 60  # random heads give near-uniform softmax; this spreads the logits

@@ -17,8 +17,9 @@ IMAGES = ROOT / "assets" / "images"
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     """The ``app`` module with a mirror holding seresnext26d and 26t (random weights), fp32."""
-    from checkpoints import random_state_dict
     from safetensors.torch import save_file
+
+    from tools.fake_checkpoints import random_state_dict
 
     mirror = tmp_path_factory.mktemp("mirror")
     for name in ("seresnext26d_32x4d", "seresnext26t_32x4d"):

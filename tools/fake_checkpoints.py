@@ -1,6 +1,6 @@
 """Checkpoint files with random weights in the publishers' real key layouts.
 
-The renaming here is written from FACTS.md independently of ``models.checkpoint``: it
+The renaming here is written from FACTS.md independently of ``resnext_hub.models.checkpoint``: it
 turns a state dict in timm's names (our model's) into NVIDIA's.
 """
 
