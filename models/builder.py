@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from .checkpoint import load_weights, read_checkpoint
 from .download import fetch_checkpoint
+from .features import ResNetFeatures, feature_indices
 from .meta import ModelMeta, default_classes
 from .resnet import ResNet
 from .variants import get_config
@@ -29,7 +30,9 @@ def build_model(
     channels_last: bool = False,
     fused_se: bool = True,
     progress: bool = True,
-) -> ResNet:
+    features_only: bool = False,
+    out_indices: int | Sequence[int] | None = None,
+) -> ResNet | ResNetFeatures:
     """Build ``architecture`` and load weights into it; returns the model in eval mode.
 
     - ``pretrained``: load the published weights (downloaded once into torch.hub's cache).
@@ -43,7 +46,13 @@ def build_model(
     - ``channels_last``: return the model in channels-last memory format.
     - ``fused_se``: NVIDIA's option; both settings compute the same function.
     - ``progress``: show a progress bar while downloading.
+    - ``features_only``: return the network as a backbone (:class:`ResNetFeatures`: a list of
+      feature maps ``out_indices``, 0 = stem ... 4 = last stage, with ``feature_info``), as timm's.
     """
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices needs features_only=True")
+    if features_only:
+        feature_indices(out_indices)  # a bad index fails before any download
     config = get_config(architecture)
     record = get_weights(architecture, weights)
     num_classes = record.num_classes if num_classes is None else num_classes
@@ -69,7 +78,7 @@ def build_model(
         model = ResNet(config, num_classes, fused_se=fused_se, meta=_meta(architecture, record, num_classes, None))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model.eval()
+    return (ResNetFeatures(model, out_indices) if features_only else model).eval()
 
 
 def _meta(architecture: str, record: Weights, num_classes: int, loaded: Weights | None) -> ModelMeta:

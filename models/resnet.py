@@ -233,6 +233,31 @@ class ResNet(Described, nn.Module):
             self, precision=precision, channels_last=channels_last, compile=compile, reuse_memory=reuse_memory
         )
 
+    @property
+    def conv1_channels(self) -> int:
+        """Channels of the stem's output (``act1``), the first feature map."""
+        return self.bn1.num_features
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        *,
+        stop_early: bool = False,
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's ``forward_intermediates``: the feature maps ``indices`` (0 = stem, 1-4 = stages).
+
+        ``indices``: None (all five), n (the last n) or a list. Returns ``(final features, maps)``:
+        the final features are ``layer4``'s output (before pooling; ``forward_head`` gives the
+        logits), or the last computed map with ``stop_early``; ``intermediates_only`` returns the maps.
+        """
+        from .features import feature_indices, stage_outputs  # features.py builds on this module
+
+        wanted = feature_indices(indices)
+        x, maps = stage_outputs(self, x, wanted, last=None if stop_early or intermediates_only else len(STAGES))
+        return maps if intermediates_only else (x, maps)
+
     def forward_stem(self, x: Tensor) -> Tensor:
         return self.maxpool(self.act1(self.bn1(self.conv1(x))))
 
