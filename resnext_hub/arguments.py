@@ -1,21 +1,67 @@
-"""Command-line options shared by the subcommands: which model, which weights, progress."""
+"""Command-line options shared by the subcommands: which model, where and how it runs, progress.
+
+``--model`` takes any name of the entry-point registry: a hub entry point
+(``nvidia_se_resnext101_32x4d``) or an architecture (``se_resnext101_32x4d``).
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from .models import VARIANTS, ResNet, build_model
+from .distributed import DistContext
+from .engine import resolve_device
+from .models import ResNet, build_model
+from .models.registry import architecture_of, model_names
+
+DEFAULT_MODEL = "se_resnext101_32x4d"
+DEVICE_HELP = "auto, cpu, cuda or cuda:N"
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, random_weights: bool = False) -> None:
     """``--model`` and one of ``--weights`` / ``--checkpoint`` (/ ``--random-weights``)."""
-    parser.add_argument("--model", default="se_resnext101_32x4d", choices=sorted(VARIANTS))
+    names = sorted(model_names())
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        choices=names,
+        metavar="NAME",
+        help=f"a hub entry point or architecture (default {DEFAULT_MODEL}): {', '.join(names)}",
+    )
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--weights", help="manifest tag or name (default: the model's default weights)")
     weights.add_argument("--checkpoint", help="a local checkpoint file instead of the published weights")
     if random_weights:
         weights.add_argument("--random-weights", action="store_true", help="random weights (to try the pipeline)")
+
+
+def add_inference_options(
+    parser: argparse.ArgumentParser,
+    *,
+    batch_size: int | None = None,
+    top_k: bool = True,
+    per_process: bool = False,
+    no_amp: bool = False,
+) -> None:
+    """``--device``, ``--exact`` (and ``--no-amp``), ``--top-k`` and ``--batch-size`` (given a default).
+
+    ``per_process`` (``evaluate``/``predict``, which run under torchrun): also ``--workers`` and ``--compile``.
+    """
+    device_help = "auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)" if per_process else DEVICE_HELP
+    parser.add_argument("--device", default="auto", help=device_help)
+    parser.add_argument(
+        "--exact", action="store_true", help="exact fp32 (default: the fastest faithful precision, e.g. bf16 on CPU)"
+    )
+    if no_amp:
+        parser.add_argument("--no-amp", action="store_true", help="on CUDA, run in fp32 instead of fp16")
+    if top_k:
+        parser.add_argument("--top-k", type=int, default=5)
+    if batch_size is not None:
+        per = ", per process" if per_process else ""
+        parser.add_argument("--batch-size", type=int, default=batch_size, help=f"images per forward pass{per}")
+    if per_process:
+        parser.add_argument("--workers", type=int, default=4, help="data-loading processes per rank (0: in-process)")
+        parser.add_argument("--compile", action="store_true", help="torch.compile the model (tens of seconds once)")
 
 
 def add_progress_options(parser: argparse.ArgumentParser) -> None:
@@ -25,9 +71,34 @@ def add_progress_options(parser: argparse.ArgumentParser) -> None:
     progress.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-def model_from_args(args: argparse.Namespace, **kwargs: Any) -> ResNet:
-    """The model that :func:`add_model_options`' options name."""
-    pretrained = not getattr(args, "random_weights", False)
+def check_options(args: argparse.Namespace) -> str | None:
+    """What is wrong with the numbers given, if anything (for ``parser.error``)."""
+    if getattr(args, "batch_size", 1) < 1 or getattr(args, "top_k", 1) < 1:
+        return "--batch-size and --top-k must be at least 1"
+    if getattr(args, "workers", 0) < 0:
+        return f"--workers must be at least 0, got {args.workers}"
+    return None
+
+
+def precision_from_args(args: argparse.Namespace) -> str:
+    """``fp32`` for ``--exact`` (and for ``--no-amp`` on CUDA), else ``auto``."""
+    if args.exact or (getattr(args, "no_amp", False) and resolve_device(args.device).type == "cuda"):
+        return "fp32"
+    return "auto"
+
+
+def model_from_args(args: argparse.Namespace, *, ctx: DistContext | None = None, **kwargs: Any) -> ResNet:
+    """The model that :func:`add_model_options`' options name.
+
+    With ``ctx`` (several processes), rank 0 fetches the weights first and the others then read the cache.
+    """
+    if ctx is not None:
+        with ctx.main_first():
+            return model_from_args(args, progress=ctx.is_main, **kwargs)
     return build_model(
-        args.model, pretrained=pretrained, pretrained_from_file=args.checkpoint, weights=args.weights, **kwargs
+        architecture_of(args.model),
+        pretrained=not getattr(args, "random_weights", False),
+        pretrained_from_file=args.checkpoint,
+        weights=args.weights,
+        **kwargs,
     )

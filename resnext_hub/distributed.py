@@ -8,6 +8,7 @@ is a no-op, so the same code runs under ``python -m`` and under ``torchrun``.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -20,7 +21,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .inference import resolve_device
+from .engine import resolve_device
+
+log = logging.getLogger(__name__)
 
 # Ranks wait for each other only at the start and the end; a slow rank may trail by a while.
 DEFAULT_TIMEOUT = timedelta(minutes=30)
@@ -141,6 +144,20 @@ def current_context(device: torch.device) -> DistContext:
             dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0), device, dist.get_backend()
         )
     return DistContext(device=device)
+
+
+def quiet_unless_main(ctx: DistContext) -> None:
+    """Only rank 0 logs progress messages; the others keep warnings and errors."""
+    if not ctx.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+
+
+def agreed_precision(ctx: DistContext, precision: str) -> str:
+    """The precision every rank runs in, or ``"fp32+bf16"`` (say) and a warning when they differ."""
+    chosen = sorted(set(ctx.all_gather_object(precision)))
+    if len(chosen) > 1:  # e.g. mixed hardware: results would then depend on which rank got an image
+        log.warning("the ranks run in different precisions %s; pass --exact to run all in fp32", chosen)
+    return "+".join(chosen)
 
 
 def shutdown_distributed(ctx: DistContext) -> None:

@@ -1,6 +1,6 @@
-"""Exit statuses of every command (the CLI's subcommands and the maintainer tools)."""
+"""Exit statuses of every command: the one place they are defined."""
 
 OK = 0
-SOME_FAILED = 1  # the run finished, but some inputs failed (or a check found a difference)
-USAGE = 2  # bad arguments or unusable input: nothing was done
+SOME_FAILED = 1  # the run finished, but some inputs (or the whole job) failed
+USAGE = 2  # bad options, inputs or environment: nothing (more) was done
 INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)

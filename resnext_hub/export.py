@@ -6,17 +6,15 @@ passes is moved to its final name. Tolerance: ``max |exported - eager| <= tol * 
 on the logits (the scale term keeps the bound meaningful for large logits), with ``tol`` 1e-4 for
 fp32 and 2e-2 for fp16, and the top-1 class must agree.
 
-``python -m resnext_hub export --help`` for the command line.
+``python -m resnext_hub export --help`` for the command line (:mod:`resnext_hub.commands.export`).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -29,7 +27,6 @@ import torch
 from torch import nn
 
 from . import triton as triton_config
-from .arguments import add_model_options, model_from_args
 from .models import ResNet
 from .models.meta import Described
 
@@ -338,55 +335,3 @@ def export_triton(
         shutil.rmtree(staging.parent, ignore_errors=True)
     log.info("Triton model %s written and validated", final)
     return ExportResult("triton", final, result.dtype, size, result.checks)
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    try:
-        result = _run_export(args)
-    except (ExportError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(result.summary())
-    return 0
-
-
-def _run_export(args: argparse.Namespace) -> ExportResult:
-    if args.fp16 and args.format == "torchscript":
-        raise ValueError("--fp16 applies to ONNX and Triton exports; TorchScript is exported in fp32")
-    model = model_from_args(args)
-    if args.format == "onnx":
-        return export_onnx(model, args.output, image_size=args.image_size, fp16=args.fp16, opset=args.opset)
-    if args.format == "torchscript":
-        return export_torchscript(model, args.output, image_size=args.image_size)
-    options = ("name", "image_size", "fp16", "opset", "max_batch_size", "preferred_batch_sizes", "queue_delay_us")
-    options += ("instance_kind", "instance_count", "accelerator", "overwrite")
-    return export_triton(model, args.output, **{option: getattr(args, option) for option in options})
-
-
-def register(commands: argparse._SubParsersAction) -> None:
-    """Add the ``export`` subcommand."""
-    parser = commands.add_parser(
-        "export",
-        help="export a model to ONNX, TorchScript or a Triton model repository (verified)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_model_options(parser, random_weights=True)
-    parser.add_argument("--format", choices=FORMATS, default="triton")
-    parser.add_argument(
-        "--output", "-o", required=True, help="file (onnx, torchscript) or model repository folder (triton)"
-    )
-    parser.add_argument("--image-size", type=int, help="input height = width (default: the weights' crop size)")
-    parser.add_argument("--fp16", action="store_true", help="compute in fp16 inside the ONNX graph (for GPUs)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
-    triton = parser.add_argument_group("triton")
-    triton.add_argument("--name", help="model name in the repository (default: the architecture)")
-    triton.add_argument("--max-batch-size", type=int, default=32)
-    sizes = triton_config.parse_batch_sizes
-    triton.add_argument("--preferred-batch-sizes", type=sizes, default=[8, 16], help="e.g. 8,16")
-    triton.add_argument("--queue-delay-us", type=int, default=2000, help="dynamic batcher's max queue delay")
-    triton.add_argument("--instance-kind", choices=triton_config.INSTANCE_KINDS, help="default: Triton decides")
-    triton.add_argument("--instance-count", type=int, default=1)
-    triton.add_argument("--accelerator", choices=triton_config.ACCELERATORS, help="ONNX Runtime's TensorRT provider")
-    triton.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
-    parser.set_defaults(func=cmd_export)

@@ -14,28 +14,19 @@ shared ``libpython`` of this interpreter's version. :func:`check_interpreter` ch
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import platform
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .arguments import add_model_options, model_from_args
-from .inference import Classifier
-from .processing import InvalidImageError, load_image
-from .triton import parse_batch_sizes
-
-log = logging.getLogger(__name__)
+from .engine import Engine
+from .processing import Prediction
 
 PROBE_TIMEOUT_S = 30
 # Triton's admin endpoints (statistics, model repository, logging, ...) need this token; PyTriton makes a
@@ -132,51 +123,41 @@ def check_interpreter(python_version: str | None = None) -> Path:
     return library
 
 
-def _ranked(classifier: Classifier, batch: torch.Tensor, k: int) -> dict[str, np.ndarray]:
-    rows = classifier.predict_tensor(batch, k)
-    return {
-        "labels": np.array([[p.label.encode() for p in row] for row in rows], dtype=object).reshape(-1, k),
-        "probabilities": np.array([[p.probability for p in row] for row in rows], dtype=np.float32).reshape(-1, k),
-        "indices": np.array([[p.index for p in row] for row in rows], dtype=np.int64).reshape(-1, k),
+def _arrays(rows: Sequence[list[Prediction] | None], k: int) -> dict[str, np.ndarray]:
+    """Top-k rows as the served outputs; a missing row (an unusable image) stays empty: b"", 0, -1."""
+    out = {
+        "labels": np.full((len(rows), k), b"", dtype=object),
+        "probabilities": np.zeros((len(rows), k), np.float32),
+        "indices": np.full((len(rows), k), -1, np.int64),
     }
+    for i, row in enumerate(rows):
+        for j, prediction in enumerate(row or []):
+            out["labels"][i, j] = prediction.label.encode()
+            out["probabilities"][i, j] = prediction.probability
+            out["indices"][i, j] = prediction.index
+    return out
 
 
 def make_infer_functions(
-    classifier: Classifier, k: int = 5
+    engine: Engine, k: int = 5
 ) -> tuple[Callable[..., dict[str, np.ndarray]], Callable[..., dict[str, np.ndarray]]]:
     """The two batched functions served: ``(input=...)`` and ``(image=...)`` -> top-k arrays."""
 
     def infer_tensor(input: np.ndarray) -> dict[str, np.ndarray]:  # noqa: A002 (the served tensor's name)
-        return _ranked(classifier, torch.from_numpy(np.ascontiguousarray(input, dtype=np.float32)), k)
+        return _arrays(engine.top_k(torch.from_numpy(np.ascontiguousarray(input, dtype=np.float32)), k), k)
 
     def infer_image(image: np.ndarray) -> dict[str, np.ndarray]:
-        tensors, errors = [], []
-        for item in image.reshape(len(image), -1)[:, 0]:
-            try:
-                tensors.append(classifier.transform(load_image(bytes(item))))
-                errors.append(b"")
-            except InvalidImageError as error:
-                tensors.append(None)
-                errors.append(error.reason.encode())
-        good = [t for t in tensors if t is not None]
-        ranked = _ranked(classifier, torch.stack(good), k) if good else None
-        out = {
-            "labels": np.full((len(tensors), k), b"", dtype=object),
-            "probabilities": np.zeros((len(tensors), k), np.float32),
-            "indices": np.full((len(tensors), k), -1, np.int64),
-            "error": np.array(errors, dtype=object).reshape(-1, 1),
-        }
-        rows = [i for i, t in enumerate(tensors) if t is not None]
-        if ranked is not None:
-            for name in ("labels", "probabilities", "indices"):
-                out[name][rows] = ranked[name]
+        encoded = [bytes(item) for item in image.reshape(len(image), -1)[:, 0]]
+        results = list(engine.classify(encoded, batch_size=max(1, len(encoded)), k=k))
+        out = _arrays([result.predictions for result in results], k)
+        out["error"] = np.array([(result.error or "").encode() for result in results], dtype=object).reshape(-1, 1)
         return out
 
     return infer_tensor, infer_image
 
 
 def build_server(
-    classifier: Classifier,
+    engine: Engine,
     *,
     name: str,
     host: str = "127.0.0.1",
@@ -199,7 +180,7 @@ def build_server(
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
-    size = classifier.model.preprocessing.crop_size
+    size = engine.preprocessing.crop_size
     config = TritonConfig(
         http_address=host,
         http_port=http_port,
@@ -223,7 +204,7 @@ def build_server(
         Tensor(name="probabilities", dtype=np.float32, shape=(top_k,)),
         Tensor(name="indices", dtype=np.int64, shape=(top_k,)),
     ]
-    infer_tensor, infer_image = make_infer_functions(classifier, top_k)
+    infer_tensor, infer_image = make_infer_functions(engine, top_k)
     security = TritonSecurityConfig(access_token=access_token)
     triton = Triton(config=config, workspace=workspace, security_config=security)
     triton.bind(
@@ -243,69 +224,3 @@ def build_server(
         strict=True,
     )
     return triton
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # PyTriton's serve() stops cleanly on it
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        library = check_interpreter()
-    except ServeUnavailableError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    if args.check:
-        print(f"PyTriton can serve with this interpreter: Python {platform.python_version()}, {library}")
-        return 0
-    model = model_from_args(args)
-    classifier = Classifier(model, device=args.device, amp=not args.no_amp, exact=args.exact)
-    scratch = Path(tempfile.mkdtemp(prefix="resnext-hub-triton-"))
-    try:
-        triton = build_server(
-            classifier,
-            name=args.name or args.model,
-            host=args.host,
-            http_port=args.http_port,
-            grpc_port=args.grpc_port,
-            metrics_port=None if args.metrics_port == 0 else args.metrics_port,
-            max_batch_size=args.max_batch_size,
-            preferred_batch_sizes=args.preferred_batch_sizes,
-            queue_delay_us=args.queue_delay_us,
-            top_k=args.top_k,
-            workspace=scratch / "workspace",
-            access_token=os.environ.get(TOKEN_ENV) or None,
-        )
-        # Both stop the server cleanly; SIGINT explicitly too, since a shell's background job inherits it ignored.
-        signal.signal(signal.SIGTERM, _interrupt)
-        signal.signal(signal.SIGINT, _interrupt)
-        log.info("serving %s: HTTP %s:%d, gRPC %s:%d", args.model, args.host, args.http_port, args.host, args.grpc_port)
-        triton.serve()  # blocks until SIGINT/SIGTERM, then stops the server
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return 0
-
-
-def register(commands: argparse._SubParsersAction) -> None:
-    """Add the ``serve`` subcommand."""
-    parser = commands.add_parser(
-        "serve",
-        help="serve a model with Triton Inference Server (PyTriton): HTTP + gRPC, dynamic batching",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_model_options(parser, random_weights=True)
-    parser.add_argument("--name", help="model name on the server (default: the architecture); images: <name>_image")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics; 0 turns them off")
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--preferred-batch-sizes", type=parse_batch_sizes, default=[8, 16], help="e.g. 8,16")
-    parser.add_argument("--queue-delay-us", type=int, default=2000, help="how long a request may wait for a batch")
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--no-amp", action="store_true", help="on CUDA, run in fp32 instead of fp16 autocast")
-    parser.add_argument("--exact", action="store_true", help="exact fp32 (default: the fastest faithful precision)")
-    parser.add_argument("--check", action="store_true", help="only check that PyTriton works with this Python")
-    parser.set_defaults(func=cmd_serve)

@@ -1,10 +1,11 @@
 """resnext-hub web demo: classify a photo with any served model, in the browser.
 
-Runs locally (``python space/app.py``, then open http://127.0.0.1:7860) and as a Hugging Face
-Space unchanged (``python space/bundle.py DIR`` lays out the Space). Built for the public
-internet: uploads are size-capped, the queue is bounded, one inference runs at a time per
-model pool, each request has a time limit, URLs are fetched only from public addresses
-(``processing.fetch``), and visitors see a short message for every failure, never a traceback.
+Runs locally (``python -m space.app`` from the repo root, then open http://127.0.0.1:7860) and as
+a Hugging Face Space unchanged (``python space/bundle.py DIR`` lays out the Space, whose root
+``app.py`` runs this module). Built for the public internet: uploads are size-capped, the queue is
+bounded, one inference runs at a time per model pool, each request has a time limit, URLs are
+fetched only from public addresses (``processing.fetch``), and visitors see a short message for every
+failure, never a traceback.
 
 Settings (environment): ``RESNEXT_HUB_SPACE_DEFAULT_MODEL`` (hub entry shown first),
 ``RESNEXT_HUB_SPACE_PRECISION`` (``auto``/``fp32``/``bf16``, for ``optimize_for_inference``),
@@ -17,7 +18,6 @@ import argparse
 import logging
 import os
 import re
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,19 +27,18 @@ from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a demo server
 
-HERE = Path(__file__).resolve().parent
-# In the repo the Space folder sits beside hubconf.py; in a bundled Space, hubconf.py is beside app.py.
-REPO = HERE if (HERE / "hubconf.py").is_file() else HERE.parent
-for _path in (str(HERE), str(REPO)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
-from serving import ModelCache, ModelLoadError, ModelNotReadyError, Served, hub_entries  # noqa: E402
 
 from resnext_hub import processing  # noqa: E402
+from resnext_hub.models import list_models  # noqa: E402
+from resnext_hub.models.optimize import PRECISIONS  # noqa: E402
 from resnext_hub.processing.fetch import FetchError, URLRefusedError, is_public_address  # noqa: E402
+
+from .serving import PRECISION_ENV, ModelCache, ModelLoadError, ModelNotReadyError, Served  # noqa: E402
+
+# The repository (or the bundled Space's root): hubconf.py and the sample photos are there.
+REPO = Path(__file__).resolve().parent.parent
 
 log = logging.getLogger("resnext_hub.space")
 
@@ -75,12 +74,15 @@ class Demo:
     """The app's state (model cache, worker pool) and its request handlers."""
 
     def __init__(self, default_model: str | None = None, precision: str | None = None) -> None:
-        self.entries = hub_entries(REPO)
+        self.entries = list_models()
         wanted = default_model or os.environ.get(DEFAULT_MODEL_ENV) or DEFAULT_MODEL
         if wanted not in self.entries:
             raise SystemExit(f"{DEFAULT_MODEL_ENV}={wanted!r} is not a served model; expected one of {self.entries}")
+        precision = precision or os.environ.get(PRECISION_ENV) or "auto"
+        if precision not in PRECISIONS:
+            raise SystemExit(f"{PRECISION_ENV}={precision!r} is not a precision; expected one of {PRECISIONS}")
         self.default_model = wanted
-        self.models = ModelCache(REPO, self.entries, processing, precision)
+        self.models = ModelCache(REPO, self.entries, precision)
         # At most CONCURRENCY requests decode and infer at once; Gradio's bounded queue holds the rest.
         self.workers = ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="classify")
         # Which resolved addresses a visitor's URL may reach: public ones only (tests swap in loopback).
@@ -160,8 +162,7 @@ class Demo:
                 raise _Refused("Could not fetch the image", _short(message)) from None
             reason = re.sub(r" \(first bytes .*\)$", "", error.reason)
             raise _Refused("Not a usable image", _short(f"That file is not a usable image: {reason}.")) from None
-        batch = served.transform(image)[None]
-        ranked = self.models.predict(served, batch)
+        ranked = served.top5(image)
         shown = image.copy()
         shown.thumbnail((512, 512))
         return shown, ranked

@@ -1,10 +1,11 @@
 """Lay out a Hugging Face Space from this repository: ``python space/bundle.py DIR``.
 
-A Space runs ``app.py`` from the root of its own git repository, so the demo and the hub code it
-loads (``hubconf.py``, ``models/``, ``processing/``, ``resnext_hub/``, the manifest and the sample
-photos) are copied side by side into ``DIR``. ``app.py`` finds ``hubconf.py`` beside itself there,
-and one folder up in this repository, so the same file runs in both places. Commit ``DIR`` to the
-Space's repository and push.
+A Space runs ``app.py`` from the root of its own git repository. The bundle mirrors this
+repository's layout: the ``space`` package, and the hub code it loads (``hubconf.py``,
+``models/``, ``processing/``, ``resnext_hub/``, the manifest and the sample photos), side by side
+in ``DIR``; the Space's root ``app.py`` only runs ``space.app``, exactly as ``python -m space.app``
+does here. The Space's README (its settings) and requirements go to the root too. Commit ``DIR``
+to the Space's repository and push.
 """
 
 from __future__ import annotations
@@ -16,9 +17,19 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-SPACE_FILES = ("app.py", "serving.py", "requirements.txt", "README.md")
+# The Space reads these at its root.
+SPACE_ROOT_FILES = ("requirements.txt", "README.md")
+# Maintainer tools in this folder that the Space does not run.
+TOOLS = ("bundle.py", "measure_latency.py")
 REPO_PATHS = ("hubconf.py", "weights_manifest.json", "models", "processing", "resnext_hub", "assets/images")
-_SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
+ROOT_APP = '''"""The Space's entry point: the demo is the ``space`` package beside this file."""
+
+from space.app import main
+
+if __name__ == "__main__":
+    main()
+'''
+_SKIP = ("__pycache__", "*.pyc", ".*")
 
 
 def bundle(dest: Path) -> list[Path]:
@@ -26,14 +37,17 @@ def bundle(dest: Path) -> list[Path]:
     if dest.exists() and any(p.name != ".git" for p in dest.iterdir()):
         raise SystemExit(f"{dest} is not empty; give a new folder or a fresh clone of the Space's repository")
     dest.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name in SPACE_FILES:
+    (dest / "app.py").write_text(ROOT_APP, encoding="utf-8")
+    written = [dest / "app.py"]
+    for name in SPACE_ROOT_FILES:
         written.append(Path(shutil.copy2(HERE / name, dest / name)))
+    package = shutil.ignore_patterns(*_SKIP, *SPACE_ROOT_FILES, *TOOLS)
+    written.append(Path(shutil.copytree(HERE, dest / "space", ignore=package)))
     for relative in REPO_PATHS:
         source, target = REPO / relative, dest / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         if source.is_dir():
-            shutil.copytree(source, target, ignore=_SKIP)
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns(*_SKIP))
         else:
             shutil.copy2(source, target)
         written.append(target)

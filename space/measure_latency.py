@@ -2,7 +2,7 @@
 
     python space/measure_latency.py --model nvidia_se_resnext101_32x4d --mirror DIR [--precision auto]
 
-Starts ``space/app.py`` on a free 127.0.0.1 port with weights from ``DIR`` (see
+Starts the demo (``python -m space.app``) on a free 127.0.0.1 port with weights from ``DIR`` (see
 ``RESNEXT_HUB_WEIGHTS_MIRROR``), uploads each sample photo ``--rounds`` times after one warm-up
 request, and prints each latency (click to the five rows of the answer on the page) and the median.
 """
@@ -21,7 +21,8 @@ import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-IMAGES = HERE.parent / "assets" / "images"
+REPO = HERE.parent
+IMAGES = REPO / "assets" / "images"
 FIVE_ROWS = "document.querySelectorAll('#top5 button.confidence-set').length === 5"
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -75,10 +76,11 @@ def main() -> int:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "RESNEXT_HUB_SPACE_DEFAULT_MODEL": args.model, "RESNEXT_HUB_SPACE_PRECISION": args.precision}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))  # finds the space package
     if args.mirror:
         env["RESNEXT_HUB_WEIGHTS_MIRROR"] = args.mirror
     with tempfile.TemporaryDirectory() as work:
-        command = [sys.executable, str(HERE / "app.py"), "--host", "127.0.0.1", "--port", str(port)]
+        command = [sys.executable, "-m", "space.app", "--host", "127.0.0.1", "--port", str(port)]
         process = subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             url = f"http://127.0.0.1:{port}"

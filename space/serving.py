@@ -1,7 +1,7 @@
-"""What the demo serves: models loaded through torch.hub, cached, warmed up, and their cards.
+"""What the demo serves: models loaded through torch.hub and run by the inference engine, cached, and their cards.
 
 Models are loaded exactly as users load them, ``torch.hub.load(<repo>, <entry>, source="local")``,
-then turned into the fast inference copy where the model offers ``optimize_for_inference``.
+and run by :class:`resnext_hub.engine.Engine` (the fast path, ``optimize_for_inference``).
 Loads run one at a time in a background thread (a 101-layer model from the network can take
 minutes); a request waits a bounded time for its model, then gets a "still loading" message.
 """
@@ -16,14 +16,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
+from PIL import Image
+
+from resnext_hub.engine import Engine
+from resnext_hub.models import MIRROR_ENV, ResNet
+from resnext_hub.processing import Prediction
 
 log = logging.getLogger("resnext_hub.space")
 
-# hub entry points that are not a distinct model: the processing utilities, and an alias.
-NOT_MODELS = frozenset({"nvidia_convnets_processing_utils", "nvidia_resneXt"})
 PRECISION_ENV = "RESNEXT_HUB_SPACE_PRECISION"
 
 
@@ -35,72 +37,53 @@ class ModelLoadError(RuntimeError):
     """The model could not be loaded (weights unavailable or invalid); details are in the server log."""
 
 
-def hub_entries(repo: Path) -> list[str]:
-    """The model entry points of ``hubconf.py`` (torch.hub.list has no local source)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_resnext_hub_space_hubconf", repo / "hubconf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    names = getattr(module, "__all__", [n for n in dir(module) if not n.startswith("_")])
-    return [n for n in names if callable(getattr(module, n, None)) and n not in NOT_MODELS]
-
-
 @dataclass
 class Served:
     """One loaded model, ready for requests."""
 
     entry: str
-    model: torch.nn.Module
-    transform: Any
-    device: torch.device
-    precision: str
+    engine: Engine
     card: str
-    load_s: float
+    load_s: float = 0.0
+
+    def top5(self, image: Image.Image) -> list[Prediction]:
+        """The five best classes of a decoded RGB image."""
+        return self.engine.predict_images([image], 5)[0]
 
 
 def _percent(value: float | None) -> str:
     return "–" if value is None else f"{value:g}%"
 
 
-def model_card(entry: str, model: torch.nn.Module, precision: str, device: torch.device) -> str:
+def model_card(entry: str, model: ResNet, engine: Engine, precision: str) -> str:
     """Markdown card: parameters, published accuracy, license, weights source, preprocessing, inference path."""
-    record = getattr(model, "weights_record", None)
+    record = model.weights_record
     params = sum(p.numel() for p in model.parameters())
-    lines = [f"### `{entry}`", "", f"- **Architecture:** {getattr(model, 'architecture', '?')}, {params:,} parameters"]
+    lines = [f"### `{entry}`", "", f"- **Architecture:** {model.architecture}, {params:,} parameters"]
     if record is not None:
         for key, metric in record.metrics.items():
             accuracy = f"top-1 {_percent(metric.get('top1'))}, top-5 {_percent(metric.get('top5'))}"
             lines.append(f"- **Published accuracy, {key}:** {accuracy} ({metric.get('source', '')})")
-        lines.append(f"- **License:** {record.license}")
-        mirror = "; read here from `RESNEXT_HUB_WEIGHTS_MIRROR`" if _mirror_set() else ""
+        lines.append(f"- **Publisher:** {record.publisher}; **license:** {record.license}")
+        mirror = f"; read here from `{MIRROR_ENV}`" if os.environ.get(MIRROR_ENV) else ""
         lines.append(f"- **Weights:** `{record.name}`, [{record.file_name}]({record.url}){mirror}")
         lines.append(f"- **Provenance:** {record.provenance}")
     else:
         lines.append("- **Weights:** none recorded (random or local file)")
-    spec = getattr(model, "preprocessing", None)
-    if spec is not None:
-        lines.append(
-            f"- **Preprocessing:** resize {spec.resize_size} ({spec.interpolation}), center crop {spec.crop_size}, "
-            "ImageNet mean/std"
-        )
-    lines.append(f"- **Inference:** {precision} on {device.type}")
+    lines.append(f"- **Preprocessing:** {model.preprocessing.describe()}")
+    lines.append(
+        f"- **Inference:** optimize_for_inference(precision={precision!r}) → {engine.precision} on {engine.device.type}"
+    )
     return "\n".join(lines)
-
-
-def _mirror_set() -> bool:
-    return bool(os.environ.get("RESNEXT_HUB_WEIGHTS_MIRROR"))
 
 
 class ModelCache:
     """Loads each hub entry once (in the background), keeps it, and hands it to requests."""
 
-    def __init__(self, repo: Path, entries: list[str], processing: Any, precision: str | None = None) -> None:
+    def __init__(self, repo: Path, entries: list[str], precision: str = "auto") -> None:
         self.repo = repo
         self.entries = entries
-        self.processing = processing
-        self.precision = precision or os.environ.get(PRECISION_ENV, "auto")
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.precision = precision
         self._futures: dict[str, Future] = {}
         self._lock = threading.Lock()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
@@ -129,26 +112,11 @@ class ModelCache:
     def _load(self, entry: str) -> Served:
         started = time.perf_counter()
         model = torch.hub.load(str(self.repo), entry, source="local", trust_repo=True, verbose=False)
-        model = model.eval().to(self.device)
-        transform = model.preprocessing
-        fast, how = model, "plain eager fp32"
-        optimize = getattr(model, "optimize_for_inference", None)
-        if optimize is not None:
-            try:
-                fast = optimize(precision=self.precision)
-                how = f"optimize_for_inference(precision={self.precision!r}) → {getattr(fast, 'precision', '?')}"
-            except Exception:  # the plain model still gives the right answers, only slower
-                log.exception("optimize_for_inference failed for %s; serving the plain model", entry)
+        engine = Engine(model, precision=self.precision)
         # The card describes the published model (its parameters), not the inference copy.
-        served = Served(entry, fast, transform, self.device, how, model_card(entry, model, how, self.device), 0.0)
-        crop = getattr(getattr(model, "preprocessing", None), "crop_size", 224)
-        self.predict(served, torch.zeros(1, 3, crop, crop))  # warm-up: first calls pay for allocations
+        served = Served(entry, engine, model_card(entry, model, engine, self.precision))
+        crop = engine.preprocessing.crop_size
+        engine.top_k(torch.zeros(1, 3, crop, crop))  # warm-up: first calls pay for allocations
         served.load_s = time.perf_counter() - started
-        log.info("loaded %s in %.1f s (%s)", entry, served.load_s, how)
+        log.info("loaded %s in %.1f s (%s)", entry, served.load_s, engine.precision)
         return served
-
-    @torch.inference_mode()
-    def predict(self, served: Served, batch: torch.Tensor, k: int = 5) -> list:
-        """Top-``k`` predictions (``processing.Prediction``) of the first image of ``batch``."""
-        logits = served.model(batch.to(served.device))
-        return self.processing.top_k(logits.float(), k, logits=True)[0]

@@ -19,7 +19,7 @@ from conftest import IMAGES
 
 from resnext_hub import processing
 from resnext_hub.cli import main as cli_main
-from resnext_hub.inference import Classifier
+from resnext_hub.engine import Engine
 from resnext_hub.models import VARIANTS, ResNet, build_model
 from tools.fake_checkpoints import random_state_dict
 
@@ -201,13 +201,13 @@ def test_classifier_uses_the_fast_path_and_exact_fp32_on_request(tmp_path, capsy
     checkpoint = tmp_path / "small.pth"
     torch.save(state_of(SMALL), checkpoint)
     model = build_model(SMALL, pretrained_from_file=checkpoint)
-    fast = Classifier(model, device="cpu")
-    exact = Classifier(model, device="cpu", exact=True)
+    fast = Engine(model, device="cpu")
+    exact = Engine(model, device="cpu", precision="fp32")
     assert fast.precision == model.optimize_for_inference().precision and exact.precision == "fp32"
     batch = processing.prepare_batch(PHOTOS, preprocessing=model)
     with torch.inference_mode():
         want = processing.top_k(model(batch), 5, logits=True)
-    got = exact.predict_tensor(batch, 5)
+    got = exact.top_k(batch, 5)
     assert [[p.index for p in row] for row in got] == [[p.index for p in row] for row in want]
     code = cli_main(["classify", str(PHOTOS[0]), "--model", SMALL, "--checkpoint", str(checkpoint)]
                     + ["--exact", "--format", "json", "--no-progress", "--device", "cpu"])  # fmt: skip

@@ -22,8 +22,9 @@ from conftest import RGB_PHOTOS, ROOT
 from PIL import Image
 
 from resnext_hub.cli import main
+from resnext_hub.data import find_samples
 from resnext_hub.distributed import shard_batches
-from resnext_hub.evaluate import evaluate, find_samples
+from resnext_hub.evaluate import evaluate
 from resnext_hub.models import build_model
 from resnext_hub.processing import imagenet_wnids, load_image
 
@@ -140,14 +141,6 @@ def test_shards_cover_every_index_once_in_the_same_batches():
                 indices = sorted(i for shard in shards for batch in shard for i in batch)
                 assert indices == list(range(count))
                 assert sorted(batch for shard in shards for batch in shard) == sorted(alone)
-
-
-def test_folders_map_to_wordnet_ids_not_sort_order(tmp_path):
-    wnids = imagenet_wnids()
-    for wnid in (wnids[999], wnids[0], wnids[500]):
-        (tmp_path / wnid).mkdir()
-        Image.new("RGB", (8, 8)).save(tmp_path / wnid / "a.png")
-    assert sorted(target for _, target in find_samples(tmp_path)) == [0, 500, 999]
 
 
 def test_a_folder_that_is_not_an_imagenet_class_is_refused(tmp_path, capsys):

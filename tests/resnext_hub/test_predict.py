@@ -20,7 +20,8 @@ import pytest
 from test_evaluate import ARCH, BROKEN, cli_command, cli_env, photo_variants, run_cli, write_checkpoint
 
 from resnext_hub.cli import main
-from resnext_hub.predict import _merge, collect_inputs, load_done, parts_dir, read_records, write_records
+from resnext_hub.data import collect_inputs
+from resnext_hub.predict import _merge, load_done, parts_dir, read_records, write_records
 
 HELD_FROM = 8  # the server holds back the inputs from this index on
 
@@ -79,9 +80,11 @@ def test_one_process_classifies_every_input_once_in_order(photos):
     [bad] = [r for r in records if "error" in r]
     assert bad["input"].endswith("broken.jpg") and "broken.jpg: ERROR" in run.stderr
     for record in (r for r in records if "error" not in r):
-        assert len(record["indices"]) == len(record["labels"]) == len(record["probabilities"]) == 5
-        assert record["probabilities"] == sorted(record["probabilities"], reverse=True)
-        assert record["wnids"][0].startswith("n") and record["labels"][0]
+        predictions = record["predictions"]  # classify --format json's record
+        assert len(predictions) == 5 and {"index", "wnid", "label", "probability"} <= set(predictions[0])
+        probabilities = [p["probability"] for p in predictions]
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert predictions[0]["wnid"].startswith("n") and predictions[0]["label"]
 
 
 def test_torchrun_two_processes_write_exactly_the_one_process_output(photos):
@@ -141,14 +144,14 @@ def test_records_survive_csv_and_a_cut_off_part_line(tmp_path):
     records = [
         {
             "input": "a, b.jpg",
-            "indices": [3, 1],
-            "wnids": ["n1", "n2"],
-            "labels": ['x, "y"', "z"],
-            "probabilities": [0.5, 0.25],
+            "predictions": [
+                {"index": 3, "wnid": "n1", "label": 'x, "y"', "probability": 0.5},
+                {"index": 1, "wnid": None, "label": "z", "probability": 0.25},
+            ],
         },
         {"input": "bad.jpg", "error": "not an image"},
     ]
-    write_records(records, tmp_path / "out.csv", "csv", 2)
+    write_records(records, tmp_path / "out.csv", "csv")
     assert read_records(tmp_path / "out.csv", "csv") == records
     parts = parts_dir(tmp_path / "out.jsonl")
     parts.mkdir()
@@ -165,11 +168,6 @@ def test_an_input_without_a_result_is_reported_and_its_parts_kept(tmp_path):
     assert summary["missing"] == ["b.jpg"] and summary["failed"] == 1 and summary["classified"] == 0
     assert read_records(output, "jsonl") == [{"input": "a.jpg", "error": "x"}]
     assert (parts_dir(output) / "1-rank00000.jsonl").exists()
-
-
-def test_list_files_skip_comments_and_repeats(tmp_path):
-    (tmp_path / "list.txt").write_text("# header\nb.jpg\n\n  a.jpg  \nb.jpg\nhttp://127.0.0.1:1/c.jpg\n")
-    assert collect_inputs([], [str(tmp_path / "list.txt")]) == ["b.jpg", "a.jpg", "http://127.0.0.1:1/c.jpg"]
 
 
 def test_resuming_with_another_top_k_is_refused(photos, capsys):

@@ -20,7 +20,7 @@ from conftest import RGB_PHOTOS, ROOT
 from tritonclient.utils import InferenceServerException
 
 from resnext_hub import cli
-from resnext_hub.inference import Classifier
+from resnext_hub.engine import Engine
 from resnext_hub.models import build_model
 from resnext_hub.processing import InvalidImageError, load_image
 from resnext_hub.serve import TOKEN_ENV, ServeUnavailableError, check_interpreter
@@ -94,7 +94,7 @@ def checkpoint(small_checkpoint):
 
 @pytest.fixture(scope="module")
 def classifier(checkpoint):
-    return Classifier(build_model(ARCH, pretrained_from_file=checkpoint), device="cpu", exact=True)
+    return Engine(build_model(ARCH, pretrained_from_file=checkpoint), device="cpu", precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_concurrent_http_and_grpc_requests_match_local_inference_and_are_batched
 
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(send, range(len(inputs))))
-    expected = classifier.predict_tensor(torch.from_numpy(inputs), TOP_K)
+    expected = classifier.top_k(torch.from_numpy(inputs), TOP_K)
     for answer, local in zip(answers, expected):
         assert answer["indices"].tolist() == [p.index for p in local]
         assert [label.decode() for label in answer["labels"]] == [p.label for p in local]

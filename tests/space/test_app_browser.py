@@ -1,6 +1,6 @@
 """The web demo in a real browser: Debian's Chromium, headless, driven by Playwright.
 
-The app runs as users run it (``python space/app.py``) on 127.0.0.1, loading a small model
+The app runs as users run it (``python -m space.app``) on 127.0.0.1, loading a small model
 (seresnext26d_32x4d, random weights in timm's layout) from a mirror folder through torch.hub.
 The page's top-5 must equal the library's own answer for the same photo and weights.
 """
@@ -71,7 +71,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory, weights_file: Path):
-    """``python space/app.py`` on a free 127.0.0.1 port, offline, with the mirror's weights."""
+    """``python -m space.app`` on a free 127.0.0.1 port, offline, with the mirror's weights."""
     work = tmp_path_factory.mktemp("app")
     port = _free_port()
     env = {
@@ -83,10 +83,11 @@ def app_url(tmp_path_factory, weights_file: Path):
         "GRADIO_TEMP_DIR": str(work / "gradio"),
         "GRADIO_ANALYTICS_ENABLED": "False",
         "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(ROOT),  # the space package, run from another folder
     }
     log_path = work / "app.log"
     with open(log_path, "wb") as log:
-        command = [sys.executable, str(ROOT / "space" / "app.py"), "--host", "127.0.0.1", "--port", str(port)]
+        command = [sys.executable, "-m", "space.app", "--host", "127.0.0.1", "--port", str(port)]
         process = subprocess.Popen(command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -177,7 +178,7 @@ def test_page_shows_the_model_card(page) -> None:
     assert "top-1 77.592%, top-5 93.614%" in text
     assert "Apache-2.0" in text
     assert "seresnext26d_32x4d-80fa48a3.pth" in text
-    assert "resize 256 (bicubic), center crop 224" in text
+    assert "resize the shorter side to 256 (bicubic, antialiased), center-crop 224x224" in text  # the preset's own
 
 
 def test_uploaded_photo_gives_the_library_top5(page, library_model, tmp_path, capsys) -> None:

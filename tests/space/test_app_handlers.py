@@ -29,8 +29,7 @@ def app(tmp_path_factory):
         patch.setenv("RESNEXT_HUB_WEIGHTS_MIRROR", str(mirror))
         patch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
         patch.setenv("RESNEXT_HUB_SPACE_PRECISION", "fp32")
-        patch.syspath_prepend(str(SPACE))
-        import app
+        from space import app
 
         yield app
 
@@ -129,14 +128,24 @@ def test_duplicate_imagenet_names_stay_distinct(app) -> None:
 def test_the_space_bundle_runs_the_same_app(tmp_path) -> None:
     dest = tmp_path / "space"
     subprocess.run([sys.executable, str(SPACE / "bundle.py"), str(dest)], check=True, capture_output=True)
-    for name in ("app.py", "serving.py", "requirements.txt", "hubconf.py", "weights_manifest.json"):
+    space_files = ("app.py", "space/app.py", "space/serving.py", "requirements.txt")
+    for name in (*space_files, "hubconf.py", "weights_manifest.json"):
         assert (dest / name).is_file(), name
     assert (dest / "assets" / "images" / "chelsea.jpg").is_file()
     assert not list(dest.rglob("__pycache__"))
-    probe = "import app; print(app.REPO); print(len(app.sample_photos())); print(app.hub_entries(app.REPO))"
+    # The Space's root app.py runs the space package's app (here only as far as its --help).
+    probe = (
+        "import runpy, sys\n"
+        "sys.argv = ['app.py', '--help']\n"
+        "try:\n    runpy.run_path('app.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "from resnext_hub.models import list_models\n"
+        "from space import app\n"
+        "print(app.REPO); print(len(app.sample_photos())); print(list_models())\n"
+    )
     result = subprocess.run(
         [sys.executable, "-c", probe], cwd=dest, capture_output=True, text=True, timeout=120, check=True
     )
+    assert "resnext-hub web demo" in result.stdout  # the --help of space.app
     repo, samples, entries = result.stdout.strip().splitlines()[-3:]
     assert Path(repo) == dest.resolve() and samples == "5" and "nvidia_se_resnext101_32x4d" in entries
 

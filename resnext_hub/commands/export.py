@@ -1,0 +1,64 @@
+"""``export``: a model to ONNX, TorchScript or a Triton model repository, verified before it is done."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import exit_codes
+from .. import export as exporting
+from .. import triton as triton_config
+from ..arguments import add_model_options, model_from_args
+from ..export import DEFAULT_OPSET, FORMATS, ExportError, ExportResult, export_onnx, export_torchscript, export_triton
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = _export(args)
+    except (ExportError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return exit_codes.SOME_FAILED
+    print(result.summary())
+    return exit_codes.OK
+
+
+def _export(args: argparse.Namespace) -> ExportResult:
+    if args.fp16 and args.format == "torchscript":
+        raise ValueError("--fp16 applies to ONNX and Triton exports; TorchScript is exported in fp32")
+    model = model_from_args(args)
+    if args.format == "onnx":
+        return export_onnx(model, args.output, image_size=args.image_size, fp16=args.fp16, opset=args.opset)
+    if args.format == "torchscript":
+        return export_torchscript(model, args.output, image_size=args.image_size)
+    options = ("name", "image_size", "fp16", "opset", "max_batch_size", "preferred_batch_sizes", "queue_delay_us")
+    options += ("instance_kind", "instance_count", "accelerator", "overwrite")
+    return export_triton(model, args.output, **{option: getattr(args, option) for option in options})
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``export`` subcommand."""
+    parser = subparsers.add_parser(
+        "export",
+        help="export a model to ONNX, TorchScript or a Triton model repository (verified)",
+        description=exporting.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_options(parser, random_weights=True)
+    parser.add_argument("--format", choices=FORMATS, default="triton")
+    parser.add_argument(
+        "--output", "-o", required=True, help="file (onnx, torchscript) or model repository folder (triton)"
+    )
+    parser.add_argument("--image-size", type=int, help="input height = width (default: the weights' crop size)")
+    parser.add_argument("--fp16", action="store_true", help="compute in fp16 inside the ONNX graph (for GPUs)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
+    triton = parser.add_argument_group("triton")
+    triton.add_argument("--name", help="model name in the repository (default: the architecture)")
+    triton.add_argument("--max-batch-size", type=int, default=32)
+    sizes = triton_config.parse_batch_sizes
+    triton.add_argument("--preferred-batch-sizes", type=sizes, default=[8, 16], help="e.g. 8,16")
+    triton.add_argument("--queue-delay-us", type=int, default=2000, help="dynamic batcher's max queue delay")
+    triton.add_argument("--instance-kind", choices=triton_config.INSTANCE_KINDS, help="default: Triton decides")
+    triton.add_argument("--instance-count", type=int, default=1)
+    triton.add_argument("--accelerator", choices=triton_config.ACCELERATORS, help="ONNX Runtime's TensorRT provider")
+    triton.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    parser.set_defaults(func=run)

@@ -1,0 +1,138 @@
+"""The one inference engine: a model on its device and fast path, fed decoded batches, ranked with its class names.
+
+``classify``, ``predict``, ``evaluate``, ``serve`` (both Triton models) and the web demo all run
+their models through :class:`Engine`. Inputs are decoded by the hardened loader, in threads
+(:meth:`Engine.classify`) or DataLoader worker processes (:meth:`Engine.score`); an input that is
+not a usable image comes back as a :class:`~resnext_hub.results.Result` with its reason, never as
+an exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import torch
+from PIL import Image
+
+from .data import Batch, ImageListDataset, collate, make_loader
+from .models import ResNet
+from .processing import Prediction, top_k
+from .results import Result
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is an error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available; use --device cpu")
+    return resolved
+
+
+class Scored(NamedTuple):
+    """One batch run through the model."""
+
+    indices: list[int]  # of the rows of ``logits``
+    logits: torch.Tensor | None  # fp32, on the CPU; None when no input of the batch was usable
+    targets: torch.Tensor | None
+    failed: list[tuple[int, str]]  # (index, reason) of the unusable inputs
+
+
+class Engine:
+    """One model ready for inference: on ``device``, on its fast path, with its preset and class names.
+
+    The model runs through ``model.optimize_for_inference(precision)``: ``"auto"`` (bf16 on CPUs
+    with native bf16, fp16 on CUDA, else fp32; checked faithful) or an explicit ``"fp32"`` (exact),
+    ``"bf16"`` or ``"fp16"``. ``self.precision`` is what it runs in.
+    """
+
+    def __init__(
+        self, model: ResNet, *, device: str | torch.device = "auto", precision: str = "auto", compile: bool = False
+    ) -> None:
+        self.device = resolve_device(device)
+        self.model = model.eval().to(self.device).optimize_for_inference(precision=precision, compile=compile)
+        self.precision: str = self.model.precision
+        self.preprocessing = self.model.preprocessing
+        self.classes = self.model.classes
+
+    # -- tensors in -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """fp32 logits (on the CPU) of a batch of preprocessed images."""
+        return self.model(images.to(self.device, non_blocking=True)).float().cpu()
+
+    def top_k(self, images: torch.Tensor, k: int = 5) -> list[list[Prediction]]:
+        """The ``k`` best classes of each preprocessed image, named by the model's classes."""
+        return self.rank(self.logits(images), k)
+
+    def rank(self, logits: torch.Tensor, k: int = 5) -> list[list[Prediction]]:
+        """Logits -> the ``k`` best classes of each row."""
+        return top_k(logits, k, logits=True, labels=self.classes)
+
+    def predict_images(self, images: Sequence[Image.Image], k: int = 5) -> list[list[Prediction]]:
+        """The top-``k`` of decoded RGB images (the caller loaded them, e.g. with its own limits)."""
+        return self.top_k(torch.stack([self.preprocessing(image) for image in images]), k)
+
+    # -- inputs in (paths, URLs, encoded bytes) -----------------------------------------------------
+
+    def decoded(
+        self,
+        items: Sequence[str | bytes],
+        batches: Sequence[Sequence[int]],
+        *,
+        targets: Sequence[int] | None = None,
+        workers: int = 4,
+        threads: bool = False,
+    ) -> Iterator[Batch]:
+        """Decoded batches of ``items`` by index: in ``workers`` threads of this process, or DataLoader processes."""
+        dataset = ImageListDataset(items, self.preprocessing, targets)
+        if not threads:
+            yield from make_loader(dataset, batches, workers, self.device)
+            return
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for batch in batches:
+                yield collate(list(pool.map(dataset.__getitem__, batch)))
+
+    def score(
+        self,
+        items: Sequence[str | bytes],
+        batches: Sequence[Sequence[int]],
+        *,
+        targets: Sequence[int] | None = None,
+        workers: int = 4,
+        threads: bool = False,
+    ) -> Iterator[Scored]:
+        """Run each batch of :meth:`decoded` through the model."""
+        for batch in self.decoded(items, batches, targets=targets, workers=workers, threads=threads):
+            logits = self.logits(batch.images) if batch.images is not None else None
+            yield Scored(batch.indices, logits, batch.targets, batch.failed)
+
+    def classify_batches(
+        self,
+        items: Sequence[str | bytes],
+        batches: Sequence[Sequence[int]],
+        *,
+        k: int = 5,
+        workers: int = 4,
+        threads: bool = False,
+    ) -> Iterator[list[tuple[int, Result]]]:
+        """Per batch, ``(index, Result)`` of each of its inputs, by index."""
+        for scored in self.score(items, batches, workers=workers, threads=threads):
+            results = {i: Result(items[i], error=reason) for i, reason in scored.failed}
+            if scored.logits is not None:
+                for i, ranked in zip(scored.indices, self.rank(scored.logits, k)):
+                    results[i] = Result(items[i], predictions=ranked)
+            yield sorted(results.items(), key=lambda pair: pair[0])
+
+    def classify(
+        self, items: Sequence[str | bytes], *, batch_size: int = 16, k: int = 5, threads: int = 4
+    ) -> Iterator[Result]:
+        """One :class:`Result` per input, in order, decoding in ``threads`` threads (URLs wait on the network)."""
+        batches = [range(start, min(start + batch_size, len(items))) for start in range(0, len(items), batch_size)]
+        for batch in self.classify_batches(items, batches, k=k, workers=threads, threads=True):
+            for _, result in batch:
+                yield result

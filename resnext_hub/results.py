@@ -1,0 +1,166 @@
+"""The per-input result and its one record, in every format: JSON lines, CSV, and text for the terminal.
+
+The record is what ``classify --format json`` has always written, one per line::
+
+    {"input": "cat.jpg", "predictions": [{"index": 281, "wnid": "n02123045", "label": "tabby", "probability": 0.51}]}
+    {"input": "broken.jpg", "error": "not an image ..."}
+
+CSV has one row per prediction (``input, rank, index, wnid, label, probability, error``) and one
+row per error. Probabilities are rounded to 6 decimals, so a CSV round trip gives the same record.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from .processing import Prediction
+
+Record = dict[str, Any]
+DECIMALS = 6
+CSV_HEADER = ("input", "rank", "index", "wnid", "label", "probability", "error")
+_PREDICTION_KEYS = ("index", "wnid", "label", "probability")
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome for one input: its top-k, or the reason it could not be classified.
+
+    ``input`` is the path or URL given (the encoded bytes, for images sent as such).
+    """
+
+    input: str | bytes
+    predictions: list[Prediction] | None = None
+    error: str | None = None
+
+    def as_record(self) -> Record:
+        """The shared record (see the module's docstring)."""
+        if self.error is not None:
+            return {"input": self.input, "error": self.error}
+        predictions = [{**p._asdict(), "probability": round(p.probability, DECIMALS)} for p in self.predictions or []]
+        return {"input": self.input, "predictions": predictions}
+
+
+def check_record(record: Any) -> Record:
+    """``record`` if it has the shared record's shape, else ``ValueError`` saying what is wrong."""
+    if not isinstance(record, Mapping) or not isinstance(record.get("input"), str):
+        raise ValueError(f"not a result record (no input): {record!r:.200}")
+    if "error" in record:
+        return dict(record)
+    predictions = record.get("predictions")
+    if not isinstance(predictions, list) or not all(
+        isinstance(p, Mapping) and set(_PREDICTION_KEYS) <= set(p) for p in predictions
+    ):
+        raise ValueError(f"result record of {record['input']!r} has neither predictions nor an error")
+    return dict(record)
+
+
+# -- writing ----------------------------------------------------------------------------------------
+
+
+def json_line(record: Record) -> str:
+    """A record as one line of JSON lines."""
+    return json.dumps(record) + "\n"
+
+
+def write_jsonl(records: Iterable[Record], out: TextIO) -> None:
+    """One JSON object per line, flushed: a stream, and a partial run is still readable."""
+    for record in records:
+        out.write(json_line(record))
+        out.flush()
+
+
+def csv_rows(record: Record) -> list[list[Any]]:
+    """The CSV rows of one record (without the header)."""
+    if "error" in record:
+        return [[record["input"], "", "", "", "", "", record["error"]]]
+    return [
+        [record["input"], rank, p["index"], p["wnid"] or "", p["label"], f"{p['probability']:.{DECIMALS}f}", ""]
+        for rank, p in enumerate(record["predictions"], 1)
+    ]
+
+
+def write_csv(records: Iterable[Record], out: TextIO) -> None:
+    """The header, then the rows of each record."""
+    writer = csv.writer(out)
+    writer.writerow(CSV_HEADER)
+    for record in records:
+        writer.writerows(csv_rows(record))
+
+
+def write_text(records: Iterable[Record], out: TextIO) -> None:
+    """For people: the input, then one ranked line per class (or its error)."""
+    for record in records:
+        if "error" in record:
+            print(f"{record['input']}: ERROR {record['error']}", file=out)
+            continue
+        print(record["input"], file=out)
+        for rank, p in enumerate(record["predictions"], 1):
+            print(f"  {rank}. {100 * p['probability']:5.1f}%  {p['label']} ({p['wnid'] or p['index']})", file=out)
+
+
+WRITERS = {"text": write_text, "json": write_jsonl, "csv": write_csv}
+
+
+# -- reading ----------------------------------------------------------------------------------------
+
+
+def read_jsonl(lines: Iterable[str], *, skip_bad: bool = False) -> list[Record]:
+    """The records of JSON lines; ``skip_bad`` drops a line that is not one (cut short by a killed writer)."""
+    records = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            records.append(check_record(json.loads(line)))
+        except ValueError:
+            if not skip_bad:
+                raise
+    return records
+
+
+def read_csv(handle: TextIO) -> list[Record]:
+    """The records written by :func:`write_csv` (``ValueError`` for another file)."""
+    reader = csv.DictReader(handle)
+    if tuple(reader.fieldnames or ()) != CSV_HEADER:
+        raise ValueError(f"expected the columns {', '.join(CSV_HEADER)}, got {reader.fieldnames}")
+    return list(_grouped(reader))
+
+
+def _grouped(rows: Iterable[dict[str, str]]) -> Iterator[Record]:
+    current: Record | None = None
+    for row in rows:
+        if row["error"]:
+            if current is not None:
+                yield current
+            current = None
+            yield {"input": row["input"], "error": row["error"]}
+            continue
+        prediction = {
+            "index": int(row["index"]),
+            "wnid": row["wnid"] or None,
+            "label": row["label"],
+            "probability": float(row["probability"]),
+        }
+        if row["rank"] == "1":
+            if current is not None:
+                yield current
+            current = {"input": row["input"], "predictions": []}
+        elif current is None or current["input"] != row["input"]:
+            raise ValueError(f"row of rank {row['rank']} for {row['input']!r} follows no rank 1")
+        current["predictions"].append(prediction)
+    if current is not None:
+        yield current
+
+
+def progress_bar(total: int, enabled: bool) -> Any:
+    """A tqdm bar on stderr counting images, or None."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", file=sys.stderr)
