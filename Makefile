@@ -13,11 +13,13 @@ PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install $(TORCH_PINS) -r requirements.txt -r requirements-dev.txt >$(VENV)/pip.log 2>&1 \
 		|| { grep -v "is ignored: it is neither" $(VENV)/pip.log; exit 1; }
-	$(BIN)/python -c "import torch, torchvision, timm, onnxruntime, onnxscript, tritonclient.grpc, pytriton"
+	# The project itself, editable (the resnext-hub command; imports resolve to this checkout).
+	$(PIP) install --no-deps -e . >>$(VENV)/pip.log 2>&1 || { tail -20 $(VENV)/pip.log; exit 1; }
+	$(BIN)/python -c "import torch, torchvision, timm, onnxruntime, onnxscript, tritonclient.grpc, pytriton, resnext_hub"
 	$(BIN)/python -m resnext_hub serve --check || echo "note: $(PYTHON) cannot run the Triton server (serve); everything else works"
 	touch $@
 
