@@ -12,7 +12,9 @@ Integrity: a manifest SHA-256 (or the 8+ hex digits in a timm file name) is chec
 download. Every cached file gets a ``<file>.sha256.json`` stamp (its SHA-256 with its size
 and mtime); a load re-checks the cheap size+mtime stamp and re-hashes only when it changed.
 A file that fails is deleted and fetched once more, and the new download must have the
-SHA-256 recorded the first time (trust on first use).
+SHA-256 recorded the first time (trust on first use). A file that cannot be loaded into the
+model it was fetched for is not trusted either: the builder calls :func:`forget` (file and
+stamp deleted; a mirror folder's file is never deleted).
 """
 
 from __future__ import annotations
@@ -249,6 +251,10 @@ def _from_mirror(mirror: str, source: Source, dest: Path, progress: bool, expect
     return path
 
 
+def _same_identity(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_ino, a.st_dev, a.st_mtime_ns) == (b.st_ino, b.st_dev, b.st_mtime_ns)
+
+
 def _discard(path: Path, seen: os.stat_result) -> None:
     """Delete a corrupt cached file, unless another process has just replaced it.
 
@@ -258,7 +264,7 @@ def _discard(path: Path, seen: os.stat_result) -> None:
         now = path.stat()
     except FileNotFoundError:
         return
-    if (now.st_ino, now.st_dev, now.st_mtime_ns) == (seen.st_ino, seen.st_dev, seen.st_mtime_ns):
+    if _same_identity(now, seen):
         path.unlink(missing_ok=True)
 
 
@@ -312,4 +318,40 @@ def fetch_checkpoint(sources: tuple[Source, ...], *, progress: bool = True) -> t
         "no source of these weights could be used:\n  - "
         + "\n  - ".join(failures)
         + f"\nCache folder: {cache_dir()}; mirror: {where}; or pass pretrained_from_file=PATH."
+    )
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return os.path.realpath(a) == os.path.realpath(b)
+    except (OSError, ValueError):
+        return False
+
+
+def forget(path: Path, seen: os.stat_result | None) -> str:
+    """Stop trusting ``path``, a fetched checkpoint that could not be read or loaded into its model.
+
+    A cached file (``seen``: its stat when it was read) is deleted with its stamp, so the next load
+    fetches it again, unless another process has replaced it since. A mirror folder's file is used
+    in place and never deleted, nor is anything outside the cache. Returns a sentence for the error.
+    """
+    mirror = os.environ.get(MIRROR_ENV)
+    if mirror and not is_url(mirror) and _same_path(path, Path(mirror).expanduser() / path.name):
+        return f"It is used in place from {MIRROR_ENV}={mirror!r}: replace {path} there with the right file."
+    if not _same_path(path.parent, cache_dir()):
+        return f"{path} was left as it is."
+    stamp = _stamp_path(path)
+    try:
+        if seen is None or not _same_identity(path.stat(), seen):
+            return f"The cached {path} has been replaced meanwhile: the next load checks the new copy."
+        path.unlink()
+        stamp.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        return f"The cached {path} could not be deleted ({error}): delete it and {stamp.name} by hand."
+    where = f"{MIRROR_ENV}={redact(mirror)!r}" if mirror else "its URL"
+    return (
+        f"The cached {path} and its stamp were deleted: the next load downloads it again from {where} "
+        "(which served the wrong file: fix that first)."
     )
