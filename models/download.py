@@ -21,19 +21,21 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import logging
 import os
+import pickletools
 import re
 import socket
 import time
 import uuid
-import zipfile
 from pathlib import Path
 
 import torch.hub
 
 from ..processing.fetch import DeadlineError, FetchError, is_url, redact, stream
+from .checkpoint import torch_zip_problem
 from .weights import Source
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ MIRROR_ENV = "RESNEXT_HUB_WEIGHTS_MIRROR"
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 60.0
 DEADLINE_S = 3600.0
+_TORCH_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of torch's legacy (pre-1.6) format
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.")
 _CHUNK = 1 << 20
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
@@ -97,42 +100,69 @@ def _expected_problem(path: Path, source: Source, sha256: str) -> str | None:
     return None
 
 
+def _safetensors_problem(handle: io.BufferedReader, size: int) -> str | None:
+    if size < 8:
+        return f"{size} bytes is too short for a safetensors file"
+    header_len = int.from_bytes(handle.read(8), "little")
+    if header_len > min(size - 8, 100 << 20):
+        return f"its safetensors header claims {header_len} bytes of {size}"
+    try:
+        header = json.loads(handle.read(header_len))
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep
+        return "its safetensors header is not valid JSON"
+    if not isinstance(header, dict):
+        return f"its safetensors header is a JSON {type(header).__name__}, expected an object"
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        valid = isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+        if not valid or not 0 <= offsets[0] <= offsets[1]:
+            shown = json.dumps(entry)[:80]
+            return f"its safetensors header gives {name[:80]!r} {shown}, expected data_offsets [begin, end] (ints)"
+        end = max(end, offsets[1])
+    expected = 8 + header_len + end
+    return None if expected == size else f"{size} bytes, but its header describes {expected}"
+
+
+def _legacy_problem(head: bytes) -> str | None:
+    """None if ``head`` starts with the magic-number pickle of torch's legacy format."""
+    try:
+        ops = []
+        for opcode, arg, _ in pickletools.genops(io.BytesIO(head)):
+            ops.append((opcode.name, arg))
+    except ValueError:  # not a whole pickle within ``head``
+        ops = []
+    values = [arg for name, arg in ops if name not in ("PROTO", "FRAME", "STOP")]
+    if values == [_TORCH_MAGIC]:
+        return None
+    return "a pickle file, but not a torch checkpoint (no torch magic number at its start)"
+
+
 def format_problem(path: Path, file_format: str = "torch") -> str | None:
-    """Why ``path`` cannot be a whole checkpoint file (cut short, or an HTML page), or None.
+    """Why ``path`` cannot be a whole checkpoint file (cut short, an HTML page, another kind of file), or None.
 
     Cheap structural checks that catch truncation where no hash is published: a torch zip
-    file needs its central directory at the end; a safetensors file's header fixes its size.
+    file needs its central directory at the end and a ``data.pkl`` record; a legacy torch
+    file starts with torch's magic number; a safetensors file's header fixes its size. They
+    never raise for what a file contains (only OSError, for a file that cannot be read).
     """
     size = path.stat().st_size
     with open(path, "rb") as handle:
-        head = handle.read(8)
         if file_format == "safetensors":
-            if size < 8:
-                return f"{size} bytes is too short for a safetensors file"
-            header_len = int.from_bytes(head, "little")
-            if header_len > min(size - 8, 100 << 20):
-                return f"its safetensors header claims {header_len} bytes of {size}"
-            try:
-                header = json.loads(handle.read(header_len))
-                ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-            except (ValueError, TypeError, KeyError, IndexError):
-                return "its safetensors header is not valid JSON"
-            expected = 8 + header_len + max(ends, default=0)
-            return None if expected == size else f"{size} bytes, but its header describes {expected}"
-    if head.startswith(b"PK\x03\x04"):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                archive.infolist()
-        except (zipfile.BadZipFile, OSError) as error:
-            return f"a cut-short torch (zip) file: {error}"
-        return None
-    if head[:1] == b"\x80":  # torch's legacy (pre-1.6) pickle format: no cheap end check
-        return None
-    with open(path, "rb") as handle:
+            return _safetensors_problem(handle, size)
+        head = handle.read(64)
         handle.seek(257)
-        if handle.read(5) == b"ustar":  # torch's oldest (tar) format
-            return None
-    return f"not a torch checkpoint file (it starts with {head!r})"
+        tar = handle.read(5) == b"ustar"
+    if head.startswith(b"PK\x03\x04"):
+        problem = torch_zip_problem(path)
+        return None if problem is None else f"a damaged or cut-short torch (zip) file: {problem}"
+    if head[:1] == b"\x80":  # torch's legacy (pre-1.6) pickle format: no cheap end check
+        return _legacy_problem(head)
+    if tar:  # torch's oldest (tar) format
+        return None
+    return f"not a torch checkpoint file (it starts with {head[:8]!r})"
 
 
 def verify_cached(path: Path, source: Source) -> bool:
