@@ -40,9 +40,8 @@ SAFETENSORS = "seresnext26d_32x4d.bt_in1k.safetensors"  # the manifest's alterna
 SMALL = "small.pth"
 # A whole safetensors file smaller than its own stamp (about 120 bytes): lets a size limit fail the stamp alone.
 TINY = "tiny.safetensors"
-TINY_BYTES = (lambda h: len(h).to_bytes(8, "little") + h + b"\x07")(
-    b'{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}'
-)
+TINY_HEADER = b'{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}'
+TINY_BYTES = len(TINY_HEADER).to_bytes(8, "little") + TINY_HEADER + b"\x07"
 STAMP_FAILS_AT = 100  # bytes: over TINY_BYTES, under any stamp
 
 
@@ -105,7 +104,7 @@ else:
 
 
 @pytest.fixture
-def shared(tmp_path):
+def shared():
     """A folder user nobody can enter (pytest's own temporary folders are root's alone); removed after."""
     folder = Path(tempfile.mkdtemp(prefix="resnext-hub-cache-test-"))
     folder.chmod(0o755)
@@ -137,8 +136,8 @@ def _read_only(*folders: Path) -> None:
 # --- read-only caches -----------------------------------------------------------------------------
 
 
-def _weights_digest_code() -> str:
-    return """
+# A child's build_model from its cache (debug logging on), printing a digest of the weights it got.
+BUILD_AND_DIGEST = """
 import hashlib, logging, sys
 logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
 from resnext_hub.models import build_model
@@ -162,7 +161,7 @@ def test_a_read_only_cache_filled_by_an_admin_is_used(other_user_can_run, shared
     digest = hashlib.sha256()
     for key in sorted(state):
         digest.update(key.encode() + state[key].contiguous().numpy().tobytes())
-    result = _child(_weights_digest_code(), env={"TORCH_HOME": str(home), "HOME": str(shared)}, other_user=True)
+    result = _child(BUILD_AND_DIGEST, env={"TORCH_HOME": str(home), "HOME": str(shared)}, other_user=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == [digest.hexdigest()]
     assert "no stamp written" in result.stderr  # said at debug level
@@ -231,11 +230,11 @@ def test_an_unwritable_cache_is_a_clear_error(where, other_user_can_run, shared)
 # --- full disks ---------------------------------------------------------------------------------
 
 
-def test_a_stamp_that_cannot_be_written_leaves_nothing_behind(shared, torch_home):
+def test_a_stamp_that_cannot_be_written_leaves_nothing_behind(tmp_path, torch_home):
     """The file fits, its stamp does not: neither stays (no file without its stamp), nor any temporary file."""
-    (shared / TINY).write_bytes(TINY_BYTES)
+    (tmp_path / TINY).write_bytes(TINY_BYTES)
     assert len(TINY_BYTES) < STAMP_FAILS_AT
-    with FileServer(shared) as server:
+    with FileServer(tmp_path) as server:
         result = _child(FETCH, f"{server.url}/{TINY}", TINY, "safetensors", env={}, max_file_bytes=STAMP_FAILS_AT)
         assert _listing(cache_dir()) == []
         assert result.stdout.startswith("WeightsUnavailableError"), result.stdout + result.stderr[-3000:]
@@ -245,7 +244,7 @@ def test_a_stamp_that_cannot_be_written_leaves_nothing_behind(shared, torch_home
     assert _listing(cache_dir()) == [TINY, f"{TINY}.sha256.json"]
 
 
-def test_a_verified_cached_file_is_used_when_its_stamp_cannot_be_written(shared, torch_home):
+def test_a_verified_cached_file_is_used_when_its_stamp_cannot_be_written(torch_home):
     cache_dir().mkdir(parents=True)
     (cache_dir() / TINY).write_bytes(TINY_BYTES)  # copied in by hand: no stamp yet
     url = f"http://127.0.0.1:{_closed_port()}/{TINY}"
@@ -326,7 +325,9 @@ def test_a_cache_entry_that_is_a_folder_is_a_clear_error(tmp_path, torch_home):
     torch.save({"w": torch.randn(4)}, served / SMALL)
     (cache_dir() / SMALL / "notes").mkdir(parents=True)
     with FileServer(served) as server:
-        with pytest.raises(WeightsUnavailableError, match=f"the cache entry {cache_dir() / SMALL} is a folder"):
+        with pytest.raises(
+            WeightsUnavailableError, match=re.escape(f"the cache entry {cache_dir() / SMALL} is a folder")
+        ):
             fetch_checkpoint((Source(f"{server.url}/{SMALL}", SMALL),), progress=False)
     assert (cache_dir() / SMALL / "notes").is_dir()  # someone's folder: never deleted
 
