@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from pathlib import Path
 
 import torch
 
-from .checkpoint import load_weights, read_checkpoint
-from .download import fetch_checkpoint
+from .checkpoint import CheckpointError, load_weights, read_checkpoint
+from .download import fetch_checkpoint, forget
 from .features import ResNetFeatures, feature_indices
 from .meta import ModelMeta, default_classes
 from .resnet import ResNet
@@ -60,18 +62,34 @@ def build_model(
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     loaded: Weights | None = None
     if pretrained_from_file is not None or pretrained:
+        seen: os.stat_result | None = None
         if pretrained_from_file is not None:
             path, where = Path(pretrained_from_file).expanduser(), str(pretrained_from_file)
         else:
             path, _ = fetch_checkpoint(record.sources, progress=progress)
             where, loaded = f"{record.name} ({path})", record
-        state_dict = read_checkpoint(path)
+            with suppress(OSError):
+                seen = path.stat()  # which file is read: forget() must not delete a newer copy
+        # A fetched file that cannot be read, or loaded into the model it was fetched for, is not trusted
+        # again: forget() deletes its cached copy. The caller's own file is left alone, and so is a file
+        # that a caller's key map failed to fit (the map may be what is wrong).
+        try:
+            state_dict = read_checkpoint(path)
+        except CheckpointError as error:
+            if loaded is None:
+                raise
+            raise CheckpointError(f"{error}\n  {forget(path, seen)}") from error
         # Built on the meta device: the checkpoint's tensors are assigned, never initialised twice.
         with torch.device("meta"):
             model = ResNet(
                 config, num_classes, fused_se=fused_se, meta=_meta(architecture, record, num_classes, loaded)
             )
-        load_weights(model, state_dict, key_map_fn=state_dict_key_map_fn, source=where)
+        try:
+            load_weights(model, state_dict, key_map_fn=state_dict_key_map_fn, source=where)
+        except CheckpointError as error:
+            if loaded is None or state_dict_key_map_fn is not None:
+                raise
+            raise CheckpointError(f"{error}\n  {forget(path, seen)}") from error
         if model.fc.weight.is_meta:
             model.reset_classifier(num_classes)
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -16,6 +17,9 @@ log = logging.getLogger(__name__)
 # Training checkpoints wrap the weights; the first of these keys that holds a dict wins.
 WRAPPER_KEYS = ("state_dict", "model", "ema_state_dict", "state_dict_ema", "model_ema")
 _MAX_LISTED = 8
+# torch.save stores its records uncompressed; a zip whose records would inflate to more than this
+# many times its size is not a torch checkpoint (torch would allocate what the records declare).
+MAX_ZIP_EXPANSION = 4
 
 
 class CheckpointError(ValueError):
@@ -33,11 +37,42 @@ def _refusal_detail(message: str) -> str:
     return (useful or lines[1:2] or ["unsupported content"])[0][:200]
 
 
+def _is_zip(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == b"PK\x03\x04"
+    except OSError:  # torch.load says why, below
+        return False
+
+
 def _is_pickle_container(path: Path) -> bool:
     """A torch zip file or a pickle stream (protocol 2+), judged by its first bytes."""
     with open(path, "rb") as handle:
         head = handle.read(4)
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def torch_zip_problem(path: Path) -> str | None:
+    """Why the zip file ``path`` cannot be a torch checkpoint (cut short, another kind of zip, a zip bomb), or None.
+
+    Reads only the zip's central directory.
+    """
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except Exception as error:  # zipfile raises several types for bytes that lie; all mean the same here
+        return f"its zip structure is unreadable ({type(error).__name__}: {error})"
+    if not records or "/" not in records[0].filename:
+        return "a zip file, but not a torch checkpoint (its records are not in one folder)"
+    # torch reads the folder name from the first record, then <folder>/data.pkl.
+    folder = records[0].filename.split("/", 1)[0]
+    if f"{folder}/data.pkl" not in {record.filename for record in records}:
+        return f"a zip file, but not a torch checkpoint (no {folder}/data.pkl record)"
+    inflated = sum(record.file_size for record in records)
+    if inflated > MAX_ZIP_EXPANSION * size:
+        return f"its records claim {inflated} bytes once unpacked, from a {size}-byte file"
+    return None
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
@@ -52,6 +87,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
             return load_file(str(path))
         except Exception as error:  # safetensors raises its own SafetensorError
             raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
+    if _is_zip(path):
+        problem = torch_zip_problem(path)
+        if problem is not None:
+            raise CheckpointError(f"{path} is not a readable torch checkpoint: {problem}")
     try:
         # Always weights_only, passed explicitly: a checkpoint from a stranger must not run code
         # when loaded. TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 only changes calls that leave it unset.
@@ -127,10 +166,24 @@ def load_weights(
     """
     if key_map_fn is not None:
         state_dict = {key_map_fn(k): v for k, v in state_dict.items()}
+    unusable = [
+        f"{k} ({v.dtype}, {v.layout})"
+        for k, v in state_dict.items()
+        if v.layout != torch.strided or v.is_quantized or v.is_complex()
+    ]
+    if unusable:
+        raise CheckpointError(
+            f"{source} holds {len(unusable)} tensor(s) that cannot be weights of this model (sparse, quantized or "
+            f"complex): {_listed(unusable)}"
+        )
     state_dict = canonical_keys(state_dict)
     expected = model.state_dict()
     head_keys = [k for k in ("fc.weight", "fc.bias") if k in expected]
-    if all(k in state_dict for k in head_keys) and state_dict["fc.weight"].shape != expected["fc.weight"].shape:
+    if (
+        head_keys
+        and all(k in state_dict for k in head_keys)
+        and state_dict["fc.weight"].shape != expected["fc.weight"].shape
+    ):
         log.info(
             "%s: head has %d classes, the model %d: loading the backbone only, fc is freshly initialised",
             source,
@@ -160,7 +213,11 @@ def load_weights(
             parts.append(f"shape mismatches ({len(wrong_shape)}): {_listed(wrong_shape)}")
         parts.append("Is it a checkpoint of this architecture? A state_dict_key_map_fn can rename keys.")
         raise CheckpointError("\n  ".join(parts))
-    not_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    # Checked in float32, the model's type: isfinite has no kernel for some types (float8), and a
+    # float64 value beyond float32's range would become infinite in the model.
+    not_finite = [
+        k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v.float()).all())
+    ]
     if not_finite:
         # A model with NaN/Inf weights answers NaN for every image: refuse it here, not at the first forward.
         raise CheckpointError(
