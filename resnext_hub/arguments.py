@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
+from .data import Skipped
 from .distributed import DistContext
 from .engine import resolve_device
 from .models import ResNet, build_model
@@ -72,12 +74,25 @@ def add_progress_options(parser: argparse.ArgumentParser) -> None:
 
 
 def check_options(args: argparse.Namespace) -> str | None:
-    """What is wrong with the numbers given, if anything (for ``parser.error``)."""
+    """What is wrong with the options given, if anything (for ``parser.error``): numbers, the device,
+    then the command's own check (its ``check`` default), all before any model loads."""
     if getattr(args, "batch_size", 1) < 1 or getattr(args, "top_k", 1) < 1:
         return "--batch-size and --top-k must be at least 1"
     if getattr(args, "workers", 0) < 0:
         return f"--workers must be at least 0, got {args.workers}"
-    return None
+    if getattr(args, "device", None) is not None:
+        try:
+            resolve_device(args.device)
+        except ValueError as error:
+            return f"--device: {error}"
+    check = getattr(args, "check_options", None)
+    return check(args) if check is not None else None
+
+
+def report_skipped(skipped: list[Skipped]) -> None:
+    """One warning line on stderr per folder that could not be read."""
+    for entry in skipped:
+        print(f"warning: {entry}", file=sys.stderr)
 
 
 def precision_from_args(args: argparse.Namespace) -> str:

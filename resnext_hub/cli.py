@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -11,6 +12,7 @@ from . import exit_codes
 from .arguments import check_options
 from .commands import classify, evaluate, export, models, predict, serve
 from .models import CheckpointError, WeightsUnavailableError
+from .results import printable
 
 # The subcommands, in the order ``--help`` lists them.
 COMMANDS = (classify, models, evaluate, predict, export, serve)
@@ -34,10 +36,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "progress", False) is None:
         args.progress = sys.stderr.isatty()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:  # CSV on stdout keeps the bytes of names that are not UTF-8 (see resnext_hub.results)
+        sys.stdout.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError):
+        pass
     try:
         return args.func(args)
     except (WeightsUnavailableError, CheckpointError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        # One line, and no password of a URL the message may quote (names in it may be escaped already).
+        print(f"error: {printable(error, backslashes=False)}", file=sys.stderr)
         return exit_codes.USAGE
     except KeyboardInterrupt:
         return exit_codes.INTERRUPTED
+    except BrokenPipeError:  # the reader of stdout went away (`... | head`): stop, without a traceback
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        print("error: standard output was closed before all results were written", file=sys.stderr)
+        return exit_codes.SOME_FAILED

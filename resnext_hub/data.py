@@ -1,12 +1,19 @@
 """Inputs: files, folders, list files and ImageNet-layout folders, and the dataset that decodes them.
 
 Every image goes through the one hardened loader (``processing.load_image``) and the model's
-preset; a file that is not a usable image gives its reason, never an exception.
+preset; a file that is not a usable image gives its reason, never an exception. That boundary
+holds for any exception (``Exception``, not ``KeyboardInterrupt``/``SystemExit``): an input that
+makes decoding or preprocessing raise something unexpected fails alone, with the type and message.
+
+Nothing is skipped silently: a folder (or sub-folder) that cannot be read is reported as
+:class:`Skipped` (to the caller's list, else as a logged warning), never passed over as empty.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -15,38 +22,94 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .processing import InvalidImageError, imagenet_wnids, load_image
+from .results import failure_reason, printable
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+MAX_LIST_LINE = 65536  # characters: far above any path or URL, far below a file that is not a list
 _LISTED = 5
 
 
-def _images_under(folder: Path) -> list[Path]:
-    return [p for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+class Skipped(NamedTuple):
+    """A folder whose images could not be listed: they are not in the inputs."""
+
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"folder {printable(self.path)} could not be read ({self.reason}): its images were skipped"
 
 
-def expand_inputs(inputs: Sequence[str]) -> list[str]:
-    """URLs and files as given; folders become their image files (recursively, sorted)."""
+def _report(skipped: list[Skipped] | None, entry: Skipped) -> None:
+    if skipped is None:
+        log.warning("warning: %s", entry)
+    else:
+        skipped.append(entry)
+
+
+def _images_under(folder: Path, skipped: list[Skipped] | None = None) -> list[Path]:
+    """Every file under ``folder`` with an image suffix, sorted; symlinked folders are not followed.
+
+    Files that are not regular (a FIFO, a dangling link) are kept: the loader reports each. A folder
+    that cannot be listed is reported (:class:`Skipped`), where ``Path.rglob`` would pass over it.
+    """
+
+    def unreadable(error: OSError) -> None:
+        _report(skipped, Skipped(str(error.filename or folder), error.strerror or str(error)))
+
+    found = []
+    for root, _, files in os.walk(folder, onerror=unreadable):
+        found += [Path(root, name) for name in files if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found)
+
+
+def expand_inputs(inputs: Sequence[str], skipped: list[Skipped] | None = None) -> list[str]:
+    """URLs and files as given; folders become their image files (recursively, sorted).
+
+    Folders that cannot be read go to ``skipped`` (else a logged warning).
+    """
     expanded = []
     for item in inputs:
         path = Path(item)
-        expanded += [str(p) for p in _images_under(path)] if path.is_dir() else [item]
+        expanded += [str(p) for p in _images_under(path, skipped)] if path.is_dir() else [item]
     return expanded
 
 
 def read_list_file(path: str | Path) -> list[str]:
-    """The image paths/URLs of a list file: one per line; blank lines and ``#`` comments are skipped."""
+    """The image paths/URLs of a list file: one per line; blank lines and ``#`` comments are skipped.
+
+    Read as UTF-8 with surrogate escapes, so a name that is not UTF-8 is the file's name as listed.
+    A line over :data:`MAX_LIST_LINE` characters or with a NUL byte means the file is not a list
+    (a photo given by mistake): ``ValueError``, after reading at most one such line.
+    """
+    entries = []
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+            for number, line in enumerate(iter(lambda: handle.readline(MAX_LIST_LINE + 1), ""), 1):
+                content = line.rstrip("\r\n")
+                if len(content) > MAX_LIST_LINE or "\x00" in content:
+                    problem = "holds a NUL byte" if "\x00" in content else f"is over {MAX_LIST_LINE} characters"
+                    raise ValueError(
+                        f"list file {printable(path)}: line {number} {problem}; a list file is text, one image "
+                        "path or URL per line"
+                    )
+                entry = content.strip()
+                if entry and not entry.startswith("#"):
+                    entries.append(entry)
     except OSError as error:
-        raise ValueError(f"list file {path} could not be read: {error.strerror or error}") from error
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        raise ValueError(f"list file {printable(path)} could not be read: {error.strerror or error}") from error
+    return entries
 
 
-def collect_inputs(inputs: Sequence[str] = (), list_files: Sequence[str] = ()) -> list[str]:
-    """Files, folders (recursive, sorted), URLs, then the entries of list files; each once, first place kept."""
-    items = expand_inputs(list(inputs))
+def collect_inputs(
+    inputs: Sequence[str] = (), list_files: Sequence[str] = (), skipped: list[Skipped] | None = None
+) -> list[str]:
+    """Files, folders (recursive, sorted), URLs, then the entries of list files; each once, first place kept.
+
+    Folders that cannot be read go to ``skipped`` (else a logged warning).
+    """
+    items = expand_inputs(list(inputs), skipped)
     for list_file in list_files:
         items += read_list_file(list_file)
     unique = list(dict.fromkeys(items))
@@ -55,18 +118,24 @@ def collect_inputs(inputs: Sequence[str] = (), list_files: Sequence[str] = ()) -
     return unique
 
 
-def find_samples(root: str | Path, wnids: Sequence[str] | None = None) -> list[tuple[str, int]]:
+def find_samples(
+    root: str | Path, wnids: Sequence[str] | None = None, skipped: list[Skipped] | None = None
+) -> list[tuple[str, int]]:
     """``(path, class index)`` of every image under ``root/<wnid>/``, sorted by path.
 
     Class indices come from the ImageNet WordNet ids (``n01440764`` = 0), not from the sort
     order of the folders present, so a subset of the classes still scores against the right
-    outputs. A folder that is not a WordNet id is refused.
+    outputs. A folder that is not a WordNet id is refused. A class folder (or one below it) that
+    cannot be read goes to ``skipped`` (else a logged warning); an unreadable ``root`` is an error.
     """
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"dataset folder {root} does not exist (or is not a folder)")
+        raise ValueError(f"dataset folder {printable(root)} does not exist (or is not a folder)")
     index_of = {wnid: i for i, wnid in enumerate(wnids if wnids is not None else imagenet_wnids())}
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as error:
+        raise ValueError(f"dataset folder {printable(root)} could not be read: {error.strerror or error}") from error
     unknown = [p.name for p in folders if p.name not in index_of]
     if unknown:
         shown = ", ".join(repr(name) for name in unknown[:_LISTED]) + (" ..." if len(unknown) > _LISTED else "")
@@ -75,9 +144,9 @@ def find_samples(root: str | Path, wnids: Sequence[str] | None = None) -> list[t
             "per ImageNet WordNet id (e.g. n01440764/), as ImageNet's validation set is laid out; "
             "see docs/distributed.md to sort the flat validation set into such folders"
         )
-    samples = [(str(path), index_of[folder.name]) for folder in folders for path in _images_under(folder)]
+    samples = [(str(path), index_of[folder.name]) for folder in folders for path in _images_under(folder, skipped)]
     if not samples:
-        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}/<wnid>/")
+        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {printable(root)}/<wnid>/")
     return samples
 
 
@@ -107,15 +176,33 @@ class ImageListDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> Sample:
+        """The decoded, preprocessed image, or why not: any ``Exception`` stays with its input."""
         try:
             image = self.transform(load_image(self.items[index]))
         except InvalidImageError as error:
             return Sample(index, None, self.targets[index], error.reason)
+        except Exception as error:  # anything else the loader or the preset raised: this input only
+            return Sample(index, None, self.targets[index], failure_reason(error))
+        if not isinstance(image, torch.Tensor):
+            reason = f"preprocessing gave a {type(image).__name__}, not a tensor"
+            return Sample(index, None, self.targets[index], reason)
         return Sample(index, image, self.targets[index], None)
 
 
 def collate(samples: Sequence[Sample]) -> Batch:
-    """Stack the usable images; keep the reasons of the others."""
+    """Stack the usable images; keep the reasons of the others.
+
+    An image whose tensor has another shape than the batch's (the most common one) fails alone.
+    """
+    shapes = Counter(tuple(s.image.shape) for s in samples if s.image is not None)
+    shape = shapes.most_common(1)[0][0] if shapes else None
+    odd = {
+        s.index: f"preprocessing gave a {'x'.join(map(str, s.image.shape))} tensor, the batch's are "
+        f"{'x'.join(map(str, shape))}"
+        for s in samples
+        if s.image is not None and tuple(s.image.shape) != shape
+    }
+    samples = [s._replace(image=None, error=odd[s.index]) if s.index in odd else s for s in samples]
     good = [s for s in samples if s.image is not None]
     failed = [(s.index, s.error or "unreadable") for s in samples if s.image is None]
     if not good:

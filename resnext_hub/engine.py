@@ -3,8 +3,10 @@
 ``classify``, ``predict``, ``evaluate``, ``serve`` (both Triton models) and the web demo all run
 their models through :class:`Engine`. Inputs are decoded by the hardened loader, in threads
 (:meth:`Engine.classify`) or DataLoader worker processes (:meth:`Engine.score`); an input that is
-not a usable image comes back as a :class:`~resnext_hub.results.Result` with its reason, never as
-an exception.
+not a usable image, or that makes decoding or preprocessing raise anything else, comes back as a
+:class:`~resnext_hub.results.Result` with its reason, never as an exception (``KeyboardInterrupt``
+and ``SystemExit`` still stop the run). ``k`` above the model's class count means all its classes
+(:func:`clamp_top_k`), in every command.
 """
 
 from __future__ import annotations
@@ -21,15 +23,39 @@ from .models import ResNet
 from .processing import Prediction, top_k
 from .results import Result
 
+DEVICES = "auto, cpu, cuda or cuda:N"
+
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without one is an error."""
+    """``auto`` picks CUDA when present; anything but a CPU or a present GPU is a ``ValueError`` that says so."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested but CUDA is not available; use --device cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {str(device)!r} is not a device name: expected {DEVICES}") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} requested but CUDA is not available; use --device cpu")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(
+                f"device {str(device)!r} requested but this machine has {count} CUDA device(s): "
+                f"use cuda:0{f'..cuda:{count - 1}' if count > 1 else ''}"
+            )
+    elif resolved.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {str(device)!r} requested but MPS is not available; use --device cpu")
+    elif resolved.type != "cpu":
+        raise ValueError(f"device {str(device)!r} cannot run the models: expected {DEVICES}")
     return resolved
+
+
+def clamp_top_k(k: int, num_classes: int) -> int:
+    """How many classes a top-``k`` gives: ``k``, or all of them when ``k`` is larger; ``k`` must be >= 1."""
+    if k < 1:
+        raise ValueError(f"top-k must be at least 1, got {k}")
+    return min(k, num_classes)
 
 
 class Scored(NamedTuple):
@@ -57,6 +83,14 @@ class Engine:
         self.precision: str = self.model.precision
         self.preprocessing = self.model.preprocessing
         self.classes = self.model.classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def clamp_k(self, k: int) -> int:
+        """The top-``k`` this model gives (:func:`clamp_top_k`)."""
+        return clamp_top_k(k, self.num_classes)
 
     # -- tensors in -------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from .data import find_samples
+from .data import Skipped, find_samples
 from .distributed import DistContext, agreed_precision, current_context, shard_batches
 from .engine import Engine
 from .models import ResNet
@@ -37,10 +37,13 @@ def evaluate(
     """Score ``model`` on the ImageNet-layout folder ``root``; the same summary on every rank.
 
     Top-1/top-5 are percentages of the images that could be read; unreadable files are
-    counted and listed under ``failures`` (``input``, ``error``), not scored.
+    counted and listed under ``failures`` (``input``, ``error``), not scored. Folders that could
+    not be read are listed under ``skipped`` (``path``, ``reason``): their images are not counted
+    at all, so a non-empty ``skipped`` means the numbers are of a subset.
     """
     ctx = ctx or current_context(next(model.parameters()).device)
-    samples = find_samples(root)
+    skipped: list[Skipped] = []
+    samples = find_samples(root, skipped=skipped)
     batches = shard_batches(len(samples), batch_size, ctx.rank, ctx.world_size)
     engine = Engine(model, device=ctx.device, precision="fp32" if exact else "auto", compile=compile)
     precision = agreed_precision(ctx, engine.precision)
@@ -97,4 +100,5 @@ def evaluate(
         "batch_size": batch_size,
         "preprocessing": model.preprocessing.as_dict(),
         "failures": [{"input": samples[i][0], "error": reason} for i, reason in all_failures],
+        "skipped": [entry._asdict() for entry in skipped],
     }

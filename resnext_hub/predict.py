@@ -4,25 +4,45 @@ Each rank appends its results to its own file under ``<output>.parts/`` as it go
 rank 0 merges them into ``<output>`` in input order, one record per input. A re-run (with any
 number of processes) skips the inputs already in ``<output>`` or in a part file left by an
 interrupted run, so stopping and restarting loses nothing and repeats nothing. Records are the
-shared result records of :mod:`resnext_hub.results`, in the output and in the part files.
+shared result records of :mod:`resnext_hub.results`, in the output and in the part files (names
+that are not UTF-8 or hold control characters round-trip, in CSV too: see that module).
+
+A resume continues the same job or nothing: ``<output>.job.json`` describes the job (model, weights
+or checkpoint and its sha256, class count, top-k as clamped to it), and a run with another is
+refused before anything is added. Should the merged output fail to be written, the part files
+are kept and a re-run merges them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .distributed import DistContext, agreed_precision, current_context, shard_batches
-from .engine import Engine
+from .engine import Engine, clamp_top_k
 from .models import ResNet
-from .results import Record, json_line, progress_bar, read_csv, read_jsonl, write_csv, write_jsonl
+from .results import (
+    ENCODING,
+    ERRORS,
+    Record,
+    check_output,
+    json_line,
+    printable,
+    progress_bar,
+    read_csv,
+    read_jsonl,
+    write_csv,
+    write_jsonl,
+)
 
 FORMATS = ("jsonl", "csv")
+JOB_KEYS = ("model", "weights", "checkpoint", "checkpoint_sha256", "num_classes", "top_k")
 
 
 def output_format(output: str | Path, fmt: str | None = None) -> str:
@@ -40,30 +60,125 @@ def parts_dir(output: str | Path) -> Path:
     return output.with_name(output.name + ".parts")
 
 
+def job_path(output: str | Path) -> Path:
+    """Where the job writing ``output`` is described: ``<output>.job.json``."""
+    output = Path(output)
+    return output.with_name(output.name + ".job.json")
+
+
+def check_paths(output: str | Path) -> Path:
+    """``ValueError`` unless ``output``, its part files and its job description can all be written."""
+    output = check_output(output, replaced=True)
+    parts = parts_dir(output)
+    if parts.exists() and not parts.is_dir():
+        raise ValueError(f"{printable(parts)} (for part files) is not a folder: remove it or pass another --output")
+    if parts.is_dir() and not os.access(parts, os.W_OK | os.X_OK):
+        raise ValueError(f"no permission to write part files in {printable(parts)}: pass another --output")
+    if job_path(output).exists():
+        check_output(job_path(output), "the job description", replaced=True)
+    return output
+
+
+def describe_job(
+    *, model: str | None, weights: str | None, num_classes: int, top_k: int, **provenance: Any
+) -> dict[str, Any]:
+    """What identifies a job: the model, its weights (a published name, or a checkpoint and its sha256),
+    and the top-k it writes, as clamped to the class count."""
+    job = {"model": model, "weights": weights, "num_classes": num_classes, "top_k": clamp_top_k(top_k, num_classes)}
+    job.update({key: value for key, value in provenance.items() if key in JOB_KEYS})
+    return job
+
+
+def _describe(job: Mapping[str, Any]) -> str:
+    weights = job.get("weights") or "random or local weights"
+    if job.get("checkpoint"):
+        sha = job.get("checkpoint_sha256")
+        weights = f"checkpoint {printable(job['checkpoint'])}" + (f" (sha256 {sha[:12]}…)" if sha else "")
+    return f"model {job.get('model')}, {weights}, top-{job.get('top_k')}"
+
+
+def read_job(output: str | Path) -> dict[str, Any] | None:
+    """The job description beside ``output``, or None."""
+    path = job_path(output)
+    if not path.exists():
+        return None
+    try:
+        job = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{printable(path)} is not a job description ({error}): remove it to resume") from error
+    if not isinstance(job, dict):
+        raise ValueError(f"{printable(path)} is not a job description: remove it to resume")
+    return job
+
+
+def _started(output: Path) -> bool:
+    parts = parts_dir(output)
+    return output.exists() or (parts.is_dir() and any(parts.glob("*.jsonl")))
+
+
+def check_job(output: str | Path, job: Mapping[str, Any]) -> None:
+    """``ValueError`` if ``output`` (or its part files) holds results of another job than ``job``."""
+    output = Path(output)
+    if not _started(output):
+        return
+    done = read_job(output)
+    if done is None:
+        return  # written before job descriptions: the top-k of its records is checked
+    differ = [key for key in JOB_KEYS if key in done and key in job and done[key] != job[key]]
+    if differ:
+        raise ValueError(
+            f"{printable(output)} holds results of {_describe(done)}; this run is {_describe(job)} "
+            f"(differs in {', '.join(differ)}): resume with the same --model, --weights/--checkpoint and "
+            "--top-k, or write to another --output"
+        )
+
+
+def write_job(output: str | Path, job: Mapping[str, Any]) -> None:
+    """Describe the job beside ``output`` (atomically), unless a description of it is there."""
+    output = Path(output)
+    if _started(output) and read_job(output) is not None:
+        return
+    path = job_path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(dict(job), indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
 def write_records(records: Iterable[Record], path: str | Path, fmt: str) -> None:
-    """Write the merged output atomically: a reader never sees half a file."""
+    """Write the merged output atomically: a reader never sees half a file, a failure leaves the old one."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", newline="", encoding="utf-8") as out:
-        (write_csv if fmt == "csv" else write_jsonl)(records, out)
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", newline="", encoding=ENCODING, errors=ERRORS) as out:
+            (write_csv if fmt == "csv" else write_jsonl)(records, out)
+        os.replace(temporary, path)
+    except BaseException:
+        if temporary.is_file():
+            temporary.unlink()
+        raise
 
 
 def read_records(path: str | Path, fmt: str) -> list[Record]:
     """The records of a merged output file written by :func:`write_records`."""
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{printable(path)} is not a regular file: pass another --output")
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding=ENCODING, errors=ERRORS) as handle:
             return read_csv(handle) if fmt == "csv" else read_jsonl(handle)
+    except OSError as error:
+        raise ValueError(f"{printable(path)} could not be read: {error.strerror or error}") from error
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(
-            f"{path} exists but is not a {fmt} file of predictions ({error}); pass another --output or remove it"
+            f"{printable(path)} exists but is not a {fmt} file of predictions ({error}); pass another --output "
+            "or remove it"
         ) from error
 
 
 def read_part(path: Path) -> list[Record]:
     """A rank's JSON-lines part file; a line cut short by a killed process is dropped (and redone)."""
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding=ENCODING, errors=ERRORS) as handle:
         return read_jsonl(handle, skip_bad=True)
 
 
@@ -71,7 +186,7 @@ def _check_top_k(records: Iterable[Record], k: int, where: Path) -> None:
     for record in records:
         if "predictions" in record and len(record["predictions"]) != k:
             raise ValueError(
-                f"{where} holds top-{len(record['predictions'])} results but --top-k is {k}: "
+                f"{printable(where)} holds top-{len(record['predictions'])} results but --top-k is {k}: "
                 "use the same --top-k to resume, or write to another --output"
             )
 
@@ -100,19 +215,34 @@ def predict(
     compile: bool = False,
     progress: bool = False,
     retry_errors: bool = False,
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Classify ``inputs`` into ``output`` (JSON lines or CSV), skipping those already there.
 
     Every rank must pass the same ``inputs``. Returns a summary (the same on every rank);
     unreadable inputs get an ``error`` record instead of predictions. ``retry_errors`` tries
     those again. ``missing`` lists inputs without a result (a rank's part file that rank 0
-    could not see); their part files are kept for a re-run.
+    could not see); their part files are kept for a re-run. ``write_error`` says why the merged
+    output could not be written (its part files are then kept too). ``provenance``: what else
+    identifies the weights (``checkpoint``, ``checkpoint_sha256``) in the job description; a
+    resume with another job is refused (``ValueError``, see :func:`check_job`).
     """
     ctx = ctx or current_context(next(model.parameters()).device)
     output, fmt = Path(output), output_format(output, fmt)
-    k = min(top_k, model.num_classes)
+    record = model.weights_record
+    job = describe_job(
+        model=model.architecture,
+        weights=record.name if record is not None else None,
+        num_classes=model.num_classes,
+        top_k=top_k,
+        **(provenance or {}),
+    )
+    k = job["top_k"]
+    check_job(output, job)
     done_records, _ = load_done(output, fmt, k)
     done = {r["input"] for r in done_records if not (retry_errors and "error" in r)}
+    if ctx.is_main:
+        write_job(output, job)
     ctx.barrier()  # every rank has read what is done before any rank adds to it
 
     batches = [
@@ -173,8 +303,12 @@ def _merge(output: Path, fmt: str, k: int, inputs: Sequence[str]) -> dict[str, A
     merged = [by_input[item] for item in inputs if item in by_input]
     merged += [record for item, record in by_input.items() if item not in wanted]  # never drop earlier results
     missing = [item for item in inputs if item not in by_input]
-    write_records(merged, output, fmt)
-    if not missing:  # else keep the parts: nothing is lost, and a re-run fills the gaps
+    try:
+        write_records(merged, output, fmt)
+        write_error = None
+    except OSError as error:  # keep the parts: a re-run merges them
+        write_error = error.strerror or str(error)
+    if not missing and write_error is None:  # else keep the parts: nothing is lost, and a re-run fills the gaps
         for part in parts:
             part.unlink()
         if parts_dir(output).is_dir() and not any(parts_dir(output).iterdir()):
@@ -187,4 +321,5 @@ def _merge(output: Path, fmt: str, k: int, inputs: Sequence[str]) -> dict[str, A
         "classified": len(inputs) - len(missing) - failed,
         "failed": failed,
         "missing": missing,
+        "write_error": write_error,
     }

@@ -5,8 +5,11 @@ Two models are bound on one server, both returning the top-k of each sample as `
 
 - ``<name>``: ``input``, a preprocessed FP32 tensor ``(3, S, S)`` per sample (the model's transform);
 - ``<name>_image``: ``image``, the encoded file (BYTES ``(1,)``), decoded by the same hardened loader
-  as everything else; a sample that is not a usable image gets its reason in ``error`` (BYTES ``(1,)``)
-  and empty top-k, without failing the other requests batched with it.
+  as everything else; a sample that is not a usable image (or that makes decoding or preprocessing
+  raise anything at all) gets its reason in ``error`` (BYTES ``(1,)``, one line of UTF-8) and empty
+  top-k, without failing the other requests batched with it.
+
+``k`` is the top-k served: at most the model's class count (``serve`` clamps ``--top-k`` to it).
 
 PyTriton runs the model in this process; Triton's Python-backend stub, which it starts, embeds the
 shared ``libpython`` of this interpreter's version. :func:`check_interpreter` checks that first.
@@ -27,6 +30,7 @@ import torch
 
 from .engine import Engine
 from .processing import Prediction
+from .results import printable
 
 PROBE_TIMEOUT_S = 30
 # Triton's admin endpoints (statistics, model repository, logging, ...) need this token; PyTriton makes a
@@ -150,7 +154,8 @@ def make_infer_functions(
         encoded = [bytes(item) for item in image.reshape(len(image), -1)[:, 0]]
         results = list(engine.classify(encoded, batch_size=max(1, len(encoded)), k=k))
         out = _arrays([result.predictions for result in results], k)
-        out["error"] = np.array([(result.error or "").encode() for result in results], dtype=object).reshape(-1, 1)
+        errors = [printable(result.error).encode() if result.error is not None else b"" for result in results]
+        out["error"] = np.array(errors, dtype=object).reshape(-1, 1)
         return out
 
     return infer_tensor, infer_image
@@ -176,6 +181,7 @@ def build_server(
     ``access_token`` opens Triton's statistics and other admin endpoints to clients sending it
     (header ``triton-access-token``); without one they stay closed."""
     check_interpreter()
+    top_k = engine.clamp_k(top_k)  # above the class count: all classes (the outputs' shape says how many)
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig

@@ -34,6 +34,7 @@ from resnext_hub import processing  # noqa: E402
 from resnext_hub.models import list_models  # noqa: E402
 from resnext_hub.models.optimize import PRECISIONS  # noqa: E402
 from resnext_hub.processing.fetch import FetchError, URLRefusedError, is_public_address  # noqa: E402
+from resnext_hub.results import failure_reason  # noqa: E402
 
 from .serving import PRECISION_ENV, ModelCache, ModelLoadError, ModelNotReadyError, Served  # noqa: E402
 
@@ -162,10 +163,23 @@ class Demo:
                 raise _Refused("Could not fetch the image", _short(message)) from None
             reason = re.sub(r" \(first bytes .*\)$", "", error.reason)
             raise _Refused("Not a usable image", _short(f"That file is not a usable image: {reason}.")) from None
-        ranked = served.top5(image)
+        except Exception as error:  # anything else reading or decoding raised: this photo only
+            raise _unprocessable(error) from None
+        try:
+            prepared = served.prepare(image)
+        except Exception as error:  # the preprocessing of this photo
+            raise _unprocessable(error) from None
+        ranked = served.top5_of(prepared)
         shown = image.copy()
         shown.thumbnail((512, 512))
         return shown, ranked
+
+
+def _unprocessable(error: Exception) -> _Refused:
+    """The visitor's message for a photo that failed in an unexpected way: its type and message, short."""
+    log.warning("a photo could not be processed: %s", failure_reason(error))
+    message = f"That image could not be processed ({failure_reason(error)})."
+    return _Refused("Could not process the image", _short(message))
 
 
 def top5_dict(ranked: list) -> dict[str, float]:

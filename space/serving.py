@@ -50,6 +50,14 @@ class Served:
         """The five best classes of a decoded RGB image."""
         return self.engine.predict_images([image], 5)[0]
 
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        """The model's input for a decoded RGB image (its preprocessing): the per-image step."""
+        return self.engine.preprocessing(image)
+
+    def top5_of(self, prepared: torch.Tensor) -> list[Prediction]:
+        """The five best classes of one image :meth:`prepare` gave."""
+        return self.engine.top_k(prepared[None], 5)[0]
+
 
 def _percent(value: float | None) -> str:
     return "–" if value is None else f"{value:g}%"

@@ -1,8 +1,16 @@
-"""``classify``: the top-k classes of image files, folders and URLs, as text, JSON lines or CSV."""
+"""``classify``: the top-k classes of image files, folders and URLs, as text, JSON lines or CSV.
+
+Every input gets one record, in input order: its top-k, or why it failed. ``--top-k`` above the
+model's class count gives all its classes. ``-o`` is checked before the model loads; should it fail
+while being written (a full disk), the remaining results go to stdout and stderr says so. Exit
+status: 0, or 1 when an input failed, a folder could not be read or the output failed; 2 for usage
+errors (nothing done).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,51 +22,75 @@ from ..arguments import (
     add_progress_options,
     model_from_args,
     precision_from_args,
+    report_skipped,
 )
-from ..data import expand_inputs
+from ..data import Skipped, expand_inputs
 from ..engine import Engine
 from ..processing.images import is_url
-from ..results import WRITERS, Record, progress_bar
+from ..results import WRITERS, Record, check_output, printable, progress_bar, write_output
+
+
+def _check_not_an_input(output: str, inputs: list[str]) -> None:
+    """``ValueError`` if writing ``output`` would overwrite one of the inputs before it is read."""
+    if not Path(output).is_file():
+        return
+    for item in inputs:
+        try:
+            same = not is_url(item) and os.path.samefile(item, output)
+        except (OSError, ValueError):
+            continue
+        if same:
+            raise ValueError(f"--output {printable(output)} is one of the inputs: writing it would destroy it")
 
 
 def run(args: argparse.Namespace) -> int:
-    inputs = expand_inputs(args.inputs)
+    skipped: list[Skipped] = []
+    inputs = expand_inputs(args.inputs, skipped)
+    report_skipped(skipped)
     if not inputs:
-        print(f"error: no images found in {args.inputs}", file=sys.stderr)
+        shown = ", ".join(printable(item) for item in args.inputs)
+        print(f"error: no images found in {shown}", file=sys.stderr)
         return exit_codes.USAGE
     missing = [item for item in inputs if not is_url(item) and not Path(item).exists()]
     if len(missing) == len(inputs):
         # Nothing to classify: say so before loading (maybe downloading) a model.
-        print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
+        print(f"error: no such file: {', '.join(printable(item) for item in missing)}", file=sys.stderr)
         return exit_codes.USAGE
+    if args.output is not None:
+        check_output(args.output)  # before the model loads: a ValueError is a usage error
+        _check_not_an_input(args.output, inputs)
     engine = Engine(model_from_args(args), device=args.device, precision=precision_from_args(args))
     bar = progress_bar(len(inputs), args.progress)
     failed = 0
 
     def records() -> Iterator[Record]:
         nonlocal failed
-        for result in engine.classify(inputs, batch_size=args.batch_size, k=args.top_k):
+        for result in engine.classify(inputs, batch_size=args.batch_size, k=engine.clamp_k(args.top_k)):
             failed += result.error is not None
             if bar is not None:
                 bar.update(1)
             yield result.as_record()
 
-    out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
     try:
-        WRITERS[args.format](records(), out)
+        problem = write_output(records(), args.format, args.output)
     finally:
         if bar is not None:
             bar.close()
-        if args.output:
-            out.close()
+    if problem:
+        print(problem, file=sys.stderr)
     if failed:
         print(f"{failed} of {len(inputs)} inputs could not be classified", file=sys.stderr)
-    return exit_codes.SOME_FAILED if failed else exit_codes.OK
+    return exit_codes.SOME_FAILED if failed or skipped or problem else exit_codes.OK
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``classify`` subcommand."""
-    parser = subparsers.add_parser("classify", help="classify image files, folders and URLs", description=__doc__)
+    parser = subparsers.add_parser(
+        "classify",
+        help="classify image files, folders and URLs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or http(s) URLs")
     add_model_options(parser)
     add_inference_options(parser, batch_size=16, no_amp=True)

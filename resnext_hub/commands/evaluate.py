@@ -7,7 +7,10 @@ as ImageNet's validation set is usually laid out. Run it alone or under ``torchr
     torchrun --nproc_per_node=8 -m resnext_hub evaluate /data/imagenet/val --model se_resnext101_32x4d
 
 Every image is counted exactly once whatever the number of processes; counts are summed
-over the ranks and rank 0 prints (and writes) the JSON summary.
+over the ranks and rank 0 prints (and writes) the JSON summary. The summary is printed first, so
+an ``--output`` that fails to be written (checked before the model loads) loses nothing. Folders
+that could not be read are listed under ``skipped`` and make the exit status 1, as unreadable
+images do: the numbers are then of a subset.
 """
 
 from __future__ import annotations
@@ -19,16 +22,19 @@ from pathlib import Path
 
 from .. import exit_codes
 from ..arguments import add_inference_options, add_model_options, add_progress_options, model_from_args
-from ..data import find_samples
+from ..data import Skipped, find_samples
 from ..distributed import distributed, quiet_unless_main, sigterm_as_exit
 from ..evaluate import evaluate
+from ..results import check_output, printable
 
 
 def run(args: argparse.Namespace) -> int:
     with sigterm_as_exit(), distributed(args.device) as ctx:
         quiet_unless_main(ctx)
         try:
-            find_samples(args.root)  # fail before the (slow) model load
+            find_samples(args.root, skipped=[])  # fail before the (slow) model load; reported with the summary
+            if args.output is not None:
+                check_output(args.output)
             summary = evaluate(
                 model_from_args(args, ctx=ctx),
                 args.root,
@@ -48,9 +54,17 @@ def run(args: argparse.Namespace) -> int:
             return exit_codes.OK
         summary["checkpoint"] = args.checkpoint
         text = json.dumps(summary, indent=2)
+        print(text, flush=True)  # first: whatever happens to --output, the numbers are out
+        problem = None
         if args.output:
-            Path(args.output).write_text(text + "\n", encoding="utf-8")
-        print(text)
+            try:
+                Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.output).write_text(text + "\n", encoding="utf-8")
+            except OSError as error:
+                problem = (
+                    f"error: writing {printable(args.output)} failed ({error.strerror or error}); "
+                    "the summary is on stdout above"
+                )
         top1 = "n/a" if summary["top1"] is None else f"{summary['top1']:.3f}%"
         top5 = "n/a" if summary["top5"] is None else f"{summary['top5']:.3f}%"
         print(
@@ -59,8 +73,19 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         for failure in summary["failures"]:
-            print(f"{failure['input']}: ERROR {failure['error']}", file=sys.stderr)
-        return exit_codes.SOME_FAILED if summary["failed"] else exit_codes.OK
+            print(f"{printable(failure['input'])}: ERROR {printable(failure['error'])}", file=sys.stderr)
+        for entry in summary["skipped"]:
+            print(f"warning: {Skipped(**entry)}", file=sys.stderr)
+        if summary["skipped"]:
+            print(
+                f"warning: {len(summary['skipped'])} folder(s) could not be read: the numbers are of the "
+                f"{summary['images']} images found, not of the whole dataset",
+                file=sys.stderr,
+            )
+        if problem:
+            print(problem, file=sys.stderr)
+        bad = summary["failed"] or summary["skipped"] or problem
+        return exit_codes.SOME_FAILED if bad else exit_codes.OK
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -4,12 +4,42 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .. import exit_codes
 from .. import export as exporting
 from .. import triton as triton_config
 from ..arguments import add_model_options, model_from_args
 from ..export import DEFAULT_OPSET, FORMATS, ExportError, ExportResult, export_onnx, export_torchscript, export_triton
+from ..results import check_output, printable
+
+MIN_OPSET = 7  # the oldest ONNX opset torch.onnx writes
+
+
+def check(args: argparse.Namespace) -> str | None:
+    """What is wrong with export's own options, if anything (checked before the model loads)."""
+    if args.image_size is not None and args.image_size < 1:
+        return f"--image-size must be at least 1, got {args.image_size}"
+    if args.opset < MIN_OPSET:
+        return f"--opset must be at least {MIN_OPSET}, got {args.opset}"
+    if args.format == "triton":
+        if args.max_batch_size < 1 or args.instance_count < 1 or args.queue_delay_us < 0:
+            return "--max-batch-size and --instance-count must be at least 1, --queue-delay-us at least 0"
+        bad = [size for size in args.preferred_batch_sizes if not 1 <= size <= args.max_batch_size]
+        if bad:
+            return f"--preferred-batch-sizes {bad} are outside 1..--max-batch-size ({args.max_batch_size})"
+    try:
+        if args.format == "triton":
+            repository = Path(args.output)
+            if repository.exists() and not repository.is_dir():
+                return f"--output {printable(args.output)} is not a folder (a Triton model repository is one)"
+            if not repository.exists():
+                check_output(repository)  # a folder can be created there
+        else:
+            check_output(args.output, replaced=True)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,4 +91,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     triton.add_argument("--instance-count", type=int, default=1)
     triton.add_argument("--accelerator", choices=triton_config.ACCELERATORS, help="ONNX Runtime's TensorRT provider")
     triton.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, check_options=check)

@@ -8,6 +8,11 @@ rank 0 merges them into ``<output>`` in input order, one record per input. A re-
 number of processes) skips the inputs already in ``<output>`` or in a part file left by an
 interrupted run, so stopping and restarting loses nothing and repeats nothing. The records are
 ``classify --format json``'s (or its CSV rows).
+
+A re-run must be the same job: the same --model, --weights/--checkpoint and --top-k (above the
+class count: all classes), as ``<output>.job.json`` records; another is refused before the model
+loads. Exit status: 0; 1 when an input failed, a folder could not be read or the output could not
+be written (the results are then kept in the part files: re-run to merge them); 2 for usage errors.
 """
 
 from __future__ import annotations
@@ -17,58 +22,118 @@ import sys
 from pathlib import Path
 
 from .. import exit_codes
-from ..arguments import add_inference_options, add_model_options, add_progress_options, model_from_args
-from ..data import collect_inputs
+from ..arguments import (
+    add_inference_options,
+    add_model_options,
+    add_progress_options,
+    model_from_args,
+    report_skipped,
+)
+from ..data import Skipped, collect_inputs
 from ..distributed import distributed, quiet_unless_main, sigterm_as_exit
-from ..predict import FORMATS, load_done, output_format, parts_dir, predict
+from ..models.download import sha256_of
+from ..models.registry import architecture_of
+from ..models.weights import get_weights
+from ..predict import FORMATS, check_job, check_paths, describe_job, load_done, output_format, parts_dir, predict
+from ..results import printable
+
+
+def _provenance(args: argparse.Namespace) -> dict:
+    """Where the weights come from, beyond the published name: the checkpoint file and its sha256."""
+    if not args.checkpoint:
+        return {}
+    path = Path(args.checkpoint).expanduser()
+    try:
+        sha = sha256_of(path)
+    except OSError:
+        sha = None  # the model load says what is wrong with it
+    return {"checkpoint": str(path.resolve()), "checkpoint_sha256": sha}
+
+
+def _job(args: argparse.Namespace, provenance: dict) -> dict:
+    """The job this run continues or starts, from the options alone (before the model loads)."""
+    architecture = architecture_of(args.model)
+    record = get_weights(architecture, args.weights)
+    weights = None if args.checkpoint else record.name
+    return describe_job(
+        model=architecture, weights=weights, num_classes=record.num_classes, top_k=args.top_k, **provenance
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     with sigterm_as_exit(), distributed(args.device) as ctx:
         quiet_unless_main(ctx)
+        skipped: list[Skipped] = []
         try:
-            inputs = collect_inputs(args.inputs, args.list)
+            inputs = collect_inputs(args.inputs, args.list, skipped)
+            if ctx.is_main:
+                report_skipped(skipped)
             if not inputs:
-                raise ValueError(f"no images found in {args.inputs or args.list}")
+                shown = ", ".join(printable(item) for item in args.inputs + args.list)
+                raise ValueError(f"no images found in {shown}")
             fmt = output_format(args.output, args.format)
-            load_done(Path(args.output), fmt, args.top_k)  # a wrong --output or --top-k fails before the model loads
+            # Before the model loads: a wrong --output, another job's output or another --top-k fails now.
+            output = check_paths(args.output)
+            provenance = _provenance(args)
+            job = _job(args, provenance)
+            load_done(output, fmt, job["top_k"])
+            check_job(output, job)
             model = model_from_args(args, ctx=ctx)
         except ValueError:
             if ctx.is_main:
                 raise  # the CLI prints it once
             return exit_codes.USAGE
-        summary = predict(
-            model,
-            inputs,
-            args.output,
-            ctx=ctx,
-            fmt=fmt,
-            top_k=args.top_k,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            exact=args.exact,
-            compile=args.compile,
-            progress=bool(args.progress),
-            retry_errors=args.retry_errors,
-        )
+        try:
+            summary = predict(
+                model,
+                inputs,
+                args.output,
+                ctx=ctx,
+                fmt=fmt,
+                top_k=args.top_k,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                exact=args.exact,
+                compile=args.compile,
+                progress=bool(args.progress),
+                retry_errors=args.retry_errors,
+                provenance=provenance,
+            )
+        except OSError as error:  # a part file could not be written (a full disk): what was written is kept
+            print(
+                f"error: writing results under {printable(parts_dir(args.output))} failed "
+                f"({error.strerror or error}); those written are kept: re-run to continue",
+                file=sys.stderr,
+            )
+            return exit_codes.SOME_FAILED
         if not ctx.is_main:
             return exit_codes.OK  # rank 0 reports; a non-zero status here would make torchrun stop the others
         if summary["missing"]:  # only if a rank wrote where rank 0 cannot read
             print(
-                f"error: {len(summary['missing'])} input(s) have no result (first: {summary['missing'][0]}); "
-                f"re-run to complete them. On several nodes, {parts_dir(args.output)} must be on a shared file system",
+                f"error: {len(summary['missing'])} input(s) have no result (first: "
+                f"{printable(summary['missing'][0])}); re-run to complete them. On several nodes, "
+                f"{printable(parts_dir(args.output))} must be on a shared file system",
                 file=sys.stderr,
             )
             return exit_codes.SOME_FAILED
         for failure in summary["new_failures"]:
-            print(f"{failure['input']}: ERROR {failure['error']}", file=sys.stderr)
+            print(f"{printable(failure['input'])}: ERROR {printable(failure['error'])}", file=sys.stderr)
+        if summary["write_error"]:
+            print(
+                f"error: writing {printable(summary['output'])} failed ({summary['write_error']}); the results are "
+                f"kept in {printable(parts_dir(args.output))}: re-run the same command to merge them",
+                file=sys.stderr,
+            )
+            return exit_codes.SOME_FAILED
         print(
             f"{summary['inputs']} inputs: {summary['classified']} classified, {summary['failed']} unreadable; "
             f"{summary['processed']} done now ({summary['images_per_second'] or 0:.1f} img/s on "
-            f"{ctx.world_size} process(es)), {summary['skipped']} done before; wrote {summary['output']}",
+            f"{ctx.world_size} process(es)), {summary['skipped']} done before; wrote {printable(summary['output'])}",
             file=sys.stderr,
         )
-        return exit_codes.SOME_FAILED if summary["failed"] else exit_codes.OK
+        if skipped:
+            print(f"warning: {len(skipped)} folder(s) could not be read: their images were skipped", file=sys.stderr)
+        return exit_codes.SOME_FAILED if summary["failed"] or skipped else exit_codes.OK
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -1,4 +1,9 @@
-"""``serve``: a model behind a real Triton Inference Server (PyTriton): HTTP + gRPC, dynamic batching."""
+"""``serve``: a model behind a real Triton Inference Server (PyTriton): HTTP + gRPC, dynamic batching.
+
+Options are checked before the model loads (ports in 1..65535, distinct and free to listen on; batch
+sizes; the model name): a usage error is one line and exit status 2. ``--top-k`` above the model's
+class count serves all its classes.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,10 @@ import argparse
 import logging
 import os
 import platform
+import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -22,8 +29,55 @@ from ..triton import parse_batch_sizes
 log = logging.getLogger(__name__)
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # PyTriton's serve() stops cleanly on it
+
+
+def check(args: argparse.Namespace) -> str | None:
+    """What is wrong with serve's own options, if anything (checked with the others, before anything starts)."""
+    ports = {"--http-port": args.http_port, "--grpc-port": args.grpc_port}
+    if args.metrics_port != 0:
+        ports["--metrics-port"] = args.metrics_port
+    for option, port in ports.items():
+        if not 1 <= port <= 65535:
+            return f"{option} must be in 1..65535, got {port}"
+    if len(set(ports.values())) < len(ports):
+        return f"the ports must differ, got {', '.join(f'{o} {p}' for o, p in ports.items())}"
+    if args.max_batch_size < 1:
+        return f"--max-batch-size must be at least 1, got {args.max_batch_size}"
+    bad = [size for size in args.preferred_batch_sizes if not 1 <= size <= args.max_batch_size]
+    if bad:
+        return f"--preferred-batch-sizes {bad} are outside 1..--max-batch-size ({args.max_batch_size})"
+    if args.queue_delay_us < 0:
+        return f"--queue-delay-us must be at least 0, got {args.queue_delay_us}"
+    if args.name is not None and not _NAME.fullmatch(args.name):
+        return f"--name {args.name!r} is not a model name: letters, digits, '_', '.', '-' (at most 128)"
+    return None
+
+
+def _check_ports(args: argparse.Namespace) -> None:
+    """``ValueError`` unless each port can be listened on now (before the model loads)."""
+    ports = {"--http-port": args.http_port, "--grpc-port": args.grpc_port}
+    if args.metrics_port != 0:
+        ports["--metrics-port"] = args.metrics_port
+    for option, port in ports.items():
+        try:
+            infos = socket.getaddrinfo(args.host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as error:
+            raise ValueError(f"--host {args.host!r} is not an address to listen on ({error})") from None
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as error:
+                raise ValueError(
+                    f"cannot listen on {args.host}:{port} ({error.strerror or error}): pass another {option} "
+                    "(or --host)"
+                ) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,8 +89,12 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         print(f"PyTriton can serve with this interpreter: Python {platform.python_version()}, {library}")
         return exit_codes.OK
+    _check_ports(args)
     model = model_from_args(args)
     engine = Engine(model, device=args.device, precision=precision_from_args(args))
+    top_k = engine.clamp_k(args.top_k)
+    if top_k < args.top_k:
+        log.info("--top-k %d is above the %d classes of %s: serving all %d", args.top_k, top_k, args.model, top_k)
     scratch = Path(tempfile.mkdtemp(prefix="resnext-hub-triton-"))
     try:
         triton = build_server(
@@ -49,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             max_batch_size=args.max_batch_size,
             preferred_batch_sizes=args.preferred_batch_sizes,
             queue_delay_us=args.queue_delay_us,
-            top_k=args.top_k,
+            top_k=top_k,
             workspace=scratch / "workspace",
             access_token=os.environ.get(TOKEN_ENV) or None,
         )
@@ -82,4 +140,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--queue-delay-us", type=int, default=2000, help="how long a request may wait for a batch")
     add_inference_options(parser, no_amp=True)
     parser.add_argument("--check", action="store_true", help="only check that PyTriton works with this Python")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, check_options=check)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import torch
 from conftest import IMAGES, ROOT
 from servers import FileServer
+from unprivileged import public_dir, run_unprivileged
 
 from resnext_hub import processing
 from resnext_hub.models import build_model
@@ -130,3 +132,197 @@ def test_models_command_lists_the_manifest():
     result = subprocess.run([sys.executable, "-m", "resnext_hub", "models"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0
     assert "se_resnext101_32x4d.ngc_20.06" in result.stdout and "45,251,128" in result.stdout
+
+
+# -- issue 13: one bad input fails alone; outputs, names and usage errors -----------------------------------
+
+NAMES = [os.fsdecode(b"caf\xe9.jpg"), "new\nline.jpg", "esc\x1b[2Jape.jpg"]  # not UTF-8; a newline; a terminal code
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # runnable from any folder
+STRICT = {**ENV, "PYTHONIOENCODING": "utf-8:strict"}  # a UTF-8 terminal, which refuses lone surrogates
+
+
+def run_classify(*args: str, cwd=ROOT, env=ENV) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "resnext_hub", "classify", *args],
+        capture_output=True,
+        text=True,
+        errors="surrogateescape",
+        timeout=300,
+        cwd=cwd,
+        env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def awkward(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("awkward")
+    for name in NAMES:
+        shutil.copy(IMAGES / "chelsea.jpg", folder / name)
+    return folder
+
+
+def test_an_input_that_raises_anything_costs_one_record_not_the_run(checkpoint, tmp_path):
+    # "~no-such-user-h13/..." is a real folder here; the loader expands "~user" and pathlib raises RuntimeError.
+    (tmp_path / "~no-such-user-h13").mkdir()
+    shutil.copy(IMAGES / "rocket.jpg", tmp_path / "~no-such-user-h13" / "rocket.jpg")
+    model = ["--model", ARCH, "--checkpoint", str(checkpoint), "--format", "json", "--top-k", "2"]
+    result = run_classify("~no-such-user-h13", str(IMAGES / "chelsea.jpg"), *model, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    bad, good = [json.loads(line) for line in result.stdout.splitlines()]
+    assert bad == {
+        "input": "~no-such-user-h13/rocket.jpg",
+        "error": "RuntimeError: Could not determine home directory.",
+    }
+    assert len(good["predictions"]) == 2 and "1 of 2 inputs could not be classified" in result.stderr
+
+
+def test_names_that_are_not_utf8_or_hold_control_characters_survive_every_format(checkpoint, awkward, tmp_path):
+    model = ["--model", ARCH, "--checkpoint", str(checkpoint), "--top-k", "2", "--exact"]
+    expected = sorted(str(awkward / name) for name in NAMES)
+
+    text = run_classify(str(awkward), *model, env=STRICT)
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert len(lines) == 3 * 3  # no name forged a line
+    assert [line for line in lines if not line.startswith(" ")] == [
+        f"{awkward}/caf\\xe9.jpg",
+        f"{awkward}/esc\\u001b[2Jape.jpg",
+        f"{awkward}/new\\nline.jpg",
+    ]
+    assert "\x1b" not in text.stdout
+
+    out = tmp_path / "out.jsonl"
+    jsonl = run_classify(str(awkward), *model, "--format", "json", "-o", str(out), env=STRICT)
+    assert jsonl.returncode == 0, jsonl.stderr
+    records = [json.loads(line) for line in out.read_text(encoding="ascii").splitlines()]
+    assert [r["input"] for r in records] == expected
+
+    table = run_classify(str(awkward), *model, "--format", "csv", env=STRICT)  # CSV on stdout, bytes kept
+    assert table.returncode == 0, table.stderr
+    rows = list(csv.DictReader(io.StringIO(table.stdout, newline="")))
+    assert sorted({row["input"] for row in rows}) == expected
+    assert [r["input"] for r in records] == [row["input"] for row in rows[::2]]
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        (lambda tmp: tmp, "is a folder: give the path of a file"),
+        (lambda tmp: tmp / "file.txt" / "out.jsonl", "file.txt is a file, not a folder"),
+    ],
+)
+def test_an_output_that_cannot_be_written_fails_before_the_model_loads(tmp_path, output, message):
+    (tmp_path / "file.txt").write_text("not a folder")
+    # A checkpoint that does not exist: had the model loaded first, the error would be about it.
+    result = run_classify(str(IMAGES / "chelsea.jpg"), "--checkpoint", "/nonexistent.pth", "-o", str(output(tmp_path)))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "checkpoint" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: ")
+
+
+def test_an_output_without_write_permission_fails_before_the_model_loads():
+    with public_dir() as base:
+        locked = base / "locked"
+        locked.mkdir(mode=0o755)  # root's: nobody may not create files in it
+        command = [sys.executable, "-m", "resnext_hub", "classify", str(IMAGES / "chelsea.jpg")]
+        result = run_unprivileged(
+            [*command, "--checkpoint", "/nonexistent.pth", "-o", str(locked / "out.csv")], cwd=ROOT
+        )
+    assert result.returncode == 2, result.stderr
+    assert (
+        result.stderr
+        == f"error: --output {locked}/out.csv: no permission to create files in {locked}: give another path\n"
+    )
+
+
+def test_an_output_that_fails_while_written_loses_no_result(checkpoint):
+    model = ["--model", ARCH, "--checkpoint", str(checkpoint), "--top-k", "2", "--format", "json"]
+    result = run_classify(str(IMAGES / "chelsea.jpg"), str(IMAGES / "rocket.jpg"), *model, "-o", "/dev/full")
+    assert result.returncode == 1, result.stderr
+    assert [json.loads(line)["input"] for line in result.stdout.splitlines()] == [
+        str(IMAGES / "chelsea.jpg"),
+        str(IMAGES / "rocket.jpg"),
+    ]
+    assert "error: writing /dev/full failed (No space left on device) after 0 result(s)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("device", ["bogus", "meta", "cuda:99"])
+def test_a_bad_device_is_a_usage_error(device):
+    result = run_classify(str(IMAGES / "chelsea.jpg"), "--device", device, "--checkpoint", "/nonexistent.pth")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: --device: device '{device}'" in result.stderr
+
+
+def test_passwords_in_urls_are_never_repeated(checkpoint):
+    with FileServer(IMAGES) as server:
+        url = server.url.replace("http://", "http://user:s3cret@") + "/missing.jpg"
+        result = run_classify(url, str(IMAGES / "chelsea.jpg"), "--model", ARCH, "--checkpoint", str(checkpoint))
+    assert result.returncode == 1, result.stderr
+    assert "missing.jpg: ERROR could not be fetched" in result.stdout
+    assert "s3cret" not in result.stdout + result.stderr
+    # Not a valid URL (its port): taken for a missing file, and still not repeated.
+    result = run_classify("http://user:s3cret@127.0.0.1:99999/x.jpg", "--checkpoint", "/nonexistent.pth")
+    assert result.returncode == 2 and "s3cret" not in result.stderr and "no such file" in result.stderr
+
+
+def test_a_reader_that_goes_away_stops_the_run_without_a_traceback(checkpoint, awkward):
+    command = [sys.executable, "-m", "resnext_hub", "classify", str(awkward), str(IMAGES)]
+    command += ["--model", ARCH, "--checkpoint", str(checkpoint), "--batch-size", "1"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.readline()
+    process.stdout.close()  # as `| head -1` does
+    stderr = process.communicate(timeout=300)[1].decode()
+    assert process.returncode == 1 and "Traceback" not in stderr and "Exception ignored" not in stderr
+    assert "error: standard output was closed" in stderr
+
+
+def test_an_output_that_is_one_of_the_inputs_is_refused(checkpoint, tmp_path):
+    photo = tmp_path / "photo.jpg"
+    shutil.copy(IMAGES / "chelsea.jpg", photo)
+    result = run_classify(str(tmp_path), "--model", ARCH, "--checkpoint", str(checkpoint), "-o", str(photo))
+    assert result.returncode == 2 and "is one of the inputs" in result.stderr
+    assert photo.read_bytes() == (IMAGES / "chelsea.jpg").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--format", "onnx", "-o", "{tmp}/m.onnx", "--image-size", "-5"], "--image-size must be at least 1, got -5"),
+        (["--format", "torchscript", "-o", "{tmp}/file/m.pt"], "file is a file, not a folder"),
+        (["--format", "onnx", "-o", "{tmp}"], "is a folder: give the path of a file"),
+        (["--format", "triton", "-o", "{tmp}/file"], "is not a folder (a Triton model repository is one)"),
+        (["--format", "triton", "-o", "{tmp}/repo", "--preferred-batch-sizes", "0,8"], "[0] are outside 1..--max"),
+    ],
+)
+def test_export_usage_errors_come_before_the_model_loads(tmp_path, options, message):
+    (tmp_path / "file").write_text("x")
+    command = ["export", "--model", ARCH, "--checkpoint", "/nonexistent.pth"]
+    result = subprocess.run(
+        [sys.executable, "-m", "resnext_hub", *command, *[o.format(tmp=tmp_path) for o in options]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "checkpoint" not in result.stderr
+
+
+def test_a_folder_that_cannot_be_read_is_reported_and_fails_the_run(checkpoint):
+    with public_dir() as base:
+        photos = base / "photos"
+        (photos / "locked").mkdir(parents=True)
+        shutil.copy(IMAGES / "chelsea.jpg", photos / "chelsea.jpg")
+        shutil.copy(IMAGES / "rocket.jpg", photos / "locked" / "rocket.jpg")
+        (photos / "locked").chmod(0o000)
+        shutil.copy(checkpoint, base / "model.pth")
+        command = [sys.executable, "-m", "resnext_hub", "classify", str(photos), "--format", "json"]
+        command += ["--model", ARCH, "--checkpoint", str(base / "model.pth")]
+        result = run_unprivileged(command, cwd=ROOT, env={**ENV, "HOME": str(base)})
+    assert result.returncode == 1, result.stderr
+    assert [json.loads(line)["input"] for line in result.stdout.splitlines()] == [str(photos / "chelsea.jpg")]
+    assert f"warning: folder {photos}/locked could not be read (Permission denied): its images were skipped" in (
+        result.stderr
+    )

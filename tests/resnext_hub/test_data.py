@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from PIL import Image
+import json
+import os
+import sys
 
-from resnext_hub.data import collect_inputs, find_samples
+import pytest
+import torch
+from conftest import ROOT
+from PIL import Image
+from unprivileged import public_dir, run_unprivileged
+
+from resnext_hub.data import MAX_LIST_LINE, ImageListDataset, Skipped, collate, collect_inputs, find_samples
 from resnext_hub.processing import imagenet_wnids
 
 
@@ -19,3 +27,93 @@ def test_folders_map_to_wordnet_ids_not_sort_order(tmp_path):
 def test_list_files_skip_comments_and_repeats(tmp_path):
     (tmp_path / "list.txt").write_text("# header\nb.jpg\n\n  a.jpg  \nb.jpg\nhttp://127.0.0.1:1/c.jpg\n")
     assert collect_inputs([], [str(tmp_path / "list.txt")]) == ["b.jpg", "a.jpg", "http://127.0.0.1:1/c.jpg"]
+
+
+# -- one bad input fails alone; nothing is skipped silently (issue 13) -------------------------------------
+
+
+class _Preset:
+    """The model's preset, except that it raises for one specific image (a 37x23 photo)."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __call__(self, image):
+        if image.size == (37, 23):
+            raise self.error
+        return torch.zeros(3, 8, 8) if image.size != (41, 41) else torch.zeros(3, 9, 9)
+
+
+def _photos(folder):
+    names = {"good.png": (16, 16), "fault.png": (37, 23), "odd.png": (41, 41), "also_good.png": (20, 10)}
+    for name, size in names.items():
+        Image.new("RGB", size, "red").save(folder / name)
+    return [str(folder / name) for name in names]
+
+
+def test_any_exception_in_decoding_or_preprocessing_costs_that_input_only(tmp_path):
+    items = _photos(tmp_path)
+    dataset = ImageListDataset(items + ["~no-such-user-h13/a.jpg"], _Preset(ZeroDivisionError("division by zero")))
+    batch = collate([dataset[i] for i in range(len(dataset))])
+    assert batch.indices == [0, 3] and batch.images.shape == (2, 3, 8, 8)
+    failed = dict(batch.failed)
+    assert failed[1] == "ZeroDivisionError: division by zero"
+    assert failed[2] == "preprocessing gave a 3x9x9 tensor, the batch's are 3x8x8"
+    assert failed[4] == "RuntimeError: Could not determine home directory."  # pathlib's, from the loader
+    for stop in (KeyboardInterrupt(), SystemExit(143)):  # still stop the run
+        with pytest.raises(type(stop)):
+            ImageListDataset(items, _Preset(stop))[1]
+
+
+def test_list_files_keep_non_utf8_names_and_refuse_what_is_not_a_list(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9.jpg\r\nb.jpg\r\n")
+    assert collect_inputs([], [str(tmp_path / "latin1.txt")]) == [os.fsdecode(b"caf\xe9.jpg"), "b.jpg"]
+    (tmp_path / "photo.txt").write_bytes(b"a.jpg\n\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    with pytest.raises(ValueError, match=r"photo.txt: line 4 holds a NUL byte; a list file is text"):
+        collect_inputs([], [str(tmp_path / "photo.txt")])
+    with open(tmp_path / "huge.txt", "w") as handle:  # one endless line: refused after reading 64K of it
+        handle.write("a.jpg\n" + "x" * (MAX_LIST_LINE + 10) + "\n")
+    with pytest.raises(ValueError, match=rf"huge.txt: line 2 is over {MAX_LIST_LINE} characters"):
+        collect_inputs([], [str(tmp_path / "huge.txt")])
+    (tmp_path / "ok.txt").write_text("x" * MAX_LIST_LINE + "\n")  # at the limit: an entry
+    assert collect_inputs([], [str(tmp_path / "ok.txt")]) == ["x" * MAX_LIST_LINE]
+
+
+_WALK = """
+import json, sys
+from resnext_hub.data import Skipped, collect_inputs, find_samples
+skipped = []
+found = collect_inputs([sys.argv[1]], skipped=skipped)
+samples_skipped = []
+try:
+    samples = find_samples(sys.argv[2], skipped=samples_skipped)
+except ValueError as error:
+    samples = str(error)
+print(json.dumps({"found": found, "skipped": skipped, "samples": samples, "samples_skipped": samples_skipped}))
+"""
+
+
+def test_a_folder_that_cannot_be_read_is_reported_never_passed_over():
+    wnids = imagenet_wnids()
+    with public_dir() as base:
+        photos, val = base / "photos", base / "val"
+        for folder in (photos / "open", photos / "locked" / "deeper", val / wnids[0], val / wnids[1]):
+            folder.mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(folder / "a.png")
+        (photos / "fifo.jpg").parent.mkdir(exist_ok=True)
+        os.mkfifo(photos / "fifo.jpg")  # not a regular file: listed, and the loader says what it is
+        (photos / "locked").chmod(0o000)
+        (val / wnids[1]).chmod(0o000)
+        walk = run_unprivileged([sys.executable, "-c", _WALK, str(photos), str(val)], cwd=ROOT)
+        assert walk.returncode == 0, walk.stderr
+        seen = json.loads(walk.stdout)
+        assert seen["found"] == [str(photos / "fifo.jpg"), str(photos / "open" / "a.png")]
+        assert seen["skipped"] == [[str(photos / "locked"), "Permission denied"]]
+        assert seen["samples"] == [[str(val / wnids[0] / "a.png"), 0]]
+        assert seen["samples_skipped"] == [[str(val / wnids[1]), "Permission denied"]]
+        val.chmod(0o000)
+        walk = run_unprivileged([sys.executable, "-c", _WALK, str(photos), str(val)], cwd=ROOT)
+        assert "could not be read: Permission denied" in json.loads(walk.stdout)["samples"]
+    assert str(Skipped("a\nb", "Permission denied")) == (
+        "folder a\\nb could not be read (Permission denied): its images were skipped"
+    )

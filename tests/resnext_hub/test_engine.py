@@ -45,3 +45,33 @@ def test_loader_processes_and_threads_give_the_same_results(engine):
     threaded = [pair for batch in engine.classify_batches(items, batches, k=2, threads=True) for pair in batch]
     loaded = [pair for batch in engine.classify_batches(items, batches, k=2, workers=1) for pair in batch]
     assert [i for i, _ in loaded] == [0, 1, 2] and loaded == threaded
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("bogus", "'bogus' is not a device name: expected auto, cpu, cuda or cuda:N"),
+        ("cuda:-1", "is not a device name"),
+        ("meta", "'meta' cannot run the models"),
+        ("xla", "'xla' cannot run the models"),
+    ],
+)
+def test_a_device_that_cannot_run_is_a_value_error_that_says_so(device, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_device(device)
+
+
+def test_an_input_that_raises_anything_gets_a_result_and_the_rest_are_classified(engine):
+    items = [str(RGB_PHOTOS[0]), "~no-such-user-h13/photo.jpg", str(RGB_PHOTOS[1])]
+    for threads in (True, False):
+        batches = engine.classify_batches(items, [[0, 1, 2]], k=3, threads=threads, workers=1)
+        results = [pair for batch in batches for pair in batch]
+        assert [i for i, _ in results] == [0, 1, 2]
+        assert results[1][1].error == "RuntimeError: Could not determine home directory."
+        assert results[0][1].predictions and results[2][1].predictions
+
+
+def test_top_k_above_the_class_count_is_every_class(engine):
+    assert engine.clamp_k(3) == 3 and engine.clamp_k(2000) == 10
+    [result] = engine.classify([str(RGB_PHOTOS[0])], k=engine.clamp_k(2000))
+    assert sorted(p.index for p in result.predictions) == list(range(10))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 import torch
 from conftest import RGB_PHOTOS, ROOT
 from PIL import Image
+from unprivileged import public_dir, run_unprivileged
 
 from resnext_hub.cli import main
 from resnext_hub.data import find_samples
@@ -193,3 +195,52 @@ def test_api_with_loader_workers_and_the_fast_path(dataset):
         assert (summary["correct_top1"], summary["correct_top5"]) == (4, 8)
     else:  # bf16 may move a borderline rank of this random-weight model; its fidelity is tested with the model
         assert 0 <= summary["correct_top1"] <= summary["correct_top5"] <= 12
+
+
+# -- issue 13: the summary survives its output; unreadable folders; any exception per image ---------------------
+
+
+def test_an_unwritable_output_fails_before_the_model_loads(dataset, tmp_path):
+    (tmp_path / "file").write_text("x")
+    args = ["evaluate", str(dataset["root"]), "--model", ARCH, "--checkpoint", "/nonexistent.pth"]
+    run = run_cli([*args, "-o", str(tmp_path / "file" / "summary.json")], tmp_path)
+    assert run.returncode == 2 and run.stderr.startswith("error: --output") and "checkpoint" not in run.stderr
+
+
+def test_an_output_that_fails_while_written_leaves_the_summary_on_stdout(dataset):
+    args = ["evaluate", str(dataset["root"]), "--model", ARCH, "--checkpoint", str(dataset["checkpoint"])]
+    run = run_cli([*args, "--batch-size", "13", "--workers", "0", "--exact", "-o", "/dev/full"], dataset["base"])
+    assert run.returncode == 1, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["images"] == 13 and summary["correct_top1"] == 4 and summary["skipped"] == []
+    assert "error: writing /dev/full failed (No space left on device); the summary is on stdout above" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_a_class_folder_that_cannot_be_read_is_reported_and_fails_the_run(dataset):
+    with public_dir() as base:
+        root = base / "val"
+        shutil.copytree(dataset["root"], root)
+        locked = sorted(root.iterdir())[-1]
+        locked.chmod(0o000)
+        checkpoint = base / f"{ARCH}.pth"
+        shutil.copy(dataset["checkpoint"], checkpoint)
+        args = ["evaluate", str(root), "--model", ARCH, "--checkpoint", str(checkpoint), "--workers", "0", "--exact"]
+        run = run_unprivileged(cli_command(args), cwd=base, env={**cli_env(), "HOME": str(base)})
+    assert run.returncode == 1, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["skipped"] == [{"path": str(locked), "reason": "Permission denied"}]
+    assert summary["evaluated"] + summary["failed"] == summary["images"] < 13
+    assert f"warning: folder {locked} could not be read (Permission denied)" in run.stderr
+    assert "the numbers are of the" in run.stderr
+
+
+def test_images_whose_loading_raises_anything_are_counted_as_failures(dataset, tmp_path):
+    # A dataset folder given as "~no-such-user-h13": the loader expands "~user", and pathlib raises RuntimeError.
+    shutil.copytree(dataset["root"], tmp_path / "~no-such-user-h13")
+    args = ["evaluate", "~no-such-user-h13", "--model", ARCH, "--checkpoint", str(dataset["checkpoint"])]
+    run = run_cli([*args, "--workers", "1"], tmp_path)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["failed"] == 13 and summary["evaluated"] == 0 and summary["top1"] is None
+    assert {f["error"] for f in summary["failures"]} == {"RuntimeError: Could not determine home directory."}

@@ -8,6 +8,8 @@ would) at a known point, after the first 8 results are on disk.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -17,11 +19,15 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import RGB_PHOTOS
 from test_evaluate import ARCH, BROKEN, cli_command, cli_env, photo_variants, run_cli, write_checkpoint
+from unprivileged import public_dir, run_unprivileged
 
 from resnext_hub.cli import main
 from resnext_hub.data import collect_inputs
 from resnext_hub.predict import _merge, load_done, parts_dir, read_records, write_records
+from tools.fake_checkpoints import random_state_dict
 
 HELD_FROM = 8  # the server holds back the inputs from this index on
 
@@ -174,3 +180,126 @@ def test_resuming_with_another_top_k_is_refused(photos, capsys):
     args = ["predict", str(photos["tree"]), "-o", str(photos["one"]), "--top-k", "3", "--checkpoint", "/nonexistent"]
     assert main(args) == 2
     assert "top-5 results but --top-k is 3" in capsys.readouterr().err
+
+
+# -- issue 13: a resume continues the same job; names; outputs; skipped folders -------------------------------
+
+UNDECODABLE = os.fsdecode(b"caf\xe9.jpg")
+
+
+@pytest.fixture(scope="module")
+def small_job(tmp_path_factory, photos) -> dict:
+    """Three photos, one not UTF-8-named and one with a newline in its name, and a list file whose entry raises."""
+    base = tmp_path_factory.mktemp("small_job")
+    tree = base / "photos"
+    tree.mkdir()
+    for name, source in zip((UNDECODABLE, "new\nline.jpg", "plain.jpg"), sorted(photos["tree"].rglob("*_full.jpg"))):
+        shutil.copy(source, tree / name)
+    # The latin-1 list repeats the photo (kept once); "~no-such-user-h13/..." makes the loader raise RuntimeError.
+    (base / "list.txt").write_bytes(b"%s\n~no-such-user-h13/x.jpg\n" % os.fsencode(tree / UNDECODABLE))
+    checkpoint = write_checkpoint(base)
+    return {"base": base, "tree": tree, "checkpoint": checkpoint, "common": _options(checkpoint)}
+
+
+def _options(checkpoint) -> list[str]:
+    options = ["--model", ARCH, "--batch-size", "2", "--workers", "0", "--exact"]
+    return options + (["--checkpoint", str(checkpoint)] if checkpoint else [])
+
+
+def test_a_csv_job_with_awkward_names_completes_and_resumes(small_job):
+    base, tree = small_job["base"], small_job["tree"]
+    output = base / "names.csv"
+    args = ["predict", str(tree), "--list", str(base / "list.txt"), "-o", str(output), *small_job["common"]]
+    first = run_cli(args, base)
+    assert first.returncode == 1, first.stderr  # the input that raised
+    assert "Traceback" not in first.stderr
+    assert "~no-such-user-h13/x.jpg: ERROR RuntimeError: Could not determine home directory." in first.stderr
+    records = read_records(output, "csv")
+    expected = [str(tree / name) for name in (UNDECODABLE, "new\nline.jpg", "plain.jpg")] + ["~no-such-user-h13/x.jpg"]
+    assert [r["input"] for r in records] == expected
+    assert os.fsencode(tree / UNDECODABLE) in output.read_bytes()  # the name's own bytes
+    again = run_cli(args, base)
+    assert again.returncode == 1, again.stderr
+    assert "0 done now" in again.stderr and "4 done before" in again.stderr
+    assert read_records(output, "csv") == records
+
+
+def test_resuming_with_other_weights_is_refused_before_the_model_loads(small_job):
+    base, tree = small_job["base"], small_job["tree"]
+    output = base / "job.jsonl"
+    args = ["predict", str(tree), "-o", str(output), *small_job["common"]]
+    assert run_cli(args, base).returncode == 0
+    before = output.read_bytes()
+
+    other = base / "other" / f"{ARCH}.pth"
+    other.parent.mkdir()
+    torch.save(random_state_dict(ARCH, seed=11), other)
+    run = run_cli(["predict", str(tree), "-o", str(output), *_options(other)], base)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "holds results of model seresnext26d_32x4d, checkpoint" in run.stderr
+    assert "differs in checkpoint" in run.stderr and "write to another --output" in run.stderr
+    assert output.read_bytes() == before
+    # The published weights are another job too (refused before any download).
+    assert main(["predict", str(tree), "-o", str(output), *_options(None)]) == 2
+    job = json.loads((base / "job.jsonl.job.json").read_text())  # what identifies the job, beside the output
+    assert job["model"] == ARCH and job["top_k"] == 5 and len(job["checkpoint_sha256"]) == 64
+
+
+def test_top_k_above_the_class_count_resumes(small_job, capsys):
+    base, tree = small_job["base"], small_job["tree"]
+    output = base / "all.jsonl"
+    args = ["predict", str(tree / "plain.jpg"), "-o", str(output), "--top-k", "2000", *small_job["common"]]
+    assert main(args) == 0
+    assert len(read_records(output, "jsonl")[0]["predictions"]) == 1000
+    capsys.readouterr()
+    assert main(args) == 0, capsys.readouterr().err  # the same job: all 1000 classes
+    assert "0 done now" in capsys.readouterr().err
+    assert main([*args[:4], "--top-k", "999", *args[6:]]) == 2
+    assert "top-1000 results but --top-k is 999" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "below a file"])
+def test_an_output_that_cannot_be_replaced_is_refused_before_the_model_loads(tmp_path, kind, capsys):
+    output = tmp_path / "out.jsonl"
+    if kind == "folder":
+        output.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(output)  # reading it would block; replacing it would swap a pipe for a file
+    else:
+        (tmp_path / "file").write_text("x")
+        output = tmp_path / "file" / "out.jsonl"
+    args = ["predict", str(RGB_PHOTOS[0]), "-o", str(output), "--model", ARCH, "--checkpoint", "/nonexistent.pth"]
+    run = run_cli(args, tmp_path)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith("error: --output") and "checkpoint" not in run.stderr
+
+
+def test_a_merge_that_cannot_be_written_keeps_the_parts(tmp_path):
+    output = tmp_path / "out.jsonl"
+    write_records([{"input": "a.jpg", "error": "x"}], output, "jsonl")
+    before = output.read_bytes()
+    parts_dir(output).mkdir()
+    (parts_dir(output) / "1-rank00000.jsonl").write_text(json.dumps({"input": "b.jpg", "error": "y"}) + "\n")
+    (tmp_path / f".out.jsonl.{os.getpid()}.tmp").mkdir()  # where the merged file would be written: taken
+    summary = _merge(output, "jsonl", 5, ["a.jpg", "b.jpg"])
+    assert summary["write_error"] and summary["missing"] == []
+    assert output.read_bytes() == before and (parts_dir(output) / "1-rank00000.jsonl").exists()
+
+
+def test_a_folder_that_cannot_be_read_is_reported_and_fails_the_run(small_job):
+    with public_dir() as base:
+        tree = base / "photos"
+        shutil.copytree(small_job["tree"], tree)
+        (tree / "locked").mkdir()
+        shutil.copy(tree / "plain.jpg", tree / "locked" / "hidden.jpg")
+        (tree / "locked").chmod(0o000)
+        checkpoint = base / f"{ARCH}.pth"
+        shutil.copy(small_job["checkpoint"], checkpoint)
+        args = ["predict", str(tree), "-o", str(base / "out.jsonl"), *_options(checkpoint)]
+        run = run_unprivileged(cli_command(args), cwd=base, env={**cli_env(), "HOME": str(base)})
+        assert run.returncode == 1, run.stderr
+        assert f"warning: folder {tree}/locked could not be read (Permission denied): its images were skipped" in (
+            run.stderr
+        )
+        assert "3 inputs: 3 classified, 0 unreadable" in run.stderr
+        assert "warning: 1 folder(s) could not be read" in run.stderr

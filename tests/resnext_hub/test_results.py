@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pytest
 
+from resnext_hub.predict import read_records, write_records
 from resnext_hub.processing import Prediction
-from resnext_hub.results import Result, read_csv, read_jsonl, write_csv, write_jsonl, write_text
+from resnext_hub.results import (
+    WRITERS,
+    Result,
+    check_output,
+    failure_reason,
+    printable,
+    read_csv,
+    read_jsonl,
+    write_csv,
+    write_jsonl,
+    write_output,
+    write_text,
+)
 
 RESULTS = [
     Result("a, b.jpg", predictions=[Prediction(3, "n1", 'x, "y"', 0.5123456789), Prediction(1, None, "z", 0.25)]),
@@ -57,3 +71,88 @@ def test_text_for_the_terminal():
         "  2.  25.0%  z (1)",
         "bad.jpg: ERROR not an image",
     ]
+
+
+# -- names, text and outputs that fail (issue 13) ------------------------------------------------------
+
+UNDECODABLE = os.fsdecode(b"caf\xe9.jpg")  # a Latin-1 file name on Linux: not UTF-8
+AWKWARD = [UNDECODABLE, "new\nline.jpg", "tab\tand\x1b[31mred.jpg", "back\\slash.jpg", "rtl\u202egpj.exe", "é.jpg"]
+
+
+def test_text_puts_every_name_on_one_line_and_escapes_what_would_forge_or_hide_lines():
+    records = [{"input": name, "error": "bad\nline"} for name in AWKWARD]
+    out = io.StringIO()
+    write_text(records, out)
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "caf\\xe9.jpg: ERROR bad\\nline",
+        "new\\nline.jpg: ERROR bad\\nline",
+        "tab\\tand\\u001b[31mred.jpg: ERROR bad\\nline",
+        "back\\\\slash.jpg: ERROR bad\\nline",
+        "rtl\\u202egpj.exe: ERROR bad\\nline",
+        "é.jpg: ERROR bad\\nline",
+    ]
+    out.getvalue().encode("utf-8")  # no lone surrogate left: any terminal can show it
+    # A message quoting an escaped name is made one line again without escaping it twice.
+    once = printable("a\\b\n" + UNDECODABLE)
+    assert once == "a\\\\b\\ncaf\\xe9.jpg" and printable(f"x: {once}", backslashes=False) == f"x: {once}"
+
+
+def test_every_name_round_trips_through_json_lines_and_csv_files(tmp_path):
+    prediction = {"index": 1, "wnid": None, "label": "x", "probability": 0.5}
+    records = [{"input": name, "predictions": [prediction]} for name in AWKWARD]
+    records.append({"input": UNDECODABLE + "2", "error": "e"})
+    for fmt in ("jsonl", "csv"):
+        path = tmp_path / f"out.{fmt}"
+        write_records(records, path, fmt)
+        assert read_records(path, fmt) == records, fmt
+    # CSV keeps the file system's bytes: the name as `ls` would list it.
+    assert b"caf\xe9.jpg" in (tmp_path / "out.csv").read_bytes()
+    assert b"\\udce9" in (tmp_path / "out.jsonl").read_bytes()  # JSON lines stay ASCII
+
+
+def test_passwords_in_urls_never_reach_text():
+    record = {"input": "http://user:s3cret@127.0.0.1:1/a.jpg", "error": "from http://u:pw@host/x: refused"}
+    out = io.StringIO()
+    write_text([record], out)
+    assert "s3cret" not in out.getvalue() and "pw@" not in out.getvalue()
+    assert printable("http://user:s3cret@host/a.jpg") == "http://***@host/a.jpg"
+
+
+def test_unexpected_errors_give_their_type_and_a_bounded_message():
+    assert failure_reason(RuntimeError("Could not determine home directory.")) == (
+        "RuntimeError: Could not determine home directory."
+    )
+    assert failure_reason(KeyError()) == "KeyError"
+    long = failure_reason(ValueError("x" * 10_000))
+    assert len(long) == 500 and long.startswith("ValueError: xxx")
+
+
+def test_a_file_that_fails_while_written_loses_no_record(tmp_path):
+    records = [Result(f"{i}.jpg", error="e").as_record() for i in range(3)]
+    for fmt in ("json", "csv", "text"):
+        stdout = io.StringIO()
+        problem = write_output(iter(records), fmt, "/dev/full", stdout=stdout)
+        assert "writing /dev/full failed (No space left on device) after 0 result(s)" in problem
+        expected = io.StringIO()
+        WRITERS[fmt](records, expected)
+        assert stdout.getvalue() == expected.getvalue(), fmt  # all of them, header included
+    # A file that works gets everything, stdout nothing.
+    stdout = io.StringIO()
+    assert write_output(iter(records), "csv", tmp_path / "new" / "out.csv", stdout=stdout) is None
+    assert read_csv(io.StringIO((tmp_path / "new" / "out.csv").read_text())) == records and not stdout.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda tmp: tmp, "is a folder"),
+        (lambda tmp: tmp / "file.txt" / "out.jsonl", "file.txt is a file, not a folder"),
+        (lambda tmp: tmp / "file.txt" / "deeper" / "out.jsonl", "file.txt is a file, not a folder"),
+    ],
+)
+def test_outputs_that_cannot_be_written_are_refused_up_front(tmp_path, make, message):
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match=message):
+        check_output(make(tmp_path))
+    assert check_output(tmp_path / "missing" / "folders" / "out.jsonl")  # created when written

@@ -40,14 +40,14 @@ def _free_port() -> int:
 class Server:
     """``python -m resnext_hub serve`` in a subprocess, as a user starts it."""
 
-    def __init__(self, checkpoint, log_path) -> None:
+    def __init__(self, checkpoint, log_path, *, top_k: int = TOP_K, launcher: tuple[str, ...] = ("-m", "resnext_hub")):
         self.http_port, self.grpc_port = _free_port(), _free_port()
-        argv = [sys.executable, "-m", "resnext_hub", "serve", "--model", ARCH, "--checkpoint", str(checkpoint)]
+        argv = [sys.executable, *launcher, "serve", "--model", ARCH, "--checkpoint", str(checkpoint)]
         argv += ["--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), "--metrics-port", "0"]
         # A long queue delay makes batching certain however slowly this machine runs the requests.
         argv += ["--max-batch-size", "8", "--preferred-batch-sizes", "4,8", "--queue-delay-us", "200000"]
         # Exact fp32 on both sides: bf16 may swap near-tied classes of random weights.
-        argv += ["--top-k", str(TOP_K), "--device", "cpu", "--exact"]
+        argv += ["--top-k", str(top_k), "--device", "cpu", "--exact"]
         self.log_path = log_path
         self.log = open(log_path, "w")
         env = {**os.environ, TOKEN_ENV: TOKEN}
@@ -201,3 +201,105 @@ def test_server_stops_cleanly(server):
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", server.http_port)) != 0  # nothing listens any more
     assert "Traceback" not in server.log_path.read_text()
+
+
+# -- issue 13: one bad sample fails alone; usage errors before anything starts -----------------------------------
+
+# `python -m resnext_hub serve`, with one deterministic fault: the preset raises for a 37x23 image, something the
+# hardened loader never raises (an unexpected exception type inside preprocessing).
+FAULTY_PRESET = """
+import runpy, sys
+from resnext_hub.processing.presets import ImageClassification
+preprocess = ImageClassification.__call__
+def faulty(self, image):
+    if image.size == (37, 23):
+        raise RuntimeError("fault injected for a 37x23 image")
+    return preprocess(self, image)
+ImageClassification.__call__ = faulty
+sys.argv = ["resnext_hub", *sys.argv[1:]]
+runpy.run_module("resnext_hub", run_name="__main__", alter_sys=True)
+"""
+
+
+def _png(size) -> bytes:
+    import io
+
+    from PIL import Image
+
+    encoded = io.BytesIO()
+    Image.new("RGB", size, "blue").save(encoded, "PNG")
+    return encoded.getvalue()
+
+
+@pytest.fixture(scope="module")
+def faulty_server(checkpoint, tmp_path_factory):
+    """A server with the faulty preset and --top-k 2000 (above the 1000 classes: all of them)."""
+    log = tmp_path_factory.mktemp("faulty-serve-log") / "server.log"
+    server = Server(checkpoint, log, top_k=2000, launcher=("-c", FAULTY_PRESET))
+    yield server
+    assert server.stop() == 0
+    assert "Traceback" not in log.read_text()
+
+
+def test_a_sample_that_raises_anything_fails_alone_in_its_request_and_its_batch(faulty_server, classifier):
+    good = [p.read_bytes() for p in RGB_PHOTOS[:2]]
+    samples = [good[0], _png((37, 23)), b"", good[1]]
+    expected_errors = ["", "RuntimeError: fault injected for a 37x23 image", "empty file", ""]
+    local = list(classifier.classify([str(p) for p in RGB_PHOTOS[:2]], k=5))
+
+    def check(rows: dict, which: list[int]) -> None:
+        for row, i in enumerate(which):
+            assert rows["error"][row, 0].decode() == expected_errors[i]
+            assert rows["indices"].shape[1] == 1000  # --top-k 2000 is every class
+            if expected_errors[i]:
+                assert (rows["indices"][row] == -1).all()
+            else:
+                top = local[0 if i == 0 else 1].predictions
+                assert rows["indices"][row, :5].tolist() == [p.index for p in top]
+                np.testing.assert_allclose(rows["probabilities"][row, :5], [p.probability for p in top], rtol=1e-4)
+
+    # One request of four samples.
+    tensor = httpclient.InferInput("image", [4, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[s] for s in samples], dtype=object))
+    result = faulty_server.http.infer(f"{ARCH}_image", [tensor])
+    check({name: result.as_numpy(name) for name in ("error", "indices", "probabilities")}, [0, 1, 2, 3])
+
+    # Four one-sample requests at once over gRPC: batched together, none fails for another's sample.
+    def send(i: int) -> dict:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{faulty_server.grpc_port}")
+        one = grpcclient.InferInput("image", [1, 1], "BYTES")
+        one.set_data_from_numpy(np.array([[samples[i]]], dtype=object))
+        answer = client.infer(f"{ARCH}_image", [one], client_timeout=120)
+        client.close()
+        return {name: answer.as_numpy(name) for name in ("error", "indices", "probabilities")}
+
+    with ThreadPoolExecutor(4) as pool:
+        for i, rows in enumerate(pool.map(send, range(4))):
+            check(rows, [i])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--http-port", "70000"], "--http-port must be in 1..65535, got 70000"),
+        (["--http-port", "8500", "--grpc-port", "8500"], "the ports must differ"),
+        (
+            ["--max-batch-size", "4", "--preferred-batch-sizes", "4,8"],
+            "--preferred-batch-sizes [8] are outside 1..--max",
+        ),
+        (["--max-batch-size", "0"], "--max-batch-size must be at least 1"),
+        (["--queue-delay-us", "-1"], "--queue-delay-us must be at least 0"),
+        (["--name", "a/b"], "--name 'a/b' is not a model name"),
+        (["--device", "bogus"], "--device: device 'bogus' is not a device name"),
+        (["--http-port", "{busy}"], "Address already in use): pass another --http-port"),
+    ],
+)
+def test_usage_errors_stop_serve_before_the_model_loads(options, message):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        options = [option.format(busy=busy.getsockname()[1]) for option in options]
+        argv = [sys.executable, "-m", "resnext_hub", "serve", "--checkpoint", "/nonexistent.pth", *options]
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr and "checkpoint" not in done.stderr

@@ -160,3 +160,34 @@ def test_the_space_requirements_match_the_repo() -> None:
     names = {line.split("=")[0].split(">")[0].split("<")[0].strip().lower() for line in space.splitlines()}
     for needed in ("torch", "torchvision", "pillow", "numpy", "requests", "safetensors", "tqdm"):
         assert needed in names, needed
+
+
+def test_a_photo_that_raises_anything_gets_its_own_message_and_the_next_one_is_served(demo, app, tmp_path) -> None:
+    from PIL import Image
+
+    # A path the loader expands as "~user" (pathlib raises RuntimeError), and a photo whose preprocessing raises.
+    with pytest.raises(app.gr.Error) as excinfo:
+        demo.classify_upload("seresnext26d_32x4d", {"path": "~no-such-user-h13/photo.jpg"})
+    assert _message(excinfo) == (
+        "That image could not be processed (RuntimeError: Could not determine home directory.)."
+    )
+    assert excinfo.value.title == "Could not process the image"
+
+    served = demo.models.get("seresnext26d_32x4d", 120)
+    preprocess = served.engine.preprocessing
+
+    def faulty(image):
+        if image.size == (37, 23):
+            raise ZeroDivisionError("division by zero")
+        return preprocess(image)
+
+    Image.new("RGB", (37, 23), "blue").save(tmp_path / "odd.png")
+    served.engine.preprocessing = faulty
+    try:
+        with pytest.raises(app.gr.Error) as excinfo:
+            demo.classify_upload("seresnext26d_32x4d", {"path": str(tmp_path / "odd.png")})
+        assert "ZeroDivisionError: division by zero" in _message(excinfo)
+        _, top5, _ = demo.classify_upload("seresnext26d_32x4d", {"path": str(IMAGES / "camera.png")})
+        assert len(top5) == 5
+    finally:
+        served.engine.preprocessing = preprocess
