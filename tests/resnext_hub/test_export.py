@@ -1,7 +1,8 @@
-"""ONNX, TorchScript and Triton-repository export: real files, run and compared with eager."""
+"""ONNX, TorchScript, pt2 and Triton-repository export: real files, run and compared with eager."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -9,19 +10,24 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from conftest import ROOT
 from torch import nn
 
 from resnext_hub import cli
 from resnext_hub.export import (
+    BF16_TOLERANCE,
     DEFAULT_OPSET,
     FP16_TOLERANCE,
     FP32_TOLERANCE,
     TRACE_BATCH,
     ExportError,
     export_onnx,
+    export_pt2,
     export_torchscript,
+    run_isolated,
 )
 from resnext_hub.models import build_model
+from resnext_hub.models.optimize import cpu_has_native_bf16
 from resnext_hub.processing import imagenet_labels
 from resnext_hub.triton import (
     TritonConfigError,
@@ -34,7 +40,7 @@ from resnext_hub.triton import (
 from tools.fake_checkpoints import write_ngc_file
 
 ARCH = "seresnext26d_32x4d"
-SIZE = 64  # every property here holds at any input size; 64 keeps the forward passes cheap
+SIZE = 64  # every property here holds at any input size; 64 keeps the forward passes (and compiles) cheap
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +176,14 @@ def test_an_export_that_does_not_generalise_is_refused_and_removed(tmp_path):
 def test_export_command_reports_errors(tmp_path, capsys, checkpoint):
     assert cli.main(["export", "--model", ARCH, "--random-weights", "--format", "torchscript", "--fp16",
                      "-o", str(tmp_path / "m.pt")]) == 2  # fmt: skip
-    assert "--fp16 applies to ONNX and Triton" in capsys.readouterr().err
+    assert "--fp16 applies to ONNX, pt2 and Triton" in capsys.readouterr().err
+    refused = {"--bf16 and --device apply to pt2 exports": ["--format", "onnx", "--bf16"]}
+    refused["pt2 packages are compiled for cpu or cuda, not mps"] = ["--format", "pt2", "--device", "mps"]
+    if not torch.cuda.is_available():
+        refused["pt2 package for CUDA is compiled on a CUDA machine"] = ["--format", "pt2", "--device", "cuda"]
+    for message, extra in refused.items():
+        assert cli.main(["export", "--model", ARCH, "--random-weights", "-o", str(tmp_path / "m"), *extra]) == 2
+        assert message in capsys.readouterr().err
     (tmp_path / "repo" / ARCH).mkdir(parents=True)
     argv = ["export", "--model", ARCH, "--checkpoint", str(checkpoint), "-o", str(tmp_path / "repo")]
     assert cli.main(argv) == 1
@@ -202,3 +215,65 @@ def test_gpu_tensorrt_config_round_trips_and_bad_options_are_refused(tmp_path):
         build_config("m", image_size=224, num_classes=10, max_batch_size=4, preferred_batch_sizes=(8,),
                      instance_kind="cpu", accelerator="tensorrt")  # fmt: skip
     assert len(caught.value.problems) == 2 and "needs GPU instances" in str(caught.value)
+
+
+def test_isolated_process_has_no_access_to_this_repository():
+    probe = """
+import json, sys, torch
+try:
+    import resnext_hub
+    found = resnext_hub.__file__
+except ModuleNotFoundError as error:
+    found = str(error)
+print(json.dumps({"resnext_hub": found, "path": sys.path, "torch": torch.__version__}))
+"""
+    done = run_isolated(probe)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert seen["resnext_hub"].startswith("No module named 'resnext_hub'")
+    assert seen["torch"] == torch.__version__  # the same environment, less this repository
+    assert not [p for p in seen["path"] if p in ("", ".") or p.startswith(str(ROOT))]
+
+
+@pytest.fixture(scope="module")
+def pt2_fp32(checkpoint, tmp_path_factory):
+    """An fp32 pt2 package written by the command line (one AOTInductor compile, ~20-40 s here)."""
+    folder = tmp_path_factory.mktemp("pt2")
+    argv = ["export", "--model", ARCH, "--checkpoint", str(checkpoint), "--format", "pt2", "--image-size", str(SIZE)]
+    assert cli.main([*argv, "-o", str(folder / "m.pt2")]) == 0
+    return folder / "m.pt2"
+
+
+def test_pt2_package_runs_without_the_repository_and_matches_eager(pt2_fp32, model, tmp_path):
+    assert sorted(p.name for p in pt2_fp32.parent.iterdir()) == ["m.pt2"]  # no staging leftovers
+    x = torch.randn(5, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(11))
+    torch.save(x, tmp_path / "x.pt")
+    run = """
+import sys, torch
+compiled = torch._inductor.aoti_load_package(sys.argv[1])
+with torch.inference_mode():
+    torch.save(compiled(torch.load(sys.argv[2])), sys.argv[3])
+"""
+    done = run_isolated(run, str(pt2_fp32), str(tmp_path / "x.pt"), str(tmp_path / "y.pt"))
+    assert done.returncode == 0, done.stderr
+    logits, expected = torch.load(tmp_path / "y.pt").numpy(), _eager(model, x)
+    assert logits.shape == (5, 1000) and 5 != TRACE_BATCH
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=FP32_TOLERANCE * max(1, np.abs(expected).max()))
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="bf16 pt2 packages are for CPUs with native bf16")
+def test_pt2_bf16_package_within_its_bound(model, pt2_fp32, tmp_path):
+    result = export_pt2(model, tmp_path / "b.pt2", image_size=SIZE, precision="bf16")
+    assert result.dtype == "bf16" and [c.batch_size for c in result.checks] == [1, 3]
+    for check in result.checks:
+        assert 0 < check.max_abs_diff <= BF16_TOLERANCE * max(1, check.logit_scale) and check.top1_agrees
+    assert result.path.stat().st_size < 0.6 * pt2_fp32.stat().st_size  # bf16 weights: half the bytes
+    assert {"export_s", "compile_s", "load_s", "first_call_s"} <= set(result.timings)
+
+
+def test_pt2_refuses_what_it_cannot_build(model, tmp_path):
+    with pytest.raises(ValueError, match="fp16 pt2 packages are for CUDA"):
+        export_pt2(model, tmp_path / "h.pt2", precision="fp16")
+    with pytest.raises(ExportError, match="pt2 export of _BatchTwoOnly failed"):
+        export_pt2(_BatchTwoOnly(), tmp_path / "bad.pt2", image_size=SIZE)  # a batch branch cannot be exported
+    assert list(tmp_path.iterdir()) == []
