@@ -45,7 +45,7 @@ def _export(args: argparse.Namespace) -> ExportResult:
     if args.format == "torchscript":
         return export_torchscript(model, args.output, image_size=args.image_size)
     options = ("name", "image_size", "fp16", "opset", "max_batch_size", "preferred_batch_sizes", "queue_delay_us")
-    options += ("instance_kind", "instance_count", "accelerator", "overwrite")
+    options += ("instance_kind", "instance_count", "accelerator", "image_ensemble", "overwrite")
     return export_triton(model, args.output, **{option: getattr(args, option) for option in options})
 
 
@@ -77,5 +77,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     triton.add_argument("--instance-kind", choices=triton_config.INSTANCE_KINDS, help="default: Triton decides")
     triton.add_argument("--instance-count", type=int, default=1)
     triton.add_argument("--accelerator", choices=triton_config.ACCELERATORS, help="ONNX Runtime's TensorRT provider")
-    triton.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    triton.add_argument(
+        "--no-image-ensemble",
+        dest="image_ensemble",
+        action="store_false",
+        help="only the classifier (default: also <name>_preprocess and the <name>_image ensemble taking image bytes)",
+    )
+    triton.add_argument("--overwrite", action="store_true", help="replace existing model folders")
     parser.set_defaults(func=run)
