@@ -68,7 +68,9 @@ class ExportResult:
             f"batch {c.batch_size}: max|diff| {c.max_abs_diff:.2e} (logits up to {c.logit_scale:.3g})"
             for c in self.checks
         )
-        times = "".join(f"; {name.replace('_', ' ')} {seconds:.1f} s" for name, seconds in self.timings.items())
+        times = "".join(
+            f"; {name.removesuffix('_s').replace('_', ' ')} {seconds:.1f} s" for name, seconds in self.timings.items()
+        )
         shape = f"{self.image_size}x{self.image_size}"
         return f"{self.format} ({self.dtype}, {shape}) -> {self.path}; verified {runs}{times}"
 
