@@ -180,7 +180,10 @@ def export_pt2(
     into place; ``timings`` has ``export_s``, ``compile_s``, ``load_s`` (that process) and ``first_call_s``."""
     path = Path(path)
     size = image_size or default_image_size(model)
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"not a device: {device!r} ({error})") from None
     module = _inference_module(model, precision, device)
     timings = {}
     log.info("exporting pt2 (%s, %s) to %s; AOTInductor compiles for a minute or more", precision, device, path)

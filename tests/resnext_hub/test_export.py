@@ -225,6 +225,7 @@ def test_export_command_reports_errors(tmp_path, capsys, checkpoint):
     assert "--fp16 applies to ONNX, pt2 and Triton" in capsys.readouterr().err
     refused = {"--bf16 and --device apply to pt2 exports": ["--format", "onnx", "--bf16"]}
     refused["pt2 packages are compiled for cpu or cuda, not mps"] = ["--format", "pt2", "--device", "mps"]
+    refused["not a device: 'gpu'"] = ["--format", "pt2", "--device", "gpu"]
     if not torch.cuda.is_available():
         refused["pt2 package for CUDA is compiled on a CUDA machine"] = ["--format", "pt2", "--device", "cuda"]
     for message, extra in refused.items():
