@@ -42,3 +42,17 @@ def torch_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("TORCH_HOME", str(home))
     monkeypatch.delenv("RESNEXT_HUB_WEIGHTS_MIRROR", raising=False)
     return home
+
+
+@pytest.fixture(scope="session")
+def triton_repo(small_checkpoint, tmp_path_factory) -> Path:
+    """A Triton repository for seresnext26d_32x4d written by the command line, as a user would: the ONNX
+    classifier, the preprocessing model and the image ensemble, at the weights' crop size."""
+    from resnext_hub import cli
+
+    repo = tmp_path_factory.mktemp("repo")
+    argv = ["export", "--model", "seresnext26d_32x4d", "--checkpoint", str(small_checkpoint), "--format", "triton"]
+    argv += ["-o", str(repo), "--max-batch-size", "16", "--preferred-batch-sizes", "4,8", "--queue-delay-us", "500"]
+    argv += ["--instance-kind", "cpu", "--instance-count", "2"]
+    assert cli.main(argv) == 0
+    return repo

@@ -1,4 +1,4 @@
-"""``export``: a model to ONNX, TorchScript or a Triton model repository, verified before it is done."""
+"""``export``: a model to ONNX, TorchScript, pt2 or a Triton model repository, verified before it is done."""
 
 from __future__ import annotations
 
@@ -10,7 +10,16 @@ from .. import exit_codes
 from .. import export as exporting
 from .. import triton as triton_config
 from ..arguments import add_model_options, model_from_args
-from ..export import DEFAULT_OPSET, FORMATS, ExportError, ExportResult, export_onnx, export_torchscript, export_triton
+from ..export import (
+    DEFAULT_OPSET,
+    FORMATS,
+    ExportError,
+    ExportResult,
+    export_onnx,
+    export_pt2,
+    export_torchscript,
+    export_triton,
+)
 from ..results import check_output, printable
 
 MIN_OPSET = 7  # the oldest ONNX opset torch.onnx writes
@@ -54,14 +63,19 @@ def run(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> ExportResult:
     if args.fp16 and args.format == "torchscript":
-        raise ValueError("--fp16 applies to ONNX and Triton exports; TorchScript is exported in fp32")
+        raise ValueError("--fp16 applies to ONNX, pt2 and Triton exports; TorchScript is exported in fp32")
+    if args.format != "pt2" and (args.bf16 or args.device != "cpu"):
+        raise ValueError("--bf16 and --device apply to pt2 exports (the package is compiled for one device)")
     model = model_from_args(args)
+    if args.format == "pt2":
+        precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+        return export_pt2(model, args.output, image_size=args.image_size, precision=precision, device=args.device)
     if args.format == "onnx":
         return export_onnx(model, args.output, image_size=args.image_size, fp16=args.fp16, opset=args.opset)
     if args.format == "torchscript":
         return export_torchscript(model, args.output, image_size=args.image_size)
     options = ("name", "image_size", "fp16", "opset", "max_batch_size", "preferred_batch_sizes", "queue_delay_us")
-    options += ("instance_kind", "instance_count", "accelerator", "overwrite")
+    options += ("instance_kind", "instance_count", "accelerator", "image_ensemble", "overwrite")
     return export_triton(model, args.output, **{option: getattr(args, option) for option in options})
 
 
@@ -69,17 +83,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``export`` subcommand."""
     parser = subparsers.add_parser(
         "export",
-        help="export a model to ONNX, TorchScript or a Triton model repository (verified)",
+        help="export a model to ONNX, TorchScript, pt2 (AOTInductor) or a Triton model repository (verified)",
         description=exporting.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_options(parser, random_weights=True)
     parser.add_argument("--format", choices=FORMATS, default="triton")
     parser.add_argument(
-        "--output", "-o", required=True, help="file (onnx, torchscript) or model repository folder (triton)"
+        "--output", "-o", required=True, help="file (onnx, torchscript, pt2) or model repository folder (triton)"
     )
     parser.add_argument("--image-size", type=int, help="input height = width (default: the weights' crop size)")
-    parser.add_argument("--fp16", action="store_true", help="compute in fp16 inside the ONNX graph (for GPUs)")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_true", help="compute in fp16 (ONNX/Triton graph; pt2 on CUDA)")
+    precision.add_argument("--bf16", action="store_true", help="compute in bf16 (pt2 on a CPU with native bf16)")
+    parser.add_argument("--device", default="cpu", help="pt2: the device it is compiled for, cpu or cuda[:N]")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
     triton = parser.add_argument_group("triton")
     triton.add_argument("--name", help="model name in the repository (default: the architecture)")
@@ -90,5 +107,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     triton.add_argument("--instance-kind", choices=triton_config.INSTANCE_KINDS, help="default: Triton decides")
     triton.add_argument("--instance-count", type=int, default=1)
     triton.add_argument("--accelerator", choices=triton_config.ACCELERATORS, help="ONNX Runtime's TensorRT provider")
-    triton.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    triton.add_argument(
+        "--no-image-ensemble",
+        dest="image_ensemble",
+        action="store_false",
+        help="only the classifier (default: also <name>_preprocess and the <name>_image ensemble taking image bytes)",
+    )
+    triton.add_argument("--overwrite", action="store_true", help="replace existing model folders")
     parser.set_defaults(func=run, check_options=check)

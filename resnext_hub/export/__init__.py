@@ -1,0 +1,56 @@
+"""Export a model to ONNX, TorchScript, an AOTInductor package (pt2) or a Triton model repository, verified.
+
+Every export is written to a temporary name, run by its own runtime (ONNX Runtime; ``torch.jit.load``;
+for pt2 a fresh Python process that cannot import this repository) on batches of sizes other than the
+one it was traced with, and compared with the eager model; only a file that passes is moved to its
+final name. Tolerance: ``max |exported - eager| <= tol * max(1, max |eager|)`` on the logits (the scale
+term keeps the bound meaningful for large logits), with ``tol`` 1e-4 for fp32, 2e-2 for fp16 and 5e-2
+for bf16, and the top-1 class must agree.
+
+Which format for what: ONNX for ONNX Runtime, TensorRT and Triton (the repository); pt2 for C++ or
+Python without this source code; TorchScript only for deployments that already load it.
+
+``python -m resnext_hub export --help`` for the command line (:mod:`resnext_hub.commands.export`).
+"""
+
+from .checks import (
+    BF16_TOLERANCE,
+    FP16_TOLERANCE,
+    FP32_TOLERANCE,
+    TRACE_BATCH,
+    VERIFY_BATCHES,
+    Check,
+    ExportError,
+    ExportResult,
+    default_image_size,
+)
+from .onnx_file import DEFAULT_OPSET, export_onnx, verify_onnx
+from .pt2_package import PRECISIONS as PT2_PRECISIONS
+from .pt2_package import export_pt2, run_isolated, verify_pt2
+from .torchscript_file import export_torchscript, verify_torchscript
+from .triton_repository import export_triton
+
+FORMATS = ("onnx", "torchscript", "pt2", "triton")
+
+__all__ = [
+    "BF16_TOLERANCE",
+    "DEFAULT_OPSET",
+    "FORMATS",
+    "FP16_TOLERANCE",
+    "FP32_TOLERANCE",
+    "PT2_PRECISIONS",
+    "TRACE_BATCH",
+    "VERIFY_BATCHES",
+    "Check",
+    "ExportError",
+    "ExportResult",
+    "default_image_size",
+    "export_onnx",
+    "export_pt2",
+    "export_torchscript",
+    "export_triton",
+    "run_isolated",
+    "verify_onnx",
+    "verify_pt2",
+    "verify_torchscript",
+]

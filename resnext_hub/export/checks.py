@@ -1,0 +1,174 @@
+"""What every export shares: the tolerance rule, the verification runs, the staging of files.
+
+Tolerance: ``max |exported - eager| <= tol * max(1, max |eager|)`` on the logits (the scale term
+keeps the bound meaningful for large logits), with ``tol`` :data:`FP32_TOLERANCE` for fp32,
+:data:`FP16_TOLERANCE` for fp16 and :data:`BF16_TOLERANCE` for bf16, and the top-1 class must agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models.meta import Described
+
+log = logging.getLogger(__name__)
+
+FP32_TOLERANCE = 1e-4
+FP16_TOLERANCE = 2e-2
+# bf16 keeps 8 significand bits to fp16's 11, so its rounding error is about 8x larger (figures: docs/triton.md).
+BF16_TOLERANCE = 5e-2
+TOLERANCES = {"fp32": FP32_TOLERANCE, "fp16": FP16_TOLERANCE, "bf16": BF16_TOLERANCE}
+TRACE_BATCH = 2
+VERIFY_BATCHES = (1, 3)
+
+
+class ExportError(RuntimeError):
+    """An export could not be written, or the written file does not match the eager model."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One verification run: the exported file against the eager model on one batch."""
+
+    batch_size: int
+    max_abs_diff: float
+    logit_scale: float
+    tolerance: float
+    top1_agrees: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance * max(1.0, self.logit_scale) and self.top1_agrees
+
+
+@dataclass
+class ExportResult:
+    """What was written, how it was verified, and how long the steps took (``timings``, seconds)."""
+
+    format: str
+    path: Path
+    dtype: str
+    image_size: int
+    checks: list[Check] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        runs = ", ".join(
+            f"batch {c.batch_size}: max|diff| {c.max_abs_diff:.2e} (logits up to {c.logit_scale:.3g})"
+            for c in self.checks
+        )
+        times = "".join(
+            f"; {name.removesuffix('_s').replace('_', ' ')} {seconds:.1f} s" for name, seconds in self.timings.items()
+        )
+        shape = f"{self.image_size}x{self.image_size}"
+        return f"{self.format} ({self.dtype}, {shape}) -> {self.path}; verified {runs}{times}"
+
+
+@contextmanager
+def quiet(names: Sequence[str]) -> Iterator[None]:
+    """Raise these loggers to WARNING for the block: the exporters log every graph pass at INFO."""
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def default_image_size(model: nn.Module) -> int:
+    """The crop size the model's weights expect (224 for a module that is not one of ours)."""
+    return model.preprocessing.crop_size if isinstance(model, Described) else 224
+
+
+def eager_copy(model: nn.Module) -> nn.Module:
+    """A CPU fp32 eval copy: the caller's model keeps its device, dtype and memory format."""
+    return copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).eval()
+
+
+def example_input(batch_size: int, image_size: int, seed: int) -> torch.Tensor:
+    """Seeded random images ``(batch, 3, S, S)``: what exports are traced and verified with."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+
+
+def verification_inputs(image_size: int, batches: Sequence[int]) -> list[torch.Tensor]:
+    """The inputs every export is checked on, one per batch size (seeds 1, 2, ...; tracing uses seed 0)."""
+    return [example_input(batch, image_size, seed) for seed, batch in enumerate(batches, 1)]
+
+
+def compare(
+    run_all: Callable[[list[torch.Tensor]], Sequence[np.ndarray]],
+    eager: nn.Module,
+    image_size: int,
+    tolerance: float,
+    batches: Sequence[int],
+    what: str,
+) -> list[Check]:
+    """Run the export on :func:`verification_inputs` (``run_all`` gets them all at once) and hold it to the rule."""
+    inputs = verification_inputs(image_size, batches)
+    outputs = run_all(inputs)
+    checks = []
+    for x, output in zip(inputs, outputs, strict=True):
+        batch = x.shape[0]
+        with torch.inference_mode():
+            expected = eager(x).numpy().astype(np.float64)
+        exported = np.asarray(output, dtype=np.float64)
+        if exported.shape != expected.shape:
+            raise ExportError(f"{what} gives shape {exported.shape} on batch {batch}, the eager model {expected.shape}")
+        check = Check(
+            batch_size=batch,
+            max_abs_diff=float(np.abs(exported - expected).max()),
+            logit_scale=float(np.abs(expected).max()),
+            tolerance=tolerance,
+            top1_agrees=bool((exported.argmax(1) == expected.argmax(1)).all()),
+        )
+        log.info("verified %s, batch %d: max |diff| %.2e", what, batch, check.max_abs_diff)
+        if not check.passed:
+            raise ExportError(
+                f"{what} does not match the eager model on batch {batch}: max |diff| {check.max_abs_diff:.3g} "
+                f"> {tolerance:g} x max(1, {check.logit_scale:.3g}), top-1 agrees: {check.top1_agrees}"
+            )
+        checks.append(check)
+    return checks
+
+
+def verify(
+    run: Callable[[torch.Tensor], np.ndarray],
+    eager: nn.Module,
+    image_size: int,
+    tolerance: float,
+    batches: Sequence[int],
+    what: str,
+) -> list[Check]:
+    """:func:`compare` for a runtime in this process: ``run`` takes one batch at a time."""
+    return compare(lambda inputs: [run(x) for x in inputs], eager, image_size, tolerance, batches, what)
+
+
+@contextmanager
+def staged(path: Path, what: str, *, suffix: str = ".partial") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it becomes ``path``, on any failure it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    staging = Path(name)
+    try:
+        yield staging
+        os.replace(staging, path)
+    except Exception as error:
+        staging.unlink(missing_ok=True)
+        if isinstance(error, ExportError):
+            raise
+        raise ExportError(f"{what} failed: {error}") from error

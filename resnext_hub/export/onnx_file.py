@@ -1,0 +1,108 @@
+"""ONNX export (torch's ``torch.export``-based exporter), verified with ONNX Runtime."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import triton as triton_config
+from .checks import (
+    FP16_TOLERANCE,
+    FP32_TOLERANCE,
+    TRACE_BATCH,
+    VERIFY_BATCHES,
+    Check,
+    ExportError,
+    ExportResult,
+    default_image_size,
+    eager_copy,
+    example_input,
+    quiet,
+    staged,
+    verify,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 23
+EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo", "torch.fx")
+
+
+class _Exportable(nn.Module):
+    """The ONNX graph's module: logits and probabilities, fp16 inside when asked (inputs/outputs stay fp32)."""
+
+    def __init__(self, model: nn.Module, *, fp16: bool) -> None:
+        super().__init__()
+        self.model = model.half() if fp16 else model
+        self.fp16 = fp16
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x.half() if self.fp16 else x).float()
+        return logits, logits.softmax(1)
+
+
+def verify_onnx(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    image_size: int,
+    fp16: bool = False,
+    batches: Sequence[int] = VERIFY_BATCHES,
+    name: str | None = None,
+) -> list[Check]:
+    """Run ``path`` with ONNX Runtime (CPU) and compare its logits with ``model``'s."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        logits, probabilities = session.run(list(triton_config.OUTPUT_NAMES), {triton_config.INPUT_NAME: x.numpy()})
+        if not np.allclose(probabilities, torch.from_numpy(logits).softmax(1).numpy(), atol=1e-5):
+            raise ExportError(f"{path}: the probabilities output is not softmax(logits)")
+        return logits
+
+    tolerance = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
+    return verify(run, eager_copy(model), image_size, tolerance, batches, f"ONNX {name or Path(path).name}")
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    image_size: int | None = None,
+    fp16: bool = False,
+    opset: int = DEFAULT_OPSET,
+    verify_batches: Sequence[int] = VERIFY_BATCHES,
+) -> ExportResult:
+    """Write ``model`` as ONNX: input ``input`` ``(batch, 3, S, S)`` FP32, outputs ``logits`` and
+    ``probabilities`` ``(batch, classes)`` FP32, batch axis dynamic. ``fp16`` computes in half
+    precision inside the graph (for GPUs). Verified with ONNX Runtime before it is moved into place."""
+    path = Path(path)
+    size = image_size or default_image_size(model)
+    eager = eager_copy(model)
+    module = _Exportable(copy.deepcopy(eager), fp16=fp16).eval()
+    log.info("exporting ONNX (opset %d, %s) to %s", opset, "fp16" if fp16 else "fp32", path)
+    with staged(path, f"ONNX export of {type(model).__name__}") as staging:
+        with warnings.catch_warnings(), quiet(EXPORTER_LOGGERS):
+            warnings.simplefilter("ignore")  # the exporter's internal deprecation chatter, not ours to fix
+            program = torch.onnx.export(
+                module,
+                (example_input(TRACE_BATCH, size, 0),),
+                input_names=[triton_config.INPUT_NAME],
+                output_names=list(triton_config.OUTPUT_NAMES),
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+                opset_version=opset,
+                dynamo=True,
+                optimize=True,
+                verbose=False,
+            )
+        program.save(str(staging))
+        checks = verify_onnx(staging, eager, image_size=size, fp16=fp16, batches=verify_batches, name=path.name)
+    return ExportResult("onnx", path, "fp16" if fp16 else "fp32", size, checks)
