@@ -26,7 +26,7 @@ from typing import Any
 from resnext_hub.exit_codes import OK as EXIT_OK
 from resnext_hub.exit_codes import SOME_FAILED as EXIT_MISMATCH
 from resnext_hub.exit_codes import USAGE as EXIT_USAGE
-from resnext_hub.models.download import _HASH_IN_NAME, sha256_of
+from resnext_hub.models.integrity import HASH_IN_NAME, sha256_of
 from resnext_hub.models.weights import MANIFEST_PATH, ManifestError, parse_manifest
 
 
@@ -60,7 +60,7 @@ def record_files(
             known = sorted(entry.get("file_name", "?") for _, entry, _ in _sources(manifest))
             raise ManifestToolError(f"{path}: no manifest source has file_name {path.name!r}; known: {known}")
         digest, size = sha256_of(path), path.stat().st_size
-        prefix = _HASH_IN_NAME.search(path.name)
+        prefix = HASH_IN_NAME.search(path.name)
         if prefix and not digest.startswith(prefix.group(1)):
             raise ManifestToolError(
                 f"{path}: sha256 {digest} does not start with {prefix.group(1)}, the prefix in its published name: "

@@ -12,7 +12,8 @@ from rawserver import RawServer
 from safetensors.torch import save_file
 
 from resnext_hub.models import MIRROR_ENV, build_model
-from resnext_hub.models.download import cache_dir, sha256_of
+from resnext_hub.models.download import cache_dir
+from resnext_hub.models.integrity import sha256_of
 from tools.fake_checkpoints import random_state_dict
 
 ARCH = "seresnext26d_32x4d"

@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 from servers import FileServer
 
 from resnext_hub.models import MIRROR_ENV, WeightsUnavailableError, build_model, download
-from resnext_hub.models.download import cache_dir, fetch_checkpoint, sha256_of
+from resnext_hub.models.download import cache_dir, fetch_checkpoint
+from resnext_hub.models.integrity import sha256_of
 from resnext_hub.models.weights import Source
 from tools.fake_checkpoints import random_state_dict
 
