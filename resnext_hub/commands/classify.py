@@ -12,6 +12,7 @@ from ..arguments import (
     add_inference_options,
     add_model_options,
     add_progress_options,
+    calibration_from_args,
     model_from_args,
     precision_from_args,
 )
@@ -31,7 +32,12 @@ def run(args: argparse.Namespace) -> int:
         # Nothing to classify: say so before loading (maybe downloading) a model.
         print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
         return exit_codes.USAGE
-    engine = Engine(model_from_args(args), device=args.device, precision=precision_from_args(args))
+    engine = Engine(
+        model_from_args(args),
+        device=args.device,
+        precision=precision_from_args(args),
+        calibration=calibration_from_args(args),
+    )
     bar = progress_bar(len(inputs), args.progress)
     failed = 0
 

@@ -17,7 +17,14 @@ import sys
 from pathlib import Path
 
 from .. import exit_codes
-from ..arguments import add_inference_options, add_model_options, add_progress_options, model_from_args
+from ..arguments import (
+    add_inference_options,
+    add_model_options,
+    add_progress_options,
+    calibration_from_args,
+    model_from_args,
+    precision_from_args,
+)
 from ..data import collect_inputs
 from ..distributed import distributed, quiet_unless_main, sigterm_as_exit
 from ..predict import FORMATS, load_done, output_format, parts_dir, predict
@@ -47,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             workers=args.workers,
             exact=args.exact,
+            precision=precision_from_args(args),
+            calibration=calibration_from_args(args),
             compile=args.compile,
             progress=bool(args.progress),
             retry_errors=args.retry_errors,

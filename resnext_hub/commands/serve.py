@@ -14,7 +14,13 @@ from pathlib import Path
 
 from .. import exit_codes
 from .. import serve as serving
-from ..arguments import add_inference_options, add_model_options, model_from_args, precision_from_args
+from ..arguments import (
+    add_inference_options,
+    add_model_options,
+    calibration_from_args,
+    model_from_args,
+    precision_from_args,
+)
 from ..engine import Engine
 from ..serve import TOKEN_ENV, ServeUnavailableError, build_server, check_interpreter
 from ..triton import parse_batch_sizes
@@ -36,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"PyTriton can serve with this interpreter: Python {platform.python_version()}, {library}")
         return exit_codes.OK
     model = model_from_args(args)
-    engine = Engine(model, device=args.device, precision=precision_from_args(args))
+    engine = Engine(
+        model, device=args.device, precision=precision_from_args(args), calibration=calibration_from_args(args)
+    )
     scratch = Path(tempfile.mkdtemp(prefix="resnext-hub-triton-"))
     try:
         triton = build_server(
