@@ -56,7 +56,7 @@ def add_inference_options(
     )
     if no_amp:
         parser.add_argument("--no-amp", action="store_true", help="on CUDA, run in fp32 instead of fp16")
-    _add_precision_options(parser)
+    add_precision_options(parser)
     if top_k:
         parser.add_argument("--top-k", type=int, default=5)
     if batch_size is not None:
@@ -95,12 +95,13 @@ def precision_from_args(args: argparse.Namespace) -> str:
 # -- int8 (issue 14): --precision and --calibration ----------------------------------------------------
 
 
-def _add_precision_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        help="auto (default: the fastest faithful), fp32 (= --exact), bf16, fp16 (CUDA), int8 (needs --calibration)",
-    )
+def add_precision_options(
+    parser: argparse.ArgumentParser,
+    choices: tuple[str, ...] = PRECISIONS,
+    help: str = "auto (default: the fastest faithful), fp32 (= --exact), bf16, fp16 (CUDA), int8 (needs --calibration)",
+) -> None:
+    """``--precision`` (one of ``choices``) and ``--calibration DIR`` (for int8)."""
+    parser.add_argument("--precision", choices=choices, help=help)
     parser.add_argument(
         "--calibration",
         metavar="DIR",

@@ -8,8 +8,9 @@ import sys
 from .. import exit_codes
 from .. import export as exporting
 from .. import triton as triton_config
-from ..arguments import add_model_options, model_from_args
+from ..arguments import add_model_options, add_precision_options, calibration_from_args, model_from_args
 from ..export import DEFAULT_OPSET, FORMATS, ExportError, ExportResult, export_onnx, export_torchscript, export_triton
+from ..models import ResNet
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,6 +27,8 @@ def _export(args: argparse.Namespace) -> ExportResult:
     if args.fp16 and args.format == "torchscript":
         raise ValueError("--fp16 applies to ONNX and Triton exports; TorchScript is exported in fp32")
     model = model_from_args(args)
+    if getattr(args, "precision", None) == "int8":
+        return _export_int8(args, model)
     if args.format == "onnx":
         return export_onnx(model, args.output, image_size=args.image_size, fp16=args.fp16, opset=args.opset)
     if args.format == "torchscript":
@@ -33,6 +36,16 @@ def _export(args: argparse.Namespace) -> ExportResult:
     options = ("name", "image_size", "fp16", "opset", "max_batch_size", "preferred_batch_sizes", "queue_delay_us")
     options += ("instance_kind", "instance_count", "accelerator", "overwrite")
     return export_triton(model, args.output, **{option: getattr(args, option) for option in options})
+
+
+def _export_int8(args: argparse.Namespace, model: ResNet) -> ExportResult:
+    """``--precision int8``: a QDQ ONNX file for ONNX Runtime on CPUs, calibrated on ``--calibration``."""
+    from ..export_int8 import export_onnx_int8  # onnxruntime's quantization tools load only here
+
+    if args.format != "onnx" or args.fp16:
+        raise ValueError("--precision int8 writes an ONNX file: use --format onnx, without --fp16")
+    calibration = calibration_from_args(args)
+    return export_onnx_int8(model, args.output, calibration=calibration, image_size=args.image_size, opset=args.opset)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,6 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-size", type=int, help="input height = width (default: the weights' crop size)")
     parser.add_argument("--fp16", action="store_true", help="compute in fp16 inside the ONNX graph (for GPUs)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
+    add_precision_options(
+        parser, choices=("fp32", "int8"), help="int8: a QDQ ONNX file for ONNX Runtime on CPUs (--format onnx)"
+    )
     triton = parser.add_argument_group("triton")
     triton.add_argument("--name", help="model name in the repository (default: the architecture)")
     triton.add_argument("--max-batch-size", type=int, default=32)
