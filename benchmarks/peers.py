@@ -109,6 +109,9 @@ def _openvino(plain: nn.Module, size: int, precision: str, calibration: torch.Te
         with contextlib.redirect_stdout(sys.stderr):
             model = nncf.quantize(model, nncf.Dataset([image[None].numpy() for image in calibration]))
     compiled = ov.Core().compile_model(model, "CPU")
+    # OpenVINO's default on CPUs with native bf16 computes the float parts in bf16: say so.
+    if precision == "fp32" and compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "bf16":
+        precision = "bf16"
     return Peer(lambda x: compiled(x)[0], precision, model)
 
 
