@@ -8,9 +8,9 @@ optional dependencies (``pip install 'resnext-hub[int8]'``) imported only here, 
 - ``"openvino"`` (the default where installed; measured the faster, see benchmarks/README.md):
   ``torch.export`` (SE layers as 1x1 convolutions, which OpenVINO runs faster), OpenVINO's converter,
   NNCF's ``quantize`` (fast bias correction; the classifier left in float), the CPU plugin. Batches of 2 and
-  more are split over the plugin's throughput streams (one thread each), which beats one request on all
-  cores at batch 16 by keeping each image's activations in one core's cache; batch 1 runs on a
-  latency-tuned copy with every core.
+  more are split over the plugin's throughput streams (one request per stream, each stream its own
+  cores), measured faster at batch 16 than one request on every core; batch 1 runs on a latency-tuned
+  copy that uses every core.
 - ``"torchao"``: PT2E (``torch.export`` with a dynamic batch, ``prepare_pt2e``/``convert_pt2e`` with
   ``X86InductorQuantizer``), compiled by inductor with frozen weights into oneDNN int8 kernels. The first
   call per batch size compiles (tens of seconds to minutes); the image size is fixed by the calibration.
@@ -154,7 +154,9 @@ class QuantizedResNet(Described, nn.Module):
 
     precision = "int8"
 
-    def __init__(self, meta: Any, backend: str, run: Callable[[Tensor], Tensor], image_size: tuple | None) -> None:
+    def __init__(
+        self, meta: Any, backend: str, run: Callable[[Tensor], Tensor], image_size: tuple[int, int] | None
+    ) -> None:
         super().__init__()
         self.meta = meta
         self.backend = backend
