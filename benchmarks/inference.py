@@ -303,8 +303,9 @@ def run(args: argparse.Namespace) -> dict:
                 report["modes"][mode]["cosine_min"] = round(F.cosine_similarity(logits, reference).min().item(), 6)
                 photos = F.cosine_similarity(logits[: len(PHOTOS)], reference[: len(PHOTOS)]).min().item()
                 report["modes"][mode]["cosine_photos"] = round(photos, 6)
-                agree = int((logits.argmax(1) == reference.argmax(1)).sum())
-                report["modes"][mode]["top1_agree"] = f"{agree}/{b}"
+                same = logits.argmax(1) == reference.argmax(1)
+                report["modes"][mode]["top1_agree"] = f"{int(same.sum())}/{b}"
+                report["modes"][mode]["top1_photos"] = f"{int(same[: len(PHOTOS)].sum())}/{min(b, len(PHOTOS))}"
                 report["modes"][mode]["max_abs_diff"] = float(f"{(logits - reference).abs().max().item():.3g}")
     for entry in report["modes"].values():
         samples = entry.pop("samples_s")
@@ -375,7 +376,7 @@ def print_table(report: dict) -> None:
         "wts MB",
         "held MB",
     ]
-    header += ["cos min", "cos photos", "top1"]
+    header += ["cos min", "cos photos", "top1", "top1 photos"]
     rows = [header]
     for mode, entry in modes.items():
         ref = sizes[1] if len(sizes) > 1 else sizes[0]
@@ -388,7 +389,7 @@ def print_table(report: dict) -> None:
                 str(entry["weights_mb"]),
                 str(entry["model_mb"]),
             ]
-            + [str(entry.get(key, "-")) for key in ("cosine_min", "cosine_photos", "top1_agree")]
+            + [str(entry.get(key, "-")) for key in ("cosine_min", "cosine_photos", "top1_agree", "top1_photos")]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     print(f"{report['model']} on {report['device']} ({report['threads']} threads), {report['image_size']}px")
@@ -426,7 +427,7 @@ def print_targets(report: dict, sizes: list[int]) -> None:
             print(f"  {what:44} not measured (mode missing)")
         else:
             met = value >= goal if higher else value <= goal
-            print(f"  {what:44} {value:6.3f} (target {'>=' if higher else '<='} {goal}): {'met' if met else 'NOT met'}")
+            print(f"  {what:44} {value:8.4f} (target {'>=' if higher else '<='} {goal}): {'met' if met else 'NOT met'}")
 
     print("targets (issue 14):")
     show("int8 / plain, img/s at batch 16", ratio("int8", "plain"), 5.0)
