@@ -1,10 +1,12 @@
-"""Inference speed of the plain model, timm's equivalent and each ``optimize_for_inference`` mode.
+"""Inference speed of the plain model, timm's, ONNX Runtime's, OpenVINO's and each ``optimize_for_inference`` mode.
 
 Run from the repo root (a 101-layer model on a 2-core CPU takes 15-25 minutes with compile)::
 
     .venv/bin/python -m benchmarks.inference                       # all modes, batches 1, 16, 32
     .venv/bin/python -m benchmarks.inference --modes plain,fp32,auto --batch-sizes 1,16 --json out.json
     .venv/bin/python -m benchmarks.inference --profile auto+compile  # where the time goes
+    .venv/bin/python -m benchmarks.inference --modes plain,fp32,int8,ort-fp32,ort-int8,ov-fp32,ov-int8 \\
+        --batch-sizes 1,16 --profile int8,ov-int8
 
 Everything runs in one process with the same weights (random, with realistic BatchNorm
 statistics, unless ``--checkpoint`` names a real file); speed does not depend on the values.
@@ -15,6 +17,11 @@ plain model after that tuning); img/s is the best round,
 the median is in the JSON. "peak+MB" is the most memory in use (C heap on CPU, CUDA allocator on GPU) above the
 level before a timed call (activations, workspace); "wts MB" the weights' size; "held MB" what
 loading the mode left in use (weights, pre-packed copies, compiled code, caches).
+
+int8 modes (ours: ``int8``, ``int8+openvino``, ``int8+torchao``; peers: ``ort-int8``, ``ov-int8``, see
+benchmarks/peers.py) calibrate on the shared photos mirrored and mirrored-and-cropped (10 images through
+the model's preset; never the photos themselves), and "cos photos" is the logit cosine on the 5 photos.
+A mode whose packages are not installed is skipped with a note.
 """
 
 from __future__ import annotations
@@ -34,17 +41,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 from torch import nn
 
+from benchmarks.peers import PEERS, PeerUnavailable, load_peer, openvino_profile
 from resnext_hub.models import VARIANTS, build_model
 from resnext_hub.models.optimize import cpu_has_native_bf16, reuse_freed_memory
+from resnext_hub.models.quantize import calibration_batches, cpu_has_int8_dot
 from resnext_hub.processing import load_image
 from tools.fake_checkpoints import random_state_dict  # trained-like random weights
 from tools.model_table import image_gflops
 
 ROOT = Path(__file__).resolve().parent.parent
 
-DEFAULT_MODES = "plain,timm,fp32,auto,fp32+compile,auto+compile"
+DEFAULT_MODES = "plain,timm,fp32,auto,fp32+compile,auto+compile,int8,ort-fp32,ort-int8,ov-fp32,ov-int8"
+BASELINES = ("plain", "timm", "plain+amp")
 PHOTOS = sorted((ROOT / "assets" / "images").glob("*.[jp][pn]g"))
 
 
@@ -102,7 +113,23 @@ class HeapSampler:
         return self.peak
 
 
-def load_mode(mode: str, architecture: str, path: Path, device: torch.device) -> nn.Module:
+def calibration_images() -> list[Image.Image]:
+    """The shared photos mirrored, and mirrored with a 70% centre crop: like the photos, never them."""
+    images = []
+    for path in PHOTOS:
+        mirrored = ImageOps.mirror(load_image(str(path)))
+        w, h = mirrored.size
+        images += [mirrored, mirrored.crop((int(0.15 * w), int(0.15 * h), int(0.85 * w), int(0.85 * h)))]
+    return images
+
+
+def calibration_batch(model: nn.Module, size: int) -> torch.Tensor:
+    """:func:`calibration_images` through the model's preset (the API's own path), at ``size``."""
+    batch = torch.cat(calibration_batches(calibration_images(), model.preprocessing))
+    return batch if batch.shape[-1] == size else F.interpolate(batch, size=(size, size), mode="bilinear")
+
+
+def load_mode(mode: str, architecture: str, path: Path, device: torch.device, setup: dict) -> nn.Module:
     """Load the weights file and return the ready-to-call model of ``mode``."""
     precision, _, extra = mode.partition("+")  # "plain+malloc", "plain+amp": the plain model
     if precision == "timm":
@@ -112,6 +139,11 @@ def load_mode(mode: str, architecture: str, path: Path, device: torch.device) ->
     model = build_model(architecture, pretrained_from_file=path, progress=False).to(device)
     if precision == "plain":
         return model
+    if mode in PEERS:
+        return load_peer(mode, model.eval(), setup["size"], setup["calibration"], setup["workdir"])
+    if precision == "int8":  # int8+openvino, int8+torchao: that backend; int8: the default one
+        backend = extra or "auto"
+        return model.optimize_for_inference("int8", calibration=setup["calibration"], int8_backend=backend)
     return model.optimize_for_inference(precision, compile=extra == "compile")
 
 
@@ -162,15 +194,26 @@ def measure(
     path: Path,
     device: torch.device,
     sampler: HeapSampler | None,
+    setup: dict,
 ) -> None:
-    """Load each mode (timing load-to-ready), warm it up per batch size, then time rounds."""
+    """Load each mode (timing load-to-ready), warm it up per batch size, then time rounds.
+
+    A mode that cannot load here (a package not installed, int8 on a CPU without VNNI) is dropped
+    from ``modes`` with its reason in ``report["skipped"]``.
+    """
     first = torch.randn(1, 3, args.size, args.size, device=device)
-    for mode in modes:
+    for mode in list(modes):
         gc.collect()
         synchronize(device)
         before = _memory_in_use(sampler, device)
         start = time.perf_counter()
-        model = load_mode(mode, args.model, path, device)
+        try:
+            model = load_mode(mode, args.model, path, device, setup)
+        except (PeerUnavailable, ImportError) as error:
+            report["skipped"][mode] = str(error)
+            modes.remove(mode)
+            print(f"{mode}: skipped: {error}", file=sys.stderr, flush=True)
+            continue
         with torch.inference_mode():
             call(model, first, mode)
         synchronize(device)
@@ -228,23 +271,28 @@ def run(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_native_bf16": cpu_has_native_bf16(),
+        "cpu_int8_dot": cpu_has_int8_dot(),
         "image_size": args.size,
         "load_average_before": os.getloadavg(),
         "modes": {},
+        "skipped": {},
     }
     models: dict[str, nn.Module] = {}
     inputs = {b: torch.randn(b, 3, args.size, args.size, device=device) for b in sizes}
+    setup = {"size": args.size, "workdir": Path(workdir.name)}
+    if any(m.startswith("int8") or m in PEERS for m in modes):
+        setup["calibration"] = calibration_batch(build_model(args.model, pretrained=False), args.size)
     # What users of the plain model and of timm get is measured first, in the process as it
     # starts; optimize_for_inference then tunes glibc's allocator for the whole process, so
     # "plain+malloc" shows how much of our gain that part alone gives the plain model.
-    baselines = [m for m in modes if m in ("plain", "timm", "plain+amp")]
+    baselines = [m for m in modes if m in BASELINES]
     ours = [m for m in modes if m not in baselines]
     if "plain" in modes and ours and device.type == "cpu":
         ours.insert(0, "plain+malloc")
     for group in (baselines, ours):
         if group is ours and device.type == "cpu":
             reuse_freed_memory()
-        measure(group, models, inputs, report, args, path, device, sampler)
+        measure(group, models, inputs, report, args, path, device, sampler, setup)
     with torch.inference_mode():
         if args.fidelity and "plain" in models:
             b = 16 if 16 in sizes else sizes[-1]
@@ -253,8 +301,11 @@ def run(args: argparse.Namespace) -> dict:
             for mode, model in models.items():
                 logits = call(model, x, mode).double()
                 report["modes"][mode]["cosine_min"] = round(F.cosine_similarity(logits, reference).min().item(), 6)
-                agree = int((logits.argmax(1) == reference.argmax(1)).sum())
-                report["modes"][mode]["top1_agree"] = f"{agree}/{b}"
+                photos = F.cosine_similarity(logits[: len(PHOTOS)], reference[: len(PHOTOS)]).min().item()
+                report["modes"][mode]["cosine_photos"] = round(photos, 6)
+                same = logits.argmax(1) == reference.argmax(1)
+                report["modes"][mode]["top1_agree"] = f"{int(same.sum())}/{b}"
+                report["modes"][mode]["top1_photos"] = f"{int(same[: len(PHOTOS)].sum())}/{min(b, len(PHOTOS))}"
                 report["modes"][mode]["max_abs_diff"] = float(f"{(logits - reference).abs().max().item():.3g}")
     for entry in report["modes"].values():
         samples = entry.pop("samples_s")
@@ -271,7 +322,9 @@ def run(args: argparse.Namespace) -> dict:
     }
     report["load_average_after"] = os.getloadavg()
     if args.profile:
-        report["profile"] = profile(models[args.profile], args.profile, inputs[16 if 16 in sizes else sizes[-1]])
+        x = inputs[16 if 16 in sizes else sizes[-1]]
+        chosen = [mode for mode in args.profile.split(",") if mode in models]
+        report["profile"] = "\n\n".join(f"profile of {mode}:\n" + profile(models[mode], mode, x) for mode in chosen)
     workdir.cleanup()
     return report
 
@@ -291,7 +344,14 @@ def _cuda_reset(device: torch.device) -> int:
 
 
 def profile(model: nn.Module, mode: str, x: torch.Tensor) -> str:
-    """torch.profiler's table of one call: which operators the remaining time goes to."""
+    """torch.profiler's table of one call: which operators the remaining time goes to.
+
+    OpenVINO modes (ours and the peer): OpenVINO's own per-node counters, summed by layer type.
+    """
+    if getattr(model, "backend", None) == "openvino":
+        return openvino_profile(model.backend_model, x)
+    if mode.startswith("ov-"):
+        return openvino_profile(model.handle, x)
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -316,7 +376,7 @@ def print_table(report: dict) -> None:
         "wts MB",
         "held MB",
     ]
-    header += ["cos min", "top1"]
+    header += ["cos min", "cos photos", "top1", "top1 photos"]
     rows = [header]
     for mode, entry in modes.items():
         ref = sizes[1] if len(sizes) > 1 else sizes[0]
@@ -329,7 +389,7 @@ def print_table(report: dict) -> None:
                 str(entry["weights_mb"]),
                 str(entry["model_mb"]),
             ]
-            + [str(entry.get("cosine_min", "-")), str(entry.get("top1_agree", "-"))]
+            + [str(entry.get(key, "-")) for key in ("cosine_min", "cosine_photos", "top1_agree", "top1_photos")]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     print(f"{report['model']} on {report['device']} ({report['threads']} threads), {report['image_size']}px")
@@ -340,14 +400,44 @@ def print_table(report: dict) -> None:
     for name, peak in report["gemm_peak_gflops"].items():
         print(f"GEMM peak {name}: {peak} GFLOP/s -> limit {peak / report['gflop_per_image']:.1f} img/s")
     if plain and 16 in sizes:
-        print("targets (batch 16, vs plain): fp32 >= 1.6x, auto+compile >= 3.5x; batch-1 latency of auto <= 0.5x")
-        for mode in ("fp32", "auto", "fp32+compile", "auto+compile"):
-            if mode in modes:
-                speed = modes[mode]["img_s"][16] / plain["img_s"][16]
-                latency = modes[mode]["latency_ms_b1"] / plain["latency_ms_b1"] if 1 in sizes else float("nan")
-                print(f"  {mode:13} {speed:5.2f}x throughput, batch-1 latency {latency:.2f}x of plain")
+        print("ratios: batch-16 throughput, batch-1 latency, against plain (and plain+malloc, timed in this group):")
+        for mode in modes:
+            if mode in BASELINES:
+                continue
+            speed = modes[mode]["img_s"][16] / plain["img_s"][16]
+            latency = modes[mode]["latency_ms_b1"] / plain["latency_ms_b1"] if 1 in sizes else float("nan")
+            same_group = modes[mode]["img_s"][16] / modes["plain+malloc"]["img_s"][16] if "plain+malloc" in modes else 0
+            print(f"  {mode:13} {speed:5.2f}x throughput ({same_group:.2f}x plain+malloc), b1 latency {latency:.2f}x")
+        print_targets(report, sizes)
+    for mode, reason in report.get("skipped", {}).items():
+        print(f"skipped {mode}: {reason}")
     if "profile" in report:
         print(report["profile"])
+
+
+def print_targets(report: dict, sizes: list[int]) -> None:
+    """Issue 14's targets, as measured in this run (ratios only)."""
+    modes = report["modes"]
+
+    def ratio(a: str, b: str) -> float | None:
+        return modes[a]["img_s"][16] / modes[b]["img_s"][16] if a in modes and b in modes else None
+
+    def show(what: str, value: float | None, goal: float, higher: bool = True) -> None:
+        if value is None:
+            print(f"  {what:44} not measured (mode missing)")
+        else:
+            met = value >= goal if higher else value <= goal
+            print(f"  {what:44} {value:8.4f} (target {'>=' if higher else '<='} {goal}): {'met' if met else 'NOT met'}")
+
+    print("targets (issue 14):")
+    show("int8 / plain, img/s at batch 16", ratio("int8", "plain"), 5.0)
+    show("int8 / ov-int8, img/s at batch 16", ratio("int8", "ov-int8"), 1.25)
+    if 1 in sizes and "int8" in modes:
+        latency = modes["int8"]["latency_ms_b1"] / modes["plain"]["latency_ms_b1"]
+        show("int8 / plain, batch-1 latency", latency, 0.3, higher=False)
+    show("fp32 / plain, img/s at batch 16", ratio("fp32", "plain"), 1.6)
+    show("fp32 / ort-fp32, img/s at batch 16", ratio("fp32", "ort-fp32"), 1.0)
+    show("int8 logit cosine on the photos vs plain", modes.get("int8", {}).get("cosine_photos"), 0.999)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,10 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (each times every mode once)")
     parser.add_argument("--min-images", type=int, default=4, help="repeat small batches up to this many images")
     parser.add_argument("--no-fidelity", dest="fidelity", action="store_false")
-    parser.add_argument("--profile", metavar="MODE", help="print torch.profiler's table for MODE at batch 16")
+    parser.add_argument("--profile", metavar="MODES", help="print where the time goes at batch 16 for these modes")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    if args.profile and args.profile not in args.modes.split(","):
+    if args.profile and not set(args.profile.split(",")) <= set(args.modes.split(",")):
         parser.error(f"--profile {args.profile}: that mode is not in --modes {args.modes}")
     report = run(args)
     print_table(report)

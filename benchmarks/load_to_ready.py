@@ -1,4 +1,4 @@
-"""Load-to-ready time and peak RSS of a model built from a local checkpoint file.
+"""Load-to-ready time (also from process start, torch's import included) and peak RSS of a model from a local file.
 
     .venv/bin/python -m benchmarks.load_to_ready --architecture se_resnext101_32x4d [--checkpoint FILE]
 
@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Run with the repo root as its working directory: ``python -c`` imports from there.
 CHILD = """
 import sys, time, json
+process_start = time.perf_counter()  # before torch's own import: a fresh process's wait for its first logits
 
 def high_water_mib():
     # VmHWM is this process's own peak (ru_maxrss would carry the parent's across exec).
@@ -38,7 +39,10 @@ ready = time.perf_counter() - start
 with torch.inference_mode():
     model(torch.randn(1, 3, 224, 224))
 first = time.perf_counter() - start
+optional = ("torchvision", "onnx", "onnxruntime", "openvino", "nncf", "torchao")
+heavy = sorted(name for name in optional if name in sys.modules)
 print(json.dumps({{"load_to_ready_s": ready, "ready_plus_first_224_image_s": first,
+                  "import_torch_to_first_logits_s": time.perf_counter() - process_start, "optional_imported": heavy,
                   "peak_rss_mib": high_water_mib(), "rss_after_import_torch_mib": baseline}}))
 """
 
@@ -65,6 +69,8 @@ def main() -> None:
                 parser.error(f"--checkpoint is required for {args.architecture}")
             checkpoint = str(write_ngc_file(Path(tmp), args.architecture))
         runs = measure(args.architecture, checkpoint, args.repeats)
+    imported = sorted({name for run in runs for name in run.pop("optional_imported")})
+    print(f"optional packages imported: {', '.join(imported) or 'none'}")
     for key in runs[0]:
         values = sorted(run[key] for run in runs)
         print(f"{key:32} min {values[0]:8.2f}  median {values[len(values) // 2]:8.2f}")

@@ -17,6 +17,8 @@ in eval mode; the original is left as it was. What it does, and why each step ke
   does faster there than its convolution (see :class:`PointwiseConv`).
 - ``compile=True`` adds ``torch.compile`` (with weight freezing on CPU, which lets inductor
   pre-pack the convolution weights for oneDNN and fuse bias/ReLU/add into them).
+- ``int8`` (x86 CPUs with VNNI or AMX) quantizes the exact copy, calibrated on the caller's images
+  (:mod:`.quantize`: OpenVINO + NNCF, or torchao's PT2E + inductor; optional dependencies).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +40,12 @@ from torch import Tensor, nn
 from .meta import Described
 from .resnet import Bottleneck, ResNet
 
+if TYPE_CHECKING:
+    from .quantize import Calibration
+
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Faithfulness of a reduced-precision copy, checked by "auto" on a random input (see _faithful).
 MIN_COSINE = 0.999
@@ -223,21 +229,26 @@ def _cudnn_benchmark() -> Iterator[None]:
         torch.backends.cudnn.benchmark = previous
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (Linux); None where there is no such file."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return None
+
+
 def cpu_has_native_bf16() -> bool:
     """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16).
 
     Without them oneDNN emulates bf16 and runs slower than fp32, so "auto" must not pick it.
     """
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    if text:
-        flags = set()
-        for line in text.splitlines():
-            if line.startswith("flags"):
-                flags.update(line.split(":", 1)[1].split())
-                break
+    flags = cpu_flags()
+    if flags is not None:
         return bool(flags & {"avx512_bf16", "amx_bf16"})
     # No /proc/cpuinfo (macOS, Windows): trust oneDNN's own check where it has one.
     checker = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
@@ -272,13 +283,27 @@ def _device_of(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def _candidates(device: torch.device) -> list[str]:
-    """Reduced precisions worth trying on ``device``, fastest first (measured, see benchmarks/)."""
+def _candidates(device: torch.device, calibrated: bool, backend: str = "auto") -> list[str]:
+    """Reduced precisions worth trying on ``device``, fastest first (measured, see benchmarks/).
+
+    int8 only with calibration data, on a CPU with int8 dot products and a backend installed.
+    """
     if device.type == "cuda":
         return ["fp16"]
+    candidates = []
+    if device.type == "cpu" and calibrated:
+        from .quantize import INSTALL_HINT, available_backends, cpu_has_int8_dot
+
+        if not cpu_has_int8_dot():
+            log.info("optimize_for_inference: no int8 dot-product instructions (VNNI/AMX) on this CPU: not trying int8")
+        elif not available_backends() or backend not in ("auto", *available_backends()):
+            log.warning("optimize_for_inference: calibration given but int8 backend %r is not installed (%s)",
+                        backend, INSTALL_HINT)  # fmt: skip
+        else:
+            candidates.append("int8")
     if device.type == "cpu" and cpu_has_native_bf16():
-        return ["bf16"]
-    return []
+        candidates.append("bf16")
+    return candidates
 
 
 @functools.cache
@@ -287,13 +312,13 @@ def _check_input(device: str) -> Tensor:
     return torch.randn(2, 3, 64, 64, generator=generator).to(device)
 
 
-def _faithful(reference: nn.Module, candidate: nn.Module) -> tuple[bool, float]:
-    """Logit cosine >= 0.999 and the same top-1 on a small random batch (64x64, batch 2: cheap).
+def _faithful(reference: nn.Module, candidate: nn.Module, x: Tensor | None = None) -> tuple[bool, float]:
+    """Logit cosine >= 0.999 and the same top-1 on ``x``, by default a small random batch (64x64, batch 2: cheap).
 
     Top-1 must agree wherever the reference's top two logits differ by more than 5% of the
     logits' spread; a flip between near-equal logits is rounding, not a change of answer.
     """
-    x = _check_input(str(_device_of(reference)))
+    x = _check_input(str(_device_of(reference))) if x is None else x
     with torch.inference_mode():
         want, got = reference(x).double(), candidate(x).double()
     cosine = F.cosine_similarity(want, got, dim=1).min().item()
@@ -334,6 +359,8 @@ def optimize_for_inference(
     compile: bool = False,
     *,
     reuse_memory: bool = True,
+    calibration: Calibration | None = None,
+    int8_backend: str = "auto",
 ) -> nn.Module:
     """A new eval-mode module on ``model``'s device computing ``model``'s function, faster.
 
@@ -345,6 +372,14 @@ def optimize_for_inference(
     seconds (a minute or more for the 101-layer models on a small CPU) to compile, later calls
     run faster; call it under ``torch.inference_mode()`` (on CPU the weights are frozen into the
     compiled graph). A new input shape compiles again. ``model`` itself is not changed.
+
+    ``"int8"`` (CPU; x86 with VNNI or AMX) needs ``calibration``: a preprocessed tensor batch, an
+    iterable of batches, or image paths/URLs/PIL images (read by the project's loader, preprocessed
+    with the model's preset); a few hundred representative images are best. ``"auto"`` tries int8
+    first only when ``calibration`` is given, keeping it if faithful on (up to 16 of) those images.
+    ``int8_backend``: ``"auto"`` (OpenVINO + NNCF where installed, else torchao), ``"openvino"`` or
+    ``"torchao"`` (see :mod:`.quantize`); int8 is always compiled by its backend (``compile`` and
+    ``channels_last`` do not apply) and takes CPU tensors.
 
     ``reuse_memory`` (CPU, Linux): call :func:`reuse_freed_memory`, a one-time switch for the
     whole process (glibc keeps freed memory for reuse: up to 2x faster large layers, at the
@@ -364,20 +399,65 @@ def optimize_for_inference(
         log.warning("this CPU has no native bf16 instructions: bf16 will be emulated and slower than fp32")
     if precision == "fp16" and device.type == "cpu":
         raise ValueError("precision='fp16' runs on CUDA only; on CPU use 'bf16' or 'fp32' (or 'auto')")
+    batches = _calibration_for(model, precision, device, calibration, int8_backend)
     if device.type == "cpu" and reuse_memory:
         reuse_freed_memory()
 
     exact = OptimizedResNet(model, dtype=torch.float32, channels_last=channels_last)
     chosen: nn.Module = exact
     if precision == "auto":
-        for name in _candidates(device):
-            candidate = OptimizedResNet(model, dtype=DTYPES[name], channels_last=channels_last)
-            ok, cosine = _faithful(exact, candidate)
+        for name in _candidates(device, calibrated=batches is not None, backend=int8_backend):
+            if name == "int8":
+                candidate = _int8(model, exact, batches, int8_backend)
+                ok, cosine = _faithful(exact, candidate, torch.cat(batches)[:16])
+            else:
+                candidate = OptimizedResNet(model, dtype=DTYPES[name], channels_last=channels_last)
+                ok, cosine = _faithful(exact, candidate)
             if ok:
                 chosen = candidate
                 break
             log.info("optimize_for_inference: %s is not faithful here (cosine %.5f); trying the next", name, cosine)
+    elif precision == "int8":
+        return _int8(model, exact, batches, int8_backend)
     elif precision != "fp32":
         chosen = OptimizedResNet(model, dtype=DTYPES[precision], channels_last=channels_last)
 
-    return CompiledResNet(chosen, device) if compile else chosen
+    if isinstance(chosen, OptimizedResNet) and compile:
+        return CompiledResNet(chosen, device)
+    return chosen
+
+
+def _calibration_for(
+    model: ResNet, precision: str, device: torch.device, calibration: Calibration | None, backend: str
+) -> list[Tensor] | None:
+    """The calibration batches int8 would use (checked before any work), or None where int8 does not apply."""
+    if precision not in ("int8", "auto"):
+        if calibration is not None:
+            raise ValueError(f"calibration applies to precision 'int8' (or 'auto'), not {precision!r}")
+        return None
+    if precision == "int8":
+        if device.type != "cpu":
+            raise ValueError(f"precision='int8' runs on the CPU only, the model is on {device}; move it with .cpu()")
+        if calibration is None:
+            raise ValueError(
+                "precision='int8' needs calibration images: calibration=<paths, URLs, PIL images or a "
+                "preprocessed (N, 3, H, W) batch>, a few hundred like the ones it will see"
+            )
+    if calibration is None or device.type != "cpu":
+        return None
+    from .quantize import calibration_batches, cpu_has_int8_dot, resolve_backend
+
+    if precision == "int8":
+        resolve_backend(backend)  # a missing dependency is an error before the images are read
+        if not cpu_has_int8_dot():
+            log.warning("this CPU has no int8 dot-product instructions (VNNI/AMX): int8 is emulated and slow")
+    return calibration_batches(calibration, model.preprocessing)
+
+
+def _int8(model: ResNet, exact: OptimizedResNet, batches: list[Tensor] | None, backend: str) -> nn.Module:
+    from .quantize import quantize
+
+    if batches is None:
+        raise ValueError("precision='int8' needs calibration images")
+    nchw = OptimizedResNet(model, dtype=torch.float32, channels_last=False)
+    return quantize(exact, batches, backend=backend, exact_nchw=nchw)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -216,21 +217,36 @@ class ResNet(Described, nn.Module):
         self.meta = self.meta.with_classes(classes)
 
     def optimize_for_inference(
-        self, precision: str = "auto", channels_last: bool = True, compile: bool = False, *, reuse_memory: bool = True
+        self,
+        precision: str = "auto",
+        channels_last: bool = True,
+        compile: bool = False,
+        *,
+        reuse_memory: bool = True,
+        calibration: Any = None,
+        int8_backend: str = "auto",
     ) -> nn.Module:
-        """A faster inference-only copy of this model (BN folded, channels-last, bf16/fp16).
+        """A faster inference-only copy of this model (BN folded, channels-last, bf16/fp16/int8).
 
-        ``precision``: ``"auto"`` (fastest faithful: bf16 on CPUs with native bf16, fp16 on
-        CUDA, else fp32), ``"fp32"`` (exact), ``"bf16"``, ``"fp16"``. ``compile=True`` adds
-        ``torch.compile`` (tens of seconds on the first call). This model is not changed.
-        ``reuse_memory``: a one-time, process-wide glibc switch on Linux CPUs (see
+        ``precision``: ``"auto"`` (fastest faithful: int8 when ``calibration`` is given on CPUs
+        with VNNI/AMX, else bf16 on CPUs with native bf16, fp16 on CUDA, else fp32), ``"fp32"``
+        (exact), ``"bf16"``, ``"fp16"``, ``"int8"`` (needs ``calibration``: image paths/URLs/PIL
+        images, or preprocessed batches; ``int8_backend`` ``"auto"``, ``"openvino"`` or ``"torchao"``).
+        ``compile=True`` adds ``torch.compile`` (tens of seconds on the first call). This model is
+        not changed. ``reuse_memory``: a one-time, process-wide glibc switch on Linux CPUs (see
         :func:`resnext_hub.models.optimize.optimize_for_inference`).
         """
         # Imported here: optimize.py builds on this module's classes.
         from .optimize import optimize_for_inference
 
         return optimize_for_inference(
-            self, precision=precision, channels_last=channels_last, compile=compile, reuse_memory=reuse_memory
+            self,
+            precision=precision,
+            channels_last=channels_last,
+            compile=compile,
+            reuse_memory=reuse_memory,
+            calibration=calibration,
+            int8_backend=int8_backend,
         )
 
     @property

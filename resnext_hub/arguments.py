@@ -10,10 +10,11 @@ import argparse
 import sys
 from typing import Any
 
-from .data import Skipped
+from .data import Skipped, expand_inputs
 from .distributed import DistContext
 from .engine import resolve_device
 from .models import ResNet, build_model
+from .models.optimize import PRECISIONS
 from .models.registry import architecture_of, model_names
 
 DEFAULT_MODEL = "se_resnext101_32x4d"
@@ -56,6 +57,7 @@ def add_inference_options(
     )
     if no_amp:
         parser.add_argument("--no-amp", action="store_true", help="on CUDA, run in fp32 instead of fp16")
+    add_precision_options(parser)
     if top_k:
         parser.add_argument("--top-k", type=int, default=5)
     if batch_size is not None:
@@ -85,6 +87,9 @@ def check_options(args: argparse.Namespace) -> str | None:
             resolve_device(args.device)
         except ValueError as error:
             return f"--device: {error}"
+    problem = _check_precision(args)
+    if problem:
+        return problem
     check = getattr(args, "check_options", None)
     return check(args) if check is not None else None
 
@@ -96,10 +101,54 @@ def report_skipped(skipped: list[Skipped]) -> None:
 
 
 def precision_from_args(args: argparse.Namespace) -> str:
-    """``fp32`` for ``--exact`` (and for ``--no-amp`` on CUDA), else ``auto``."""
+    """``--precision`` if given; else ``fp32`` for ``--exact`` (and for ``--no-amp`` on CUDA), else ``auto``."""
+    if getattr(args, "precision", None):
+        return args.precision
     if args.exact or (getattr(args, "no_amp", False) and resolve_device(args.device).type == "cuda"):
         return "fp32"
     return "auto"
+
+
+# -- int8 (issue 14): --precision and --calibration ----------------------------------------------------
+
+
+def add_precision_options(
+    parser: argparse.ArgumentParser,
+    choices: tuple[str, ...] = PRECISIONS,
+    help: str = "auto (default: the fastest faithful), fp32 (= --exact), bf16, fp16 (CUDA), int8 (needs --calibration)",
+) -> None:
+    """``--precision`` (one of ``choices``) and ``--calibration DIR`` (for int8)."""
+    parser.add_argument("--precision", choices=choices, help=help)
+    parser.add_argument(
+        "--calibration",
+        metavar="DIR",
+        help="images to calibrate int8 on (a folder, searched recursively, or one image): a few hundred like the "
+        "inputs; with --precision auto, int8 is tried first",
+    )
+
+
+def _check_precision(args: argparse.Namespace) -> str | None:
+    precision, calibration = getattr(args, "precision", None), getattr(args, "calibration", None)
+    if precision and getattr(args, "exact", False) and precision != "fp32":
+        return f"--exact means --precision fp32; it cannot be combined with --precision {precision}"
+    if precision == "int8" and not calibration:
+        return "--precision int8 needs --calibration DIR (a folder of images like the ones to classify)"
+    if calibration and precision not in (None, "auto", "int8"):
+        return f"--calibration applies to --precision int8 or auto, not {precision}"
+    if calibration and getattr(args, "exact", False):
+        return "--calibration applies to --precision int8 or auto, not --exact (fp32)"
+    return None
+
+
+def calibration_from_args(args: argparse.Namespace) -> list[str] | None:
+    """The image files of ``--calibration`` (a folder is searched recursively), or None without it."""
+    folder = getattr(args, "calibration", None)
+    if not folder:
+        return None
+    images = expand_inputs([folder])
+    if not images:
+        raise ValueError(f"--calibration {folder}: no images found there")
+    return images
 
 
 def model_from_args(args: argparse.Namespace, *, ctx: DistContext | None = None, **kwargs: Any) -> ResNet:

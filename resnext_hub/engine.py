@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -73,13 +73,25 @@ class Engine:
     The model runs through ``model.optimize_for_inference(precision)``: ``"auto"`` (bf16 on CPUs
     with native bf16, fp16 on CUDA, else fp32; checked faithful) or an explicit ``"fp32"`` (exact),
     ``"bf16"`` or ``"fp16"``. ``self.precision`` is what it runs in.
+    ``calibration`` (image paths/URLs, PIL images or preprocessed batches) enables ``"int8"`` on CPUs
+    with VNNI/AMX, explicitly or as ``"auto"``'s first choice (see ``optimize_for_inference``).
     """
 
     def __init__(
-        self, model: ResNet, *, device: str | torch.device = "auto", precision: str = "auto", compile: bool = False
+        self,
+        model: ResNet,
+        *,
+        device: str | torch.device = "auto",
+        precision: str = "auto",
+        compile: bool = False,
+        calibration: Any = None,
     ) -> None:
         self.device = resolve_device(device)
-        self.model = model.eval().to(self.device).optimize_for_inference(precision=precision, compile=compile)
+        self.model = (
+            model.eval()
+            .to(self.device)
+            .optimize_for_inference(precision=precision, compile=compile, calibration=calibration)
+        )
         self.precision: str = self.model.precision
         self.preprocessing = self.model.preprocessing
         self.classes = self.model.classes

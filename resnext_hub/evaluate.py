@@ -33,6 +33,8 @@ def evaluate(
     exact: bool = False,
     compile: bool = False,
     progress: bool = False,
+    precision: str | None = None,
+    calibration: Any = None,
 ) -> dict[str, Any]:
     """Score ``model`` on the ImageNet-layout folder ``root``; the same summary on every rank.
 
@@ -45,7 +47,8 @@ def evaluate(
     skipped: list[Skipped] = []
     samples = find_samples(root, skipped=skipped)
     batches = shard_batches(len(samples), batch_size, ctx.rank, ctx.world_size)
-    engine = Engine(model, device=ctx.device, precision="fp32" if exact else "auto", compile=compile)
+    precision = precision or ("fp32" if exact else "auto")
+    engine = Engine(model, device=ctx.device, precision=precision, compile=compile, calibration=calibration)
     precision = agreed_precision(ctx, engine.precision)
     k = min(5, model.num_classes)
 

@@ -214,6 +214,8 @@ def predict(
     exact: bool = False,
     compile: bool = False,
     progress: bool = False,
+    precision: str | None = None,
+    calibration: Any = None,
     retry_errors: bool = False,
     provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -250,7 +252,8 @@ def predict(
         for b in shard_batches(len(inputs), batch_size, ctx.rank, ctx.world_size)
     ]
     batches = [b for b in batches if b]
-    engine = Engine(model, device=ctx.device, precision="fp32" if exact else "auto", compile=compile)
+    precision = precision or ("fp32" if exact else "auto")
+    engine = Engine(model, device=ctx.device, precision=precision, compile=compile, calibration=calibration)
     precision = agreed_precision(ctx, engine.precision)
 
     part_path = parts_dir(output) / f"{time.time_ns():020d}-rank{ctx.rank:05d}-{os.getpid()}.jsonl"

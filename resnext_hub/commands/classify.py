@@ -20,6 +20,7 @@ from ..arguments import (
     add_inference_options,
     add_model_options,
     add_progress_options,
+    calibration_from_args,
     model_from_args,
     precision_from_args,
     report_skipped,
@@ -59,7 +60,12 @@ def run(args: argparse.Namespace) -> int:
     if args.output is not None:
         check_output(args.output)  # before the model loads: a ValueError is a usage error
         _check_not_an_input(args.output, inputs)
-    engine = Engine(model_from_args(args), device=args.device, precision=precision_from_args(args))
+    engine = Engine(
+        model_from_args(args),
+        device=args.device,
+        precision=precision_from_args(args),
+        calibration=calibration_from_args(args),
+    )
     bar = progress_bar(len(inputs), args.progress)
     failed = 0
 

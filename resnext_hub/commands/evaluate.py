@@ -21,7 +21,14 @@ import sys
 from pathlib import Path
 
 from .. import exit_codes
-from ..arguments import add_inference_options, add_model_options, add_progress_options, model_from_args
+from ..arguments import (
+    add_inference_options,
+    add_model_options,
+    add_progress_options,
+    calibration_from_args,
+    model_from_args,
+    precision_from_args,
+)
 from ..data import Skipped, find_samples
 from ..distributed import distributed, quiet_unless_main, sigterm_as_exit
 from ..evaluate import evaluate
@@ -42,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 workers=args.workers,
                 exact=args.exact,
+                precision=precision_from_args(args),
+                calibration=calibration_from_args(args),
                 compile=args.compile,
                 progress=bool(args.progress),
             )

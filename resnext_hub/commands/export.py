@@ -9,7 +9,7 @@ from pathlib import Path
 from .. import exit_codes
 from .. import export as exporting
 from .. import triton as triton_config
-from ..arguments import add_model_options, model_from_args
+from ..arguments import add_model_options, add_precision_options, calibration_from_args, model_from_args
 from ..export import (
     DEFAULT_OPSET,
     FORMATS,
@@ -20,6 +20,7 @@ from ..export import (
     export_torchscript,
     export_triton,
 )
+from ..models import ResNet
 from ..results import check_output, printable
 
 MIN_OPSET = 7  # the oldest ONNX opset torch.onnx writes
@@ -67,6 +68,8 @@ def _export(args: argparse.Namespace) -> ExportResult:
     if args.format != "pt2" and (args.bf16 or args.device != "cpu"):
         raise ValueError("--bf16 and --device apply to pt2 exports (the package is compiled for one device)")
     model = model_from_args(args)
+    if getattr(args, "precision", None) == "int8":
+        return _export_int8(args, model)
     if args.format == "pt2":
         precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
         return export_pt2(model, args.output, image_size=args.image_size, precision=precision, device=args.device)
@@ -77,6 +80,16 @@ def _export(args: argparse.Namespace) -> ExportResult:
     options = ("name", "image_size", "fp16", "opset", "max_batch_size", "preferred_batch_sizes", "queue_delay_us")
     options += ("instance_kind", "instance_count", "accelerator", "image_ensemble", "overwrite")
     return export_triton(model, args.output, **{option: getattr(args, option) for option in options})
+
+
+def _export_int8(args: argparse.Namespace, model: ResNet) -> ExportResult:
+    """``--precision int8``: a QDQ ONNX file for ONNX Runtime on CPUs, calibrated on ``--calibration``."""
+    from ..export.onnx_int8 import export_onnx_int8  # onnxruntime's quantization tools load only here
+
+    if args.format != "onnx" or args.fp16:
+        raise ValueError("--precision int8 writes an ONNX file: use --format onnx, without --fp16")
+    calibration = calibration_from_args(args)
+    return export_onnx_int8(model, args.output, calibration=calibration, image_size=args.image_size, opset=args.opset)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -98,6 +111,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     precision.add_argument("--bf16", action="store_true", help="compute in bf16 (pt2 on a CPU with native bf16)")
     parser.add_argument("--device", default="cpu", help="pt2: the device it is compiled for, cpu or cuda[:N]")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
+    add_precision_options(
+        parser, choices=("fp32", "int8"), help="int8: a QDQ ONNX file for ONNX Runtime on CPUs (--format onnx)"
+    )
     triton = parser.add_argument_group("triton")
     triton.add_argument("--name", help="model name in the repository (default: the architecture)")
     triton.add_argument("--max-batch-size", type=int, default=32)

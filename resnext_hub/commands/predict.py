@@ -26,7 +26,9 @@ from ..arguments import (
     add_inference_options,
     add_model_options,
     add_progress_options,
+    calibration_from_args,
     model_from_args,
+    precision_from_args,
     report_skipped,
 )
 from ..data import Skipped, collect_inputs
@@ -94,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 workers=args.workers,
                 exact=args.exact,
+                precision=precision_from_args(args),
+                calibration=calibration_from_args(args),
                 compile=args.compile,
                 progress=bool(args.progress),
                 retry_errors=args.retry_errors,

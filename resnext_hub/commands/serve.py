@@ -21,7 +21,13 @@ from pathlib import Path
 
 from .. import exit_codes
 from .. import serve as serving
-from ..arguments import add_inference_options, add_model_options, model_from_args, precision_from_args
+from ..arguments import (
+    add_inference_options,
+    add_model_options,
+    calibration_from_args,
+    model_from_args,
+    precision_from_args,
+)
 from ..engine import Engine
 from ..serve import TOKEN_ENV, ServeUnavailableError, build_server, check_interpreter
 from ..triton import parse_batch_sizes
@@ -91,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
         return exit_codes.OK
     _check_ports(args)
     model = model_from_args(args)
-    engine = Engine(model, device=args.device, precision=precision_from_args(args))
+    engine = Engine(
+        model, device=args.device, precision=precision_from_args(args), calibration=calibration_from_args(args)
+    )
     top_k = engine.clamp_k(args.top_k)
     if top_k < args.top_k:
         log.info("--top-k %d is above the %d classes of %s: serving all %d", args.top_k, top_k, args.model, top_k)

@@ -164,8 +164,8 @@ def test_auto_falls_back_to_fp32_when_reduced_precision_is_not_faithful():
 
 def test_bad_arguments_are_explained():
     model = model_of(SMALL)
-    with pytest.raises(ValueError, match=r"precision must be one of .*'fp32'.*got 'int8'"):
-        model.optimize_for_inference("int8")
+    with pytest.raises(ValueError, match=r"precision must be one of .*'int8'\).*got 'int4'"):
+        model.optimize_for_inference("int4")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="fp16.*CUDA only"):
             model.optimize_for_inference("fp16")
