@@ -31,8 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     problem = check_options(args)
-    if problem:
-        parser.error(problem)
+    if problem:  # one line, as argparse's own usage errors, but returned: callers get the status
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {problem}", file=sys.stderr)
+        return exit_codes.USAGE
     if getattr(args, "progress", False) is None:
         args.progress = sys.stderr.isatty()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
