@@ -54,7 +54,11 @@ REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 _ISOLATION = r"""
 import os, sys
 _root = os.path.realpath(sys.argv.pop(1))
-sys.path[:] = [p for p in sys.path if p and not (os.path.realpath(p) + os.sep).startswith(_root + os.sep)]
+_env = os.path.realpath(sys.prefix) + os.sep  # a virtualenv inside the checkout (.venv) keeps its packages
+sys.path[:] = [
+    p for p in sys.path
+    if p and ((os.path.realpath(p) + os.sep).startswith(_env) or not (os.path.realpath(p) + os.sep).startswith(_root + os.sep))
+]
 
 class _NoRepositoryCode:
     @staticmethod
