@@ -44,7 +44,7 @@ from .optimize import OptimizedResNet, PointwiseConv, cpu_flags
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "openvino", "torchao")
-INSTALL_HINT = "pip install 'resnext-hub[int8]' (OpenVINO + NNCF), or pip install torchao for the torchao backend"
+INSTALL_HINT = "pip install 'resnext-hub[int8]' (OpenVINO + NNCF, the default), or 'resnext-hub[torchao]' (torchao)"
 # CPU flags of int8 dot-product instructions: without one, int8 convolutions are emulated and slow.
 INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 CALIBRATION_BATCH = 16
