@@ -55,10 +55,8 @@ _ISOLATION = r"""
 import os, sys
 _root = os.path.realpath(sys.argv.pop(1))
 _env = os.path.realpath(sys.prefix) + os.sep  # a virtualenv inside the checkout (.venv) keeps its packages
-sys.path[:] = [
-    p for p in sys.path
-    if p and ((os.path.realpath(p) + os.sep).startswith(_env) or not (os.path.realpath(p) + os.sep).startswith(_root + os.sep))
-]
+_inside = lambda p, top: (os.path.realpath(p) + os.sep).startswith(top)  # noqa: E731
+sys.path[:] = [p for p in sys.path if p and (_inside(p, _env) or not _inside(p, _root + os.sep))]
 
 class _NoRepositoryCode:
     @staticmethod
