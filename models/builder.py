@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_weights, read_checkpoint
+from .checkpoint import CheckpointError, FinetunedMeta, load_weights, read_checkpoint, read_finetuned_meta
 from .download import fetch_checkpoint
 from .features import ResNetFeatures, feature_indices
 from .meta import ModelMeta, default_classes
@@ -42,6 +42,8 @@ def build_model(
     - ``weights``: a manifest tag or name (default: the architecture's default record). The
       record supplies the download sources, ``model.preprocessing`` and ``model.classes``.
     - ``num_classes``: default the record's (1000); another N keeps the backbone, adds a fresh head.
+      A fine-tuned checkpoint (``python -m resnext_hub finetune``) sets the default to its own
+      classes and gives the model its class names and preset; another N keeps its backbone only.
     - ``state_dict_key_map_fn``: renames each checkpoint key before loading (NVIDIA's option).
     - ``channels_last``: return the model in channels-last memory format.
     - ``fused_se``: NVIDIA's option; both settings compute the same function.
@@ -55,7 +57,9 @@ def build_model(
         feature_indices(out_indices)  # a bad index fails before any download
     config = get_config(architecture)
     record = get_weights(architecture, weights)
-    num_classes = record.num_classes if num_classes is None else num_classes
+    finetuned = _finetuned(pretrained_from_file, architecture)
+    if num_classes is None:
+        num_classes = record.num_classes if finetuned is None else len(finetuned.classes)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     loaded: Weights | None = None
@@ -69,7 +73,7 @@ def build_model(
         # Built on the meta device: the checkpoint's tensors are assigned, never initialised twice.
         with torch.device("meta"):
             model = ResNet(
-                config, num_classes, fused_se=fused_se, meta=_meta(architecture, record, num_classes, loaded)
+                config, num_classes, fused_se=fused_se, meta=_meta(architecture, record, num_classes, loaded, finetuned)
             )
         load_weights(model, state_dict, key_map_fn=state_dict_key_map_fn, source=where)
         if model.fc.weight.is_meta:
@@ -81,6 +85,22 @@ def build_model(
     return (ResNetFeatures(model, out_indices) if features_only else model).eval()
 
 
-def _meta(architecture: str, record: Weights, num_classes: int, loaded: Weights | None) -> ModelMeta:
+def _meta(
+    architecture: str, record: Weights, num_classes: int, loaded: Weights | None, finetuned: FinetunedMeta | None = None
+) -> ModelMeta:
+    if finetuned is not None:
+        classes = finetuned.classes if num_classes == len(finetuned.classes) else default_classes(num_classes)
+        return ModelMeta(architecture, finetuned.preprocessing, classes)
     classes = record.class_list if num_classes == record.num_classes else default_classes(num_classes)
     return ModelMeta(architecture, record.preprocessing, classes, weights=loaded)
+
+
+def _finetuned(path: str | Path | None, architecture: str) -> FinetunedMeta | None:
+    """The metadata of a fine-tuned checkpoint file, checked against the architecture asked for."""
+    finetuned = read_finetuned_meta(Path(path).expanduser()) if path is not None else None
+    if finetuned is not None and finetuned.architecture != architecture:
+        raise CheckpointError(
+            f"{path} was fine-tuned from {finetuned.architecture}, not {architecture}: "
+            f"load it as {finetuned.architecture} (--model {finetuned.architecture} on the command line)"
+        )
+    return finetuned

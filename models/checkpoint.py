@@ -6,10 +6,15 @@ import logging
 import pickle
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ..processing.labels import ClassList
+from ..processing.presets import ImageClassification
 
 log = logging.getLogger(__name__)
 
@@ -170,3 +175,61 @@ def load_weights(
     # assign=True lets a model built on the meta device take the tensors without a copy.
     state_dict = {k: v.to(expected[k].dtype) for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=False, assign=True)
+
+
+# -- fine-tuned checkpoints: weights plus what the model needs to be rebuilt ---------------------------
+
+FINETUNED_FORMAT = "resnext_hub.finetuned/1"
+
+
+@dataclass(frozen=True)
+class FinetunedMeta:
+    """What a fine-tuned checkpoint says about its model: architecture, class names and preset."""
+
+    architecture: str
+    classes: ClassList
+    preprocessing: ImageClassification
+
+
+def finetuned_checkpoint(
+    state_dict: Mapping[str, Tensor], *, architecture: str, classes: ClassList, preprocessing: ImageClassification
+) -> dict[str, Any]:
+    """The content of a fine-tuned checkpoint file: the weights and, as plain values, its metadata.
+
+    Plain values (a list of str, a dict of numbers) load under ``weights_only=True``.
+    """
+    return {
+        "format": FINETUNED_FORMAT,
+        "architecture": architecture,
+        "classes": list(classes.names),
+        "preprocessing": preprocessing.as_dict(),
+        "state_dict": {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()},
+    }
+
+
+def read_finetuned_meta(path: str | Path) -> FinetunedMeta | None:
+    """The metadata of a fine-tuned checkpoint (see :func:`finetuned_checkpoint`); None for any other file.
+
+    Only a torch zip file can be one: it is opened with ``weights_only=True`` and ``mmap=True``, so
+    the tensors are not read. Files that cannot be opened so are left to :func:`read_checkpoint`.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors" or not path.is_file():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip file, or refused: read_checkpoint says why
+        return None
+    if not isinstance(data, Mapping) or data.get("format") != FINETUNED_FORMAT:
+        return None
+    try:
+        classes = data["classes"]
+        if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
+            raise ValueError(f"classes must be a list of names, got {type(classes).__name__}")
+        if not isinstance(data["architecture"], str):
+            raise ValueError("architecture must be a name")
+        return FinetunedMeta(
+            data["architecture"], ClassList.of(classes), ImageClassification.from_dict(data["preprocessing"])
+        )
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"{path}: malformed fine-tuned checkpoint metadata ({error})") from error
