@@ -1,0 +1,414 @@
+"""Fine-tune a model on your own classes, in one process or many (``torchrun``): :func:`finetune`.
+
+The recipe:
+
+- **Data**: ``DATA/train/<class>/`` and ``DATA/val/<class>/`` with the same class folders (sorted
+  names = class indices). Files the hardened loader cannot read are found before training,
+  reported and left out.
+- **Model**: the architecture's published weights (or ``pretrained_from_file``, or random with
+  ``pretrained=False``: Kaiming-normal convolutions, the last BatchNorm of each block zeroed, as
+  timm's) with a fresh head for the classes (a fine-tuned file with the same class names keeps
+  its head). ``freeze_backbone`` trains the head only; the backbone's BatchNorm statistics are
+  frozen with it.
+- **Validation input**: the weights' own preprocessing preset scaled to ``image_size`` (default:
+  the preset's crop size): resize by the preset's resize/crop ratio, center crop, same
+  interpolation, mean and std. That preset is saved with the weights.
+- **Training input**: ``RandomResizedCrop(image_size, scale=(0.25, 1))`` with the preset's
+  interpolation, random horizontal flip, the preset's normalization.
+- **Optimization**: AdamW (weight decay 0.05 on weights, none on biases and BatchNorm), linear
+  warmup over the first 10% of the steps, then cosine decay to 0, updated every step;
+  cross-entropy with label smoothing 0.1 (the reported val loss is plain cross-entropy).
+- **Speed**: mixed precision where the hardware has it (bf16 autocast on CPUs with native bf16;
+  bf16 on CUDA GPUs that have it, else fp16 with a GradScaler), channels-last.
+- **Many processes**: DistributedDataParallel (gloo on CPU, NCCL on CUDA); ``batch_size`` is the
+  global batch (``batch_size / world_size`` per process); training batches from
+  ``DistributedSampler`` (seed, ``set_epoch``); validation sharded without padding, so every
+  image counts once; optional SyncBatchNorm (CUDA); only rank 0 writes files.
+- **Reproducible and resumable**: an epoch depends only on the state at its start and on
+  ``(seed, epoch)`` (the sampler's shuffle, and each image's augmentation seeded by
+  ``(seed, epoch, index)``), and ``last.pth`` holds that state after every epoch: ``resume``
+  continues a killed run to the same final weights and metrics as an uninterrupted one (same
+  hardware and process count). :mod:`resnext_hub.training_state` lists the output files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import training_state as state
+from .data import ImageListDataset, make_loader
+from .distributed import DistContext, agreed_precision, distributed, shard_batches
+from .models import ModelMeta, ResNet, build_model
+from .models.checkpoint import finetuned_checkpoint
+from .models.optimize import cpu_has_native_bf16
+from .models.registry import architecture_of
+from .models.resnet import Bottleneck
+from .processing import ClassList, ImageClassification
+from .results import progress_bar
+from .training_data import (
+    AugmentedImages,
+    FolderData,
+    drop_unreadable,
+    epoch_batches,
+    read_folder,
+    scaled_preset,
+    steps_per_epoch,
+    train_transform,
+)
+from .training_state import FIELDS, FinetuneSettings
+
+log = logging.getLogger(__name__)
+
+LABEL_SMOOTHING = 0.1
+
+
+def finetune(
+    data: str | Path,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    workers: int = 4,
+    device: str = "auto",
+    progress: bool = False,
+    ctx: DistContext | None = None,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Fine-tune on ``data`` (``train/<class>/``, ``val/<class>/``), writing checkpoints and metrics to ``out``.
+
+    ``settings`` are the fields of :class:`FinetuneSettings` (``model``, ``epochs``, ``batch_size``,
+    ``lr``, ``image_size``, ``pretrained``, ``pretrained_from_file``, ``freeze_backbone``, ``seed``,
+    ``sync_bn``, ``precision``, ...). ``resume=True`` continues the run in ``out`` with its saved
+    settings; a setting given that differs from the run's is refused. ``workers``: data-loading
+    processes per rank; ``device``: auto, cpu or cuda. Under ``torchrun`` (or with ``ctx``) the
+    processes train together. Returns the summary (the same on every rank); ``ValueError`` for bad
+    options or data, before any training.
+    """
+    unknown = sorted(set(settings) - set(FIELDS))
+    if unknown:
+        raise TypeError(f"finetune() got unknown settings {unknown}; expected some of {list(FIELDS)}")
+    if not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be an integer >= 0, got {workers!r}")
+    if ctx is None:
+        with distributed(device) as ctx:
+            return finetune(data, out, resume=resume, workers=workers, progress=progress, ctx=ctx, **settings)
+    given = {name: value for name, value in settings.items() if value is not None}
+    if "model" in given:
+        given["model"] = architecture_of(given["model"])
+    folder, out = read_folder(data), Path(out)
+    saved = None
+    if resume:
+        saved = state.load_last(out)
+        state.check_same_run(saved["settings"], given, out / state.LAST)
+        state.check_same_run({"classes": saved["classes"]}, {"classes": list(folder.classes)}, out / state.LAST)
+        chosen = FinetuneSettings(**saved["settings"])
+    else:
+        if (out / state.LAST).exists():
+            raise ValueError(
+                f"{out} already holds a run ({state.LAST}): pass --resume to continue it, or choose another folder"
+            )
+        chosen = FinetuneSettings(**given)
+        if chosen.pretrained_from_file is not None and not Path(chosen.pretrained_from_file).expanduser().is_file():
+            raise ValueError(f"--pretrained-from-file {chosen.pretrained_from_file} does not exist (or is not a file)")
+    if chosen.batch_size % ctx.world_size:
+        raise ValueError(f"batch_size {chosen.batch_size} (global) is not divisible by the {ctx.world_size} processes")
+    if chosen.sync_bn and ctx.distributed and ctx.device.type != "cuda":
+        raise ValueError("sync_bn (--sync-bn) needs CUDA: torch's SyncBatchNorm does not run on CPU")
+    if chosen.precision == "fp16" and ctx.device.type != "cuda":
+        raise ValueError("precision fp16 needs CUDA (on CPU use bf16 or fp32)")
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    return Trainer(folder, out, chosen, ctx, workers=workers, progress=progress, saved=saved).run()
+
+
+def _model(settings: FinetuneSettings, classes: ClassList, ctx: DistContext, saved: Mapping | None) -> ResNet:
+    """The architecture with its starting weights, a head for ``classes`` and their names."""
+    torch.manual_seed(settings.seed)  # the same fresh head (or random network) on every rank and every run
+    if saved is not None:  # the weights and preset come from last.pth: nothing to download or find again
+        model = build_model(settings.model, pretrained=False, num_classes=len(classes))
+        model.meta = ModelMeta(settings.model, ImageClassification.from_dict(saved["preprocessing"]), classes)
+        return model
+    with ctx.main_first():  # rank 0 downloads, the others then read the cache
+        model = build_model(
+            settings.model,
+            pretrained=settings.pretrained,
+            pretrained_from_file=settings.pretrained_from_file,
+            progress=ctx.is_main,
+        )
+    if not settings.pretrained:
+        # As timm's random init (zero_init_last): every residual block starts as the identity, which
+        # trains from scratch far faster than BatchNorm's default gain of 1.
+        for block in model.modules():
+            if isinstance(block, Bottleneck):
+                nn.init.zeros_(block.bn3.weight)
+    if model.classes.names != classes.names:
+        model.reset_classifier(len(classes), classes)
+    return model
+
+
+def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``; None: fp32."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LambdaLR's multiplier of the peak rate at each step: linear warmup, then cosine decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class Trainer:
+    """One fine-tuning run on this rank: the model, its optimizer and schedule, the data, the outputs."""
+
+    def __init__(
+        self,
+        folder: FolderData,
+        out: Path,
+        settings: FinetuneSettings,
+        ctx: DistContext,
+        *,
+        workers: int,
+        progress: bool,
+        saved: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.out, self.settings, self.ctx, self.workers, self.saved = out, settings, ctx, workers, saved
+        self.progress = progress and ctx.is_main
+        classes = ClassList.of(folder.classes)
+        model = _model(settings, classes, ctx, saved)
+        image_size = settings.image_size or model.preprocessing.crop_size
+        preset = scaled_preset(model.preprocessing, image_size)
+        model.meta = dataclasses.replace(model.meta, preprocessing=preset, weights=None)
+        self.settings = settings = dataclasses.replace(settings, image_size=image_size)
+        self.model = model
+
+        train, bad_train = drop_unreadable(folder.train, ctx, workers)
+        val, bad_val = drop_unreadable(folder.val, ctx, workers)
+        if not len(val):
+            raise ValueError(f"{folder.root}/val: none of its {len(folder.val)} images could be read")
+        self.skipped = bad_train + bad_val
+        if ctx.is_main:
+            for path, reason in self.skipped:
+                log.warning("skipped unreadable image %s: %s", path, reason)
+        self.per_rank = settings.batch_size // ctx.world_size
+        self.steps = steps_per_epoch(len(train), self.per_rank, ctx.world_size)
+        if self.steps == 0:
+            raise ValueError(f"{len(train)} readable training images: fewer than one batch of {settings.batch_size}")
+        self.train_set = AugmentedImages(train, train_transform(preset), settings.seed)
+        self.val_set = ImageListDataset(val.items, preset, val.targets)
+        self.val_batches = shard_batches(len(val), self.per_rank, ctx.rank, ctx.world_size)
+        self.counts = {"train_images": len(train), "val_images": len(val)}
+
+        self.device = ctx.device
+        self.amp = _amp_dtype(settings.precision, self.device)
+        self.precision = agreed_precision(ctx, {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp])
+        model.to(self.device, memory_format=torch.channels_last)
+        if settings.freeze_backbone:
+            for name, parameter in model.named_parameters():
+                parameter.requires_grad_(name.startswith("fc."))
+        if settings.sync_bn and ctx.distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            self.model = model
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for _, p in trainable if p.ndim > 1], "weight_decay": settings.weight_decay},
+            {"params": [p for _, p in trainable if p.ndim <= 1], "weight_decay": 0.0},  # biases, BatchNorm
+        ]
+        self.optimizer = torch.optim.AdamW(groups, lr=settings.lr)
+        total = settings.epochs * self.steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _warmup_cosine(max(1, round(settings.warmup * total)) if settings.warmup else 0, total)
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
+        self.net: nn.Module = model
+        if ctx.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.history: list[dict[str, Any]] = []
+        self.best = {"val_top1": -1.0, "epoch": 0}
+        self.epoch = 0
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Train the remaining epochs; returns the summary."""
+        if self.saved is not None:
+            self.load_state_dict(self.saved)
+            self.saved = None  # free it
+            if self.ctx.is_main:
+                state.write_metrics(self.out, self.history, append=False)  # drop lines of an epoch cut short
+                log.info("resuming %s after epoch %d of %d", self.out, self.epoch, self.settings.epochs)
+        started = time.perf_counter()
+        while self.epoch < self.settings.epochs:
+            # Every epoch starts from (seed, epoch), whatever ran before it in this process.
+            torch.manual_seed(self.settings.seed * 1_000_003 + self.epoch)
+            record = {"epoch": self.epoch + 1, **self.train_epoch(), **self.validate()}
+            self.epoch += 1
+            self.history.append(record)
+            improved = record["val_top1"] > self.best["val_top1"]
+            if improved:
+                self.best = {"val_top1": record["val_top1"], "epoch": record["epoch"]}
+            if self.ctx.is_main:
+                self.save(record, improved)
+                log.info(
+                    "epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.2f%%, top-5 %.2f%%, %.1f img/s, lr %.3g",
+                    self.epoch, self.settings.epochs, record["train_loss"], record["val_loss"], record["val_top1"],
+                    record["val_top5"], record["images_per_second"], record["lr"],
+                )  # fmt: skip
+        self.ctx.barrier()  # the files are written when any rank returns
+        return self.summary(time.perf_counter() - started)
+
+    def _train_mode(self) -> None:
+        self.model.train()
+        if self.settings.freeze_backbone:  # a frozen backbone keeps its BatchNorm statistics too
+            self.model.eval()
+            self.model.fc.train()
+
+    def train_epoch(self) -> dict[str, float]:
+        self._train_mode()
+        self.train_set.epoch = self.epoch
+        batches = epoch_batches(len(self.train_set), self.per_rank, self.ctx, self.settings.seed, self.epoch)
+        bar = progress_bar(self.steps * self.settings.batch_size, self.progress)
+        if bar is not None:
+            bar.set_description(f"epoch {self.epoch + 1}/{self.settings.epochs}")
+        sums = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss, top-1 hits
+        count, lr = 0, math.nan
+        started = time.perf_counter()
+        for batch in make_loader(self.train_set, batches, self.workers, self.device):
+            n = 0 if batch.images is None else len(batch.indices)
+            if self.ctx.distributed:  # every rank steps, or none: a batch emptied by files broken since the check
+                n = n if self.ctx.all_reduce_sum(torch.tensor([float(n == 0)])).item() == 0 else 0
+            if n == 0:
+                continue
+            images = batch.images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            targets = batch.targets.to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                logits = self.net(images)
+            loss = self.criterion(logits.float(), targets)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
+            self.scheduler.step()
+            sums[0] += loss.detach() * n
+            sums[1] += (logits.detach().argmax(1) == targets).sum()
+            count += n
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+                bar.update(self.settings.batch_size)
+        if bar is not None:
+            bar.close()
+        loss, hits, count = self.ctx.all_reduce_sum(torch.cat([sums.cpu(), torch.tensor([count])])).tolist()
+        seconds, count = time.perf_counter() - started, max(count, 1)  # count 0: every batch broke mid-run
+        return {
+            "train_loss": loss / count,
+            "train_top1": 100 * hits / count,  # on the augmented images, while the weights changed
+            "lr": lr,
+            "images_per_second": count / seconds,
+            "train_seconds": seconds,
+        }
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        model = self.model.eval()  # the plain module: ranks run different numbers of batches here
+        k = min(5, model.num_classes)
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top-1, top-k, images
+        for batch in make_loader(self.val_set, self.val_batches, self.workers, self.device):
+            if batch.images is None:
+                continue
+            images = batch.images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            targets = batch.targets.to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                logits = model(images).float()
+            hits = logits.topk(k, dim=1).indices == targets[:, None]
+            sums[0] += F.cross_entropy(logits, targets, reduction="sum")
+            sums[1] += hits[:, 0].sum()
+            sums[2] += hits.any(1).sum()
+            sums[3] += len(targets)
+        loss, top1, topk, images = self.ctx.all_reduce_sum(sums).tolist()
+        scale = 100 / images if images else math.nan
+        return {"val_loss": loss / images if images else math.nan, "val_top1": top1 * scale, "val_top5": topk * scale}
+
+    # -- outputs and resume ---------------------------------------------------------------------------
+
+    def weights_file(self) -> dict[str, Any]:
+        """The fine-tuned checkpoint content: weights, architecture, class names, preset."""
+        return finetuned_checkpoint(
+            self.model.state_dict(),
+            architecture=self.settings.model,
+            classes=self.model.classes,
+            preprocessing=self.model.preprocessing,
+        )
+
+    def save(self, record: dict[str, Any], improved: bool) -> None:
+        """Rank 0, after each epoch: best.pth if top-1 improved, last.pth, the metrics line and the curves."""
+        weights = self.weights_file()
+        if improved:
+            state.atomic_save({**weights, "epoch": self.epoch, "metrics": record}, self.out / state.BEST)
+        state.atomic_save({**weights, **self.state_dict()}, self.out / state.LAST)
+        state.write_metrics(self.out, self.history, append=True)
+        state.plot_curves(self.history, self.out / state.CURVES)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": state.rng_states(),
+            "settings": self.settings.as_dict(),
+            "history": list(self.history),
+            "best": dict(self.best),
+            "world_size": self.ctx.world_size,
+        }
+
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(saved["state_dict"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        state.set_rng_states(saved["rng"])
+        self.epoch, self.history, self.best = saved["epoch"], list(saved["history"]), dict(saved["best"])
+        if saved.get("world_size") != self.ctx.world_size and self.ctx.is_main:
+            log.warning(
+                "resuming a run of %s process(es) with %d: same recipe, but not bit-identical to an uninterrupted run",
+                saved.get("world_size"), self.ctx.world_size,
+            )  # fmt: skip
+
+    def summary(self, seconds: float) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "model": self.settings.model,
+            "classes": list(self.model.classes.names),
+            "epochs": self.epoch,
+            "best_epoch": self.best["epoch"],
+            "best_val_top1": self.best["val_top1"],
+            "last": self.history[-1] if self.history else None,
+            "skipped": [{"input": path, "error": reason} for path, reason in self.skipped],
+            **self.counts,
+            "world_size": self.ctx.world_size,
+            "precision": self.precision,
+            "seconds": seconds,
+            "settings": self.settings.as_dict(),
+        }

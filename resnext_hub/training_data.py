@@ -1,0 +1,168 @@
+"""Fine-tuning data: an ImageFolder-layout folder checked at the boundary, its transforms, per-epoch batches.
+
+``DATA/train/<class>/...`` and ``DATA/val/<class>/...``: the class names are the folder names and
+their sorted order is the class index. Every image goes through the one hardened loader
+(``processing.load_image``, via :class:`~resnext_hub.data.ImageListDataset`); files it cannot read
+are found once, before training, and left out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import DistributedSampler
+
+from .data import ImageListDataset, Sample, expand_inputs, make_loader
+from .distributed import DistContext, shard_batches
+from .processing import ImageClassification
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+# RandomResizedCrop's area range. torchvision's ImageNet default starts at 0.08; small fine-tuning sets
+# have one object per image that such crops often cut away entirely.
+CROP_SCALE = (0.25, 1.0)
+_LISTED = 5
+_PROBE_BATCH = 32
+
+
+@dataclass(frozen=True)
+class Split:
+    """The image files of one split and their class indices."""
+
+    items: list[str]
+    targets: list[int]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subset(self, keep: Sequence[int]) -> Split:
+        return Split([self.items[i] for i in keep], [self.targets[i] for i in keep])
+
+
+@dataclass(frozen=True)
+class FolderData:
+    """A fine-tuning folder: its class names (sorted) and its two splits."""
+
+    root: Path
+    classes: tuple[str, ...]
+    train: Split
+    val: Split
+
+
+def _listed(names: Sequence[str]) -> str:
+    return ", ".join(repr(n) for n in names[:_LISTED]) + (" ..." if len(names) > _LISTED else "")
+
+
+def _class_folders(split: Path) -> list[str]:
+    if not split.is_dir():
+        raise ValueError(f"{split} is missing: the data folder needs train/<class>/ and val/<class>/ sub-folders")
+    return sorted(p.name for p in split.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def read_folder(root: str | Path) -> FolderData:
+    """The classes and images of ``root``; ``ValueError`` saying what is wrong with the layout."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"data folder {root} does not exist (or is not a folder)")
+    train_classes, val_classes = (_class_folders(root / split) for split in SPLITS)
+    if train_classes != val_classes:
+        only_train = [c for c in train_classes if c not in val_classes]
+        only_val = [c for c in val_classes if c not in train_classes]
+        raise ValueError(
+            f"{root}: train/ and val/ must have the same class folders; only in train/: [{_listed(only_train)}], "
+            f"only in val/: [{_listed(only_val)}]"
+        )
+    if len(train_classes) < 2:
+        raise ValueError(f"{root}/train needs at least 2 class folders, found {len(train_classes)}")
+    splits = {}
+    for split in SPLITS:
+        items, targets = [], []
+        for index, name in enumerate(train_classes):
+            files = expand_inputs([str(root / split / name)])
+            if not files and split == "train":
+                raise ValueError(f"{root}/train/{name} holds no images (.jpg, .png, .webp, ...)")
+            items += files
+            targets += [index] * len(files)
+        if not items:
+            raise ValueError(f"{root}/{split} holds no images (.jpg, .png, .webp, ...)")
+        splits[split] = Split(items, targets)
+    return FolderData(root, tuple(train_classes), splits["train"], splits["val"])
+
+
+def _no_tensor(image: object) -> torch.Tensor:
+    return torch.empty(0)  # decoding the image was the check
+
+
+def drop_unreadable(split: Split, ctx: DistContext, workers: int) -> tuple[Split, list[tuple[str, str]]]:
+    """``split`` without the files the loader cannot read, and ``(path, reason)`` of those.
+
+    Each rank decodes its shard once; every rank gets the same answer.
+    """
+    batches = shard_batches(len(split), _PROBE_BATCH, ctx.rank, ctx.world_size)
+    failed: list[tuple[int, str]] = []
+    for batch in make_loader(ImageListDataset(split.items, _no_tensor), batches, workers, torch.device("cpu")):
+        failed += batch.failed
+    failed = sorted(f for part in ctx.all_gather_object(failed) for f in part)
+    bad = {i for i, _ in failed}
+    return split.subset([i for i in range(len(split)) if i not in bad]), [(split.items[i], r) for i, r in failed]
+
+
+def scaled_preset(preset: ImageClassification, image_size: int) -> ImageClassification:
+    """``preset`` at another crop size: the resize keeps the preset's resize/crop ratio."""
+    return replace(
+        preset,
+        resize_size=max(image_size, round(image_size * preset.resize_size / preset.crop_size)),
+        crop_size=image_size,
+    )
+
+
+def train_transform(preset: ImageClassification) -> Callable:
+    """RandomResizedCrop at the preset's crop size and interpolation, horizontal flip, the preset's normalization."""
+    from torchvision import transforms as T  # seconds to import: only when training
+
+    return T.Compose(
+        [
+            T.RandomResizedCrop(
+                preset.crop_size, scale=CROP_SCALE, interpolation=T.InterpolationMode(preset.interpolation)
+            ),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(preset.mean, preset.std),
+        ]
+    )
+
+
+class AugmentedImages(ImageListDataset):
+    """Training images whose random augmentation is seeded by ``(seed, epoch, index)``.
+
+    So an epoch's inputs depend on nothing else: not on the loader's worker count, the number of
+    processes, or whether the run was resumed. Set ``epoch`` before iterating.
+    """
+
+    def __init__(self, split: Split, transform: Callable, seed: int) -> None:
+        super().__init__(split.items, transform, split.targets)
+        self.seed = seed
+        self.epoch = 0
+
+    def __getitem__(self, index: int) -> Sample:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index) % 2**63)
+            return super().__getitem__(index)
+
+
+def epoch_batches(count: int, per_rank: int, ctx: DistContext, seed: int, epoch: int) -> list[list[int]]:
+    """This rank's batches of an epoch: DistributedSampler's shuffle of (seed, epoch); the last partial one dropped."""
+    sampler = DistributedSampler(range(count), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    order = list(sampler)
+    return [order[i : i + per_rank] for i in range(0, len(order) - per_rank + 1, per_rank)]
+
+
+def steps_per_epoch(count: int, per_rank: int, world_size: int) -> int:
+    """Training steps of one epoch (as :func:`epoch_batches` counts them, on every rank)."""
+    return -(-count // world_size) // per_rank

@@ -1,0 +1,104 @@
+"""A generated image set where SHAPE decides the class: circles, squares and triangles.
+
+Colours (shape and background), sizes and positions are random (squares and triangles stand
+upright, tilted up to 15 degrees, and have the circle's area), so only the shape tells the classes
+apart; every file is seeded, so the same arguments give the same set. Images are written in the
+ImageFolder layout ``finetune`` reads (``train/<class>/...``, ``val/<class>/...``), alternately
+as PNG and JPEG. ``colour_coded=True`` paints each shape in its class's colour: an easy variant
+for quick tests. Shared by the fine-tuning tests and ``benchmarks.finetune_shapes``::
+
+    python -m tools.shapes_dataset OUT [--train 150] [--val 50] [--size 80] [--seed 0] [--colour-coded]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+CLASSES = ("circle", "square", "triangle")
+_SUPERSAMPLE = 4  # drawn this many times larger, then downsampled: antialiased edges
+_MIN_CONTRAST = 150  # summed |R|+|G|+|B| difference between shape and background
+_MARGIN = 0.07  # of the side: clear of the border a center crop removes (crop_pct 0.875: 6.25% per side)
+# Circumradius per shape for the area of a square of circumradius 1: size says nothing about the class.
+_TILT = 15  # degrees
+_EXTENT = {"circle": 0.8, "square": 1.0, "triangle": 1.24}
+# With colour_coded=True: the shape's colour per class (an easy set, learned from random weights in a few steps).
+_CODED = {"circle": (220, 40, 40), "square": (40, 200, 40), "triangle": (40, 60, 230)}
+
+
+def _colour(rng: random.Random) -> tuple[int, int, int]:
+    return (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+
+
+def _contrasting(rng: random.Random, other: tuple[int, int, int]) -> tuple[int, int, int]:
+    while True:
+        colour = _colour(rng)
+        if sum(abs(a - b) for a, b in zip(colour, other)) >= _MIN_CONTRAST:
+            return colour
+
+
+def draw_shape(shape: str, size: int, rng: random.Random, *, colour_coded: bool = False) -> Image.Image:
+    """One RGB image ``size`` x ``size`` of ``shape`` (one of :data:`CLASSES`) on a random background.
+
+    ``colour_coded``: the shape has its class's colour on a grey background (colour decides too).
+    """
+    if shape not in CLASSES:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {CLASSES}")
+    big = size * _SUPERSAMPLE
+    background = (rng.randrange(60, 200),) * 3 if colour_coded else _colour(rng)
+    image = Image.new("RGB", (big, big), background)
+    draw = ImageDraw.Draw(image)
+    radius = rng.uniform(0.24, 0.34) * big * _EXTENT[shape]
+    margin = radius + _MARGIN * big
+    cx, cy = (rng.uniform(margin, big - margin) for _ in range(2))
+    fill = _CODED[shape] if colour_coded else _contrasting(rng, background)
+    if shape == "circle":
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
+    else:
+        corners = 4 if shape == "square" else 3
+        # Upright (a square's sides, a triangle's base horizontal) within +-_TILT: orientation is not the class.
+        angle = (math.pi / 4 if corners == 4 else -math.pi / 2) + math.radians(rng.uniform(-_TILT, _TILT))
+        turns = [angle + 2 * math.pi * i / corners for i in range(corners)]
+        draw.polygon([(cx + radius * math.cos(t), cy + radius * math.sin(t)) for t in turns], fill=fill)
+    return image.resize((size, size), Image.LANCZOS)
+
+
+def write_shapes_dataset(
+    root: str | Path, *, train: int = 150, val: int = 50, size: int = 80, seed: int = 0, colour_coded: bool = False
+) -> Path:
+    """``root/train/<shape>/`` and ``root/val/<shape>/`` with ``train`` / ``val`` images per class."""
+    root = Path(root)
+    for split, count in (("train", train), ("val", val)):
+        for label, shape in enumerate(CLASSES):
+            folder = root / split / shape
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                # One generator per file: a file does not depend on how many others were written.
+                rng = random.Random(f"{seed}/{split}/{shape}/{i}")
+                image = draw_shape(shape, size, rng, colour_coded=colour_coded)
+                name = folder / f"{shape}_{i:04d}.{'png' if (i + label) % 2 else 'jpg'}"
+                image.save(name, **({"quality": 92} if name.suffix == ".jpg" else {}))
+    return root
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", help="output folder (train/ and val/ are created in it)")
+    parser.add_argument("--train", type=int, default=150, help="training images per class")
+    parser.add_argument("--val", type=int, default=50, help="validation images per class")
+    parser.add_argument("--size", type=int, default=80, help="image side in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--colour-coded", action="store_true", help="each shape in its class's colour (an easy set)")
+    args = parser.parse_args()
+    root = write_shapes_dataset(
+        args.root, train=args.train, val=args.val, size=args.size, seed=args.seed, colour_coded=args.colour_coded
+    )
+    print(f"{root}: {len(CLASSES)} classes, {args.train} + {args.val} images each")
+
+
+if __name__ == "__main__":
+    main()
