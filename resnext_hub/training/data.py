@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DistributedSampler
 
-from .data import ImageListDataset, Sample, expand_inputs, make_loader
-from .distributed import DistContext, shard_batches
-from .processing import ImageClassification
+from ..data import ImageListDataset, Sample, expand_inputs, make_loader
+from ..distributed import DistContext, shard_batches
+from ..processing import ImageClassification
 
 log = logging.getLogger(__name__)
 

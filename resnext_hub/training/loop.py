@@ -28,7 +28,7 @@ The recipe:
   ``(seed, epoch)`` (the sampler's shuffle, and each image's augmentation seeded by
   ``(seed, epoch, index)``), and ``last.pth`` holds that state after every epoch: ``resume``
   continues a killed run to the same final weights and metrics as an uninterrupted one (same
-  hardware and process count). :mod:`resnext_hub.training_state` lists the output files.
+  hardware and process count). :mod:`resnext_hub.training.state` lists the output files.
 """
 
 from __future__ import annotations
@@ -45,17 +45,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import training_state as state
-from .data import ImageListDataset, make_loader
-from .distributed import DistContext, agreed_precision, distributed, shard_batches
-from .models import ModelMeta, ResNet, build_model
-from .models.checkpoint import finetuned_checkpoint
-from .models.optimize import cpu_has_native_bf16
-from .models.registry import architecture_of
-from .models.resnet import Bottleneck
-from .processing import ClassList, ImageClassification
-from .results import progress_bar
-from .training_data import (
+from ..data import ImageListDataset, make_loader
+from ..distributed import DistContext, agreed_precision, distributed, shard_batches
+from ..models import ModelMeta, ResNet, build_model
+from ..models.checkpoint import finetuned_checkpoint
+from ..models.optimize import cpu_has_native_bf16
+from ..models.registry import architecture_of
+from ..models.resnet import Bottleneck
+from ..processing import ClassList, ImageClassification
+from ..results import progress_bar
+from . import state
+from .data import (
     AugmentedImages,
     FolderData,
     drop_unreadable,
@@ -65,7 +65,7 @@ from .training_data import (
     steps_per_epoch,
     train_transform,
 )
-from .training_state import FIELDS, FinetuneSettings
+from .state import FIELDS, FinetuneSettings
 
 log = logging.getLogger(__name__)
 
