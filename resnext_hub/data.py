@@ -1,4 +1,4 @@
-"""Inputs: files, folders, list files and ImageNet-layout folders, and the dataset that decodes them.
+"""Inputs: files, folders, list files and class folders (``root/<class>/``), and the dataset that decodes them.
 
 Every image goes through the one hardened loader (``processing.load_image``) and the model's
 preset; a file that is not a usable image gives its reason, never an exception. That boundary
@@ -15,13 +15,14 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .processing import InvalidImageError, imagenet_wnids, load_image
+from .processing import ClassList, InvalidImageError, imagenet_classes, load_image
 from .results import failure_reason, printable
 
 log = logging.getLogger(__name__)
@@ -118,36 +119,127 @@ def collect_inputs(
     return unique
 
 
-def find_samples(
-    root: str | Path, wnids: Sequence[str] | None = None, skipped: list[Skipped] | None = None
-) -> list[tuple[str, int]]:
-    """``(path, class index)`` of every image under ``root/<wnid>/``, sorted by path.
+@dataclass(frozen=True)
+class ClassFolders:
+    """A folder whose sub-folders are classes: their names (sorted) and the image files under each (sorted)."""
 
-    Class indices come from the ImageNet WordNet ids (``n01440764`` = 0), not from the sort
-    order of the folders present, so a subset of the classes still scores against the right
-    outputs. A folder that is not a WordNet id is refused. A class folder (or one below it) that
-    cannot be read goes to ``skipped`` (else a logged warning); an unreadable ``root`` is an error.
+    root: Path
+    names: tuple[str, ...]
+    files: tuple[tuple[str, ...], ...]  # files[i]: the images under root/names[i]/, found recursively
+
+    def samples(self, targets: Sequence[int]) -> list[tuple[str, int]]:
+        """``(path, targets[i])`` of every image of folder ``names[i]``, folder by folder."""
+        return [(path, target) for files, target in zip(self.files, targets, strict=True) for path in files]
+
+
+def read_class_folders(root: str | Path, skipped: list[Skipped] | None = None) -> ClassFolders:
+    """The class folders of ``root``: every sub-folder (hidden ones aside) is a class, its images found recursively.
+
+    The one reader of class-folder layouts (``evaluate``'s dataset, ``finetune``'s train/ and val/).
+    A class folder (or one below it) that cannot be read goes to ``skipped`` (else a logged
+    warning); a ``root`` that is missing or unreadable, or without a single image in its class
+    folders, is a ``ValueError``.
     """
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"dataset folder {printable(root)} does not exist (or is not a folder)")
-    index_of = {wnid: i for i, wnid in enumerate(wnids if wnids is not None else imagenet_wnids())}
+        raise ValueError(f"folder {printable(root)} does not exist (or is not a folder)")
     try:
         folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError as error:
-        raise ValueError(f"dataset folder {printable(root)} could not be read: {error.strerror or error}") from error
-    unknown = [p.name for p in folders if p.name not in index_of]
-    if unknown:
-        shown = ", ".join(repr(name) for name in unknown[:_LISTED]) + (" ..." if len(unknown) > _LISTED else "")
+        raise ValueError(f"folder {printable(root)} could not be read: {error.strerror or error}") from error
+    found = ClassFolders(
+        root, tuple(p.name for p in folders), tuple(tuple(map(str, _images_under(p, skipped))) for p in folders)
+    )
+    if not any(found.files):
         raise ValueError(
-            f"{root} has {len(unknown)} folder(s) that are not ImageNet classes: {shown}. Expected one folder "
-            "per ImageNet WordNet id (e.g. n01440764/), as ImageNet's validation set is laid out; "
-            "see docs/distributed.md to sort the flat validation set into such folders"
+            f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {printable(root)}/<class>/: expected one "
+            "sub-folder of images per class"
         )
-    samples = [(str(path), index_of[folder.name]) for folder in folders for path in _images_under(folder, skipped)]
-    if not samples:
-        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {printable(root)}/<wnid>/")
-    return samples
+    return found
+
+
+def quoted(names: Sequence[str], limit: int = _LISTED) -> str:
+    """The first ``limit`` names, quoted, for a message: ``'a', 'b', 'c' ...``."""
+    return ", ".join(repr(name) for name in names[:limit]) + (" ..." if len(names) > limit else "")
+
+
+def match_classes(folders: Sequence[str], classes: ClassList) -> dict[str, int]:
+    """The class index of each folder name, or ``ValueError`` naming the folders that match none (or several).
+
+    The rules, in order:
+
+    1. the exact class name (a name two classes share, as ImageNet's two "crane"s, matches neither);
+    2. the exact WordNet id, for class lists that have them (ImageNet-1k: ``n01440764`` = 0);
+    3. the same name or WordNet id in another letter case (``str.casefold``), only when unambiguous:
+       exactly one class matches, and no other folder names that class.
+    """
+    exact: dict[str, list[int]] = {}
+    folded: dict[str, set[int]] = {}
+    for index, name in enumerate(classes.names):
+        exact.setdefault(name, []).append(index)
+        folded.setdefault(name.casefold(), set()).add(index)
+    for index, wnid in enumerate(classes.wnids or ()):
+        exact.setdefault(wnid, []).append(index)
+        folded.setdefault(wnid.casefold(), set()).add(index)
+    matched: dict[str, int] = {}
+    unmatched, ambiguous = [], []
+    for folder in folders:
+        if len(exact.get(folder, ())) == 1:
+            matched[folder] = exact[folder][0]
+        elif folder in exact:
+            ambiguous.append(f"{folder!r} (classes {', '.join(map(str, exact[folder]))} share that name)")
+    for folder in folders:
+        if folder in exact:
+            continue
+        candidates = folded.get(folder.casefold(), set())
+        claimed = [other for other in folders if other != folder and other.casefold() == folder.casefold()]
+        if len(candidates) == 1 and not claimed:
+            matched[folder] = next(iter(candidates))
+        elif len(candidates) > 1:
+            ambiguous.append(f"{folder!r} (in another letter case: classes {', '.join(map(str, sorted(candidates)))})")
+        elif candidates:
+            ambiguous.append(f"{folder!r} (in another letter case, as {claimed[0]!r}: the same class)")
+        else:
+            unmatched.append(folder)
+    if unmatched or ambiguous:
+        problems = []
+        if unmatched:
+            problems.append(
+                f"{len(unmatched)} folder(s) match none of the model's {len(classes)} classes: {quoted(unmatched)}"
+            )
+        if ambiguous:
+            problems.append(f"{len(ambiguous)} folder(s) match no single class: {', '.join(ambiguous[:_LISTED])}")
+        ids = (
+            f" (or their WordNet ids, e.g. {classes.wnids[0]}/; docs/distributed.md sorts ImageNet's flat "
+            "validation set into such folders)"
+            if classes.wnids
+            else ""
+        )
+        raise ValueError(
+            f"{'; '.join(problems)}. The model's classes are {quoted(classes.names, 3)}{ids}. Name each class "
+            "folder after one of the model's classes, or evaluate a model trained on these folders "
+            "(--checkpoint OUT/best.pth of `finetune`)"
+        )
+    return matched
+
+
+def find_samples(
+    root: str | Path, classes: ClassList | None = None, skipped: list[Skipped] | None = None
+) -> list[tuple[str, int]]:
+    """``(path, class index)`` of every image under ``root/<class>/``, folder by folder, for a model with ``classes``.
+
+    Folders are matched to the classes by :func:`match_classes` (name, WordNet id, letter case);
+    ``classes`` defaults to ImageNet-1k. Class indices are the model's, not the sort order of the
+    folders present, so a subset of the classes still scores against the right outputs.
+    Unreadable class folders go to ``skipped`` (:func:`read_class_folders`).
+    """
+    found = read_class_folders(root, skipped)
+    classes = classes if classes is not None else imagenet_classes()
+    try:
+        matched = match_classes(found.names, classes)
+    except ValueError as error:
+        raise ValueError(f"{printable(found.root)}: {error}") from None
+    return found.samples([matched[name] for name in found.names])
 
 
 class Sample(NamedTuple):

@@ -1,5 +1,8 @@
-"""Top-1/top-5 and loss of a model on an ImageNet-val style folder, in 1 or N processes (``torchrun``).
+"""Top-1/top-5 and loss of a model on a class-folder dataset, in 1 or N processes (``torchrun``).
 
+The dataset holds one sub-folder per class, named after one of the model's classes: its class name
+(a fine-tuned model's own folders) or, for ImageNet-1k models, its WordNet id (``n01440764/``, as
+ImageNet's validation set is laid out); :func:`resnext_hub.data.match_classes` has the rules.
 Every image is counted exactly once whatever the number of processes; the counts are summed over
 the ranks, so every rank returns the same summary.
 """
@@ -10,17 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.nn import functional as F
-
 from .data import Skipped, find_samples
 from .distributed import DistContext, agreed_precision, current_context, shard_batches
 from .engine import Engine
+from .metrics import TopKMeter
 from .models import ResNet
 from .results import progress_bar
-
-# Per-rank running sums, reduced over ranks at the end.
-_EVALUATED, _TOP1, _TOPK, _LOSS, _FAILED = range(5)
 
 
 def evaluate(
@@ -36,7 +34,10 @@ def evaluate(
     precision: str | None = None,
     calibration: Any = None,
 ) -> dict[str, Any]:
-    """Score ``model`` on the ImageNet-layout folder ``root``; the same summary on every rank.
+    """Score ``model`` on the class folders of ``root`` (``root/<class>/``); the same summary on every rank.
+
+    Sub-folders are matched to ``model.classes`` (a ``ValueError`` names those that match none);
+    a subset of the classes is scored against the model's own outputs.
 
     Top-1/top-5 are percentages of the images that could be read; unreadable files are
     counted and listed under ``failures`` (``input``, ``error``), not scored. Folders that could
@@ -45,14 +46,12 @@ def evaluate(
     """
     ctx = ctx or current_context(next(model.parameters()).device)
     skipped: list[Skipped] = []
-    samples = find_samples(root, skipped=skipped)
+    samples = find_samples(root, model.classes, skipped=skipped)
     batches = shard_batches(len(samples), batch_size, ctx.rank, ctx.world_size)
     precision = precision or ("fp32" if exact else "auto")
     engine = Engine(model, device=ctx.device, precision=precision, compile=compile, calibration=calibration)
     precision = agreed_precision(ctx, engine.precision)
-    k = min(5, model.num_classes)
-
-    sums = torch.zeros(5, dtype=torch.float64)
+    meter = TopKMeter(model.num_classes)
     failures: list[tuple[int, str]] = []
     ctx.barrier()  # time the run, not the slowest rank's start-up
     started = time.perf_counter()
@@ -60,22 +59,17 @@ def evaluate(
     paths, classes = [p for p, _ in samples], [c for _, c in samples]
     for scored in engine.score(paths, batches, targets=classes, workers=workers):
         failures += scored.failed
-        sums[_FAILED] += len(scored.failed)
         if scored.logits is not None:
-            hits = scored.logits.topk(k, dim=1).indices == scored.targets[:, None]
-            sums[_EVALUATED] += len(scored.targets)
-            sums[_TOP1] += hits[:, 0].sum().item()
-            sums[_TOPK] += hits.any(dim=1).sum().item()
-            sums[_LOSS] += F.cross_entropy(scored.logits, scored.targets, reduction="sum").item()
+            meter.update(scored.logits, scored.targets)
         if bar is not None:
             bar.update(len(scored.indices) + len(scored.failed))
     if bar is not None:
         bar.close()
-    totals = ctx.all_reduce_sum(sums)
+    totals = meter.merged(ctx)
     all_failures = sorted(f for part in ctx.all_gather_object(failures) for f in part)
     seconds = time.perf_counter() - started
 
-    evaluated, failed = int(totals[_EVALUATED]), int(totals[_FAILED])
+    evaluated, failed = totals.images, len(all_failures)
     if evaluated + failed != len(samples):  # the sharding guarantees it; a broken guarantee must not pass silently
         raise RuntimeError(
             f"{evaluated} scored + {failed} failed != {len(samples)} images: a rank lost or repeated some"
@@ -89,11 +83,11 @@ def evaluate(
         "images": len(samples),
         "evaluated": evaluated,
         "failed": failed,
-        "correct_top1": int(totals[_TOP1]),
-        "correct_top5": int(totals[_TOPK]),
-        "top1": 100.0 * int(totals[_TOP1]) / evaluated if evaluated else None,
-        "top5": 100.0 * int(totals[_TOPK]) / evaluated if evaluated else None,
-        "loss": float(totals[_LOSS]) / evaluated if evaluated else None,
+        "correct_top1": totals.top1,
+        "correct_top5": totals.topk,
+        "top1": totals.top1_percent,
+        "top5": totals.topk_percent,
+        "loss": totals.loss,
         "published": {key: published[key] for key in ("top1", "top5") if published.get(key) is not None},
         "images_per_second": len(samples) / seconds if seconds > 0 else None,
         "seconds": seconds,

@@ -7,6 +7,11 @@ bounded, one inference runs at a time per model pool, each request has a time li
 fetched only from public addresses (``processing.fetch``), and visitors see a short message for every
 failure, never a traceback.
 
+``--checkpoint FILE`` serves one model with a local checkpoint instead (``finetune``'s ``best.pth``: its
+architecture and class names come from the file; ``--model`` names the architecture of other files)::
+
+    python -m space.app --checkpoint runs/mine/best.pth
+
 Settings (environment): ``RESNEXT_HUB_SPACE_DEFAULT_MODEL`` (hub entry shown first),
 ``RESNEXT_HUB_SPACE_PRECISION`` (``auto``/``fp32``/``bf16``, for ``optimize_for_inference``),
 ``RESNEXT_HUB_WEIGHTS_MIRROR`` (offline weights), ``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT``.
@@ -31,8 +36,10 @@ import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from resnext_hub import processing  # noqa: E402
-from resnext_hub.models import list_models  # noqa: E402
+from resnext_hub.models import CheckpointError, list_models  # noqa: E402
+from resnext_hub.models.checkpoint import read_finetuned_meta  # noqa: E402
 from resnext_hub.models.optimize import PRECISIONS  # noqa: E402
+from resnext_hub.models.registry import architecture_of  # noqa: E402
 from resnext_hub.processing.fetch import FetchError, URLRefusedError, is_public_address  # noqa: E402
 from resnext_hub.results import failure_reason  # noqa: E402
 
@@ -74,16 +81,23 @@ def _short(text: str, limit: int = 160) -> str:
 class Demo:
     """The app's state (model cache, worker pool) and its request handlers."""
 
-    def __init__(self, default_model: str | None = None, precision: str | None = None) -> None:
-        self.entries = list_models()
-        wanted = default_model or os.environ.get(DEFAULT_MODEL_ENV) or DEFAULT_MODEL
-        if wanted not in self.entries:
-            raise SystemExit(f"{DEFAULT_MODEL_ENV}={wanted!r} is not a served model; expected one of {self.entries}")
+    def __init__(
+        self, default_model: str | None = None, precision: str | None = None, checkpoint: str | Path | None = None
+    ) -> None:
         precision = precision or os.environ.get(PRECISION_ENV) or "auto"
         if precision not in PRECISIONS:
             raise SystemExit(f"{PRECISION_ENV}={precision!r} is not a precision; expected one of {PRECISIONS}")
+        if checkpoint is not None:
+            checkpoint = Path(checkpoint).expanduser()
+            self.entries = [checkpoint_entry(checkpoint, default_model)]  # the one model served
+        else:
+            self.entries = list_models()
+        wanted = self.entries[0] if checkpoint is not None else default_model or os.environ.get(DEFAULT_MODEL_ENV)
+        wanted = wanted or DEFAULT_MODEL
+        if wanted not in self.entries:
+            raise SystemExit(f"{DEFAULT_MODEL_ENV}={wanted!r} is not a served model; expected one of {self.entries}")
         self.default_model = wanted
-        self.models = ModelCache(REPO, self.entries, precision)
+        self.models = ModelCache(REPO, self.entries, precision, checkpoint)
         # At most CONCURRENCY requests decode and infer at once; Gradio's bounded queue holds the rest.
         self.workers = ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="classify")
         # Which resolved addresses a visitor's URL may reach: public ones only (tests swap in loopback).
@@ -175,6 +189,35 @@ class Demo:
         return shown, ranked
 
 
+def checkpoint_entry(checkpoint: Path, model: str | None = None) -> str:
+    """The hub entry that loads ``checkpoint``: the architecture a fine-tuned file names, or ``model``.
+
+    ``SystemExit`` with the reason when the file is missing, names another architecture than ``model``,
+    or names none and ``model`` is not given.
+    """
+    if not checkpoint.is_file():
+        raise SystemExit(f"--checkpoint {checkpoint} does not exist (or is not a file)")
+    try:
+        meta = read_finetuned_meta(checkpoint)
+    except CheckpointError as error:
+        raise SystemExit(f"--checkpoint: {error}") from None
+    try:
+        architecture = architecture_of(model) if model is not None else None
+    except ValueError as error:
+        raise SystemExit(f"--model: {error}") from None
+    if meta is not None and architecture not in (None, meta.architecture):
+        raise SystemExit(
+            f"--checkpoint {checkpoint} was fine-tuned from {meta.architecture}, not {architecture}: "
+            f"leave --model out (or give --model {meta.architecture})"
+        )
+    architecture = architecture or (meta.architecture if meta is not None else None)
+    if architecture is None:
+        raise SystemExit(f"--checkpoint {checkpoint} does not say which architecture it holds: add --model NAME")
+    if model in list_models():
+        return model
+    return next(entry for entry in list_models() if architecture_of(entry) == architecture)
+
+
 def _unprocessable(error: Exception) -> _Refused:
     """The visitor's message for a photo that failed in an unexpected way: its type and message, short."""
     log.warning("a photo could not be processed: %s", failure_reason(error))
@@ -239,11 +282,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
-    parser.add_argument("--model", default=None, help=f"default model (or set {DEFAULT_MODEL_ENV})")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"default model (or set {DEFAULT_MODEL_ENV}); with --checkpoint, its architecture (default: the file's)",
+    )
+    parser.add_argument(
+        "--checkpoint", metavar="FILE", help="serve this local checkpoint (e.g. finetune's best.pth) with its labels"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup probes
-    state = Demo(default_model=args.model)
+    state = Demo(default_model=args.model, checkpoint=args.checkpoint)
     state.models.start(state.default_model)  # load while the server starts
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     build(state).queue(max_size=QUEUE_SIZE, default_concurrency_limit=1).launch(

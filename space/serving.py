@@ -1,6 +1,7 @@
 """What the demo serves: models loaded through torch.hub and run by the inference engine, cached, and their cards.
 
-Models are loaded exactly as users load them, ``torch.hub.load(<repo>, <entry>, source="local")``,
+Models are loaded exactly as users load them, ``torch.hub.load(<repo>, <entry>, source="local")``
+(with ``pretrained_from_file=<checkpoint>`` for a local checkpoint, e.g. ``finetune``'s ``best.pth``),
 and run by :class:`resnext_hub.engine.Engine` (the fast path, ``optimize_for_inference``).
 Loads run one at a time in a background thread (a 101-layer model from the network can take
 minutes); a request waits a bounded time for its model, then gets a "still loading" message.
@@ -27,6 +28,7 @@ from resnext_hub.processing import Prediction
 log = logging.getLogger("resnext_hub.space")
 
 PRECISION_ENV = "RESNEXT_HUB_SPACE_PRECISION"
+_CARD_CLASSES = 10  # class names listed on a local checkpoint's card
 
 
 class ModelNotReadyError(RuntimeError):
@@ -46,10 +48,6 @@ class Served:
     card: str
     load_s: float = 0.0
 
-    def top5(self, image: Image.Image) -> list[Prediction]:
-        """The five best classes of a decoded RGB image."""
-        return self.engine.predict_images([image], 5)[0]
-
     def prepare(self, image: Image.Image) -> torch.Tensor:
         """The model's input for a decoded RGB image (its preprocessing): the per-image step."""
         return self.engine.preprocessing(image)
@@ -63,12 +61,17 @@ def _percent(value: float | None) -> str:
     return "–" if value is None else f"{value:g}%"
 
 
-def model_card(entry: str, model: ResNet, engine: Engine, precision: str) -> str:
-    """Markdown card: parameters, published accuracy, license, weights source, preprocessing, inference path."""
+def model_card(entry: str, model: ResNet, engine: Engine, precision: str, checkpoint: Path | None = None) -> str:
+    """Markdown card: parameters, published accuracy, license, weights source (or the local checkpoint and its
+    classes), preprocessing, inference path."""
     record = model.weights_record
     params = sum(p.numel() for p in model.parameters())
     lines = [f"### `{entry}`", "", f"- **Architecture:** {model.architecture}, {params:,} parameters"]
-    if record is not None:
+    if checkpoint is not None:
+        names = model.classes.names
+        shown = ", ".join(names[:_CARD_CLASSES]) + (", …" if len(names) > _CARD_CLASSES else "")
+        lines.append(f"- **Weights:** local checkpoint `{checkpoint.name}`, {len(names)} classes: {shown}")
+    elif record is not None:
         for key, metric in record.metrics.items():
             accuracy = f"top-1 {_percent(metric.get('top1'))}, top-5 {_percent(metric.get('top5'))}"
             lines.append(f"- **Published accuracy, {key}:** {accuracy} ({metric.get('source', '')})")
@@ -86,12 +89,16 @@ def model_card(entry: str, model: ResNet, engine: Engine, precision: str) -> str
 
 
 class ModelCache:
-    """Loads each hub entry once (in the background), keeps it, and hands it to requests."""
+    """Loads each hub entry once (in the background), keeps it, and hands it to requests.
 
-    def __init__(self, repo: Path, entries: list[str], precision: str = "auto") -> None:
+    With ``checkpoint``, every entry loads its weights (and class names) from that local file.
+    """
+
+    def __init__(self, repo: Path, entries: list[str], precision: str = "auto", checkpoint: Path | None = None) -> None:
         self.repo = repo
         self.entries = entries
         self.precision = precision
+        self.checkpoint = checkpoint
         self._futures: dict[str, Future] = {}
         self._lock = threading.Lock()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
@@ -119,10 +126,11 @@ class ModelCache:
 
     def _load(self, entry: str) -> Served:
         started = time.perf_counter()
-        model = torch.hub.load(str(self.repo), entry, source="local", trust_repo=True, verbose=False)
+        local = {} if self.checkpoint is None else {"pretrained_from_file": str(self.checkpoint)}
+        model = torch.hub.load(str(self.repo), entry, source="local", trust_repo=True, verbose=False, **local)
         engine = Engine(model, precision=self.precision)
         # The card describes the published model (its parameters), not the inference copy.
-        served = Served(entry, engine, model_card(entry, model, engine, self.precision))
+        served = Served(entry, engine, model_card(entry, model, engine, self.precision, self.checkpoint))
         crop = engine.preprocessing.crop_size
         engine.top_k(torch.zeros(1, 3, crop, crop))  # warm-up: first calls pay for allocations
         served.load_s = time.perf_counter() - started

@@ -56,3 +56,25 @@ def triton_repo(small_checkpoint, tmp_path_factory) -> Path:
     argv += ["--instance-kind", "cpu", "--instance-count", "2"]
     assert cli.main(argv) == 0
     return repo
+
+
+@pytest.fixture(scope="session")
+def finetuned(tmp_path_factory) -> dict:
+    """A fine-tuned seresnext26d_32x4d: ``finetune`` for 1 epoch from random weights at 32 px on a tiny shapes set.
+
+    ``data`` (train/<shape>/, val/<shape>/), ``checkpoint`` (its best.pth, with the shapes' class names),
+    ``classes`` (the class names) and ``architecture``. For the commands that take such a checkpoint.
+    """
+    from resnext_hub.training import finetune
+    from tools.shapes_dataset import CLASSES, write_shapes_dataset
+
+    base = tmp_path_factory.mktemp("finetuned")
+    data = write_shapes_dataset(base / "data", train=8, val=4, size=40, seed=2, colour_coded=True)
+    settings = {"model": "seresnext26d_32x4d", "pretrained": False, "image_size": 32, "batch_size": 8, "epochs": 1}
+    finetune(data, base / "out", workers=0, device="cpu", **settings)
+    return {
+        "data": data,
+        "checkpoint": base / "out" / "best.pth",
+        "classes": CLASSES,
+        "architecture": settings["model"],
+    }

@@ -1,10 +1,14 @@
-"""``evaluate``: top-1/top-5 and loss of a model on an ImageNet-val style folder, in 1 or N processes.
+"""``evaluate``: top-1/top-5 and loss of a model on a folder of class folders, in 1 or N processes.
 
-The folder holds one sub-folder per ImageNet class, named by its WordNet id (``n01440764/...``),
-as ImageNet's validation set is usually laid out. Run it alone or under ``torchrun``::
+The folder holds one sub-folder of images per class, named after one of the model's classes: its
+name (``DATA/val/<class>/`` of ``finetune``, with that run's checkpoint), or for ImageNet models its
+WordNet id (``n01440764/...``), as ImageNet's validation set is usually laid out. A folder that
+matches no class is an error (exit 2) naming it; a name in another letter case matches when only
+one class does. Run it alone or under ``torchrun``::
 
     python -m resnext_hub evaluate /data/imagenet/val --model se_resnext101_32x4d
     torchrun --nproc_per_node=8 -m resnext_hub evaluate /data/imagenet/val --model se_resnext101_32x4d
+    python -m resnext_hub evaluate DATA/val --model seresnext26d_32x4d --checkpoint runs/mine/best.pth
 
 Every image is counted exactly once whatever the number of processes; counts are summed
 over the ranks and rank 0 prints (and writes) the JSON summary. The summary is printed first, so
@@ -29,7 +33,7 @@ from ..arguments import (
     model_from_args,
     precision_from_args,
 )
-from ..data import Skipped, find_samples
+from ..data import Skipped, read_class_folders
 from ..distributed import distributed, quiet_unless_main, sigterm_as_exit
 from ..evaluate import evaluate
 from ..results import check_output, printable
@@ -39,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     with sigterm_as_exit(), distributed(args.device) as ctx:
         quiet_unless_main(ctx)
         try:
-            find_samples(args.root, skipped=[])  # fail before the (slow) model load; reported with the summary
+            read_class_folders(args.root, skipped=[])  # fail before the (slow) model load; reported later
             if args.output is not None:
                 check_output(args.output)
             summary = evaluate(
@@ -101,11 +105,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``evaluate`` subcommand."""
     parser = subparsers.add_parser(
         "evaluate",
-        help="top-1/top-5 on an ImageNet-val style folder (one sub-folder per WordNet id); works under torchrun",
+        help="top-1/top-5 on a folder of class folders (class names, or ImageNet WordNet ids); works under torchrun",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("root", help="folder with one sub-folder of images per ImageNet WordNet id")
+    parser.add_argument("root", help="folder with one sub-folder of images per class (its name, or WordNet id)")
     add_model_options(parser)
     add_inference_options(parser, batch_size=64, top_k=False, per_process=True)
     add_progress_options(parser)

@@ -10,7 +10,7 @@ the loader reads; unreadable files are reported and skipped). OUT receives ``bes
     python -m resnext_hub classify photo.jpg --model seresnext26d_32x4d --checkpoint runs/mine/best.pth
 
 The recipe (AdamW, warmup + cosine, label smoothing, mixed precision) is described in
-``resnext_hub/training.py``. With ``--resume`` the run's own settings are used; options given
+``resnext_hub/training/loop.py``. With ``--resume`` the run's own settings are used; options given
 must agree with them.
 """
 
@@ -25,8 +25,7 @@ from .. import exit_codes
 from ..arguments import add_progress_options
 from ..distributed import distributed, quiet_unless_main, sigterm_as_exit
 from ..models.registry import model_names
-from ..training import finetune
-from ..training_state import FIELDS, MIN_IMAGE_SIZE, PRECISIONS, FinetuneSettings
+from ..training import FIELDS, MIN_IMAGE_SIZE, PRECISIONS, FinetuneSettings, finetune
 
 DEFAULTS = FinetuneSettings()
 

@@ -1,4 +1,4 @@
-"""Inputs: folder walks, list files, ImageNet-layout folders."""
+"""Inputs: folder walks, list files, class folders and how they match a model's classes."""
 
 from __future__ import annotations
 
@@ -12,8 +12,17 @@ from conftest import ROOT
 from PIL import Image
 from unprivileged import public_dir, run_unprivileged
 
-from resnext_hub.data import MAX_LIST_LINE, ImageListDataset, Skipped, collate, collect_inputs, find_samples
-from resnext_hub.processing import imagenet_wnids
+from resnext_hub.data import (
+    MAX_LIST_LINE,
+    ImageListDataset,
+    Skipped,
+    collate,
+    collect_inputs,
+    find_samples,
+    match_classes,
+    read_class_folders,
+)
+from resnext_hub.processing import ClassList, imagenet_classes, imagenet_wnids
 
 
 def test_folders_map_to_wordnet_ids_not_sort_order(tmp_path):
@@ -22,6 +31,61 @@ def test_folders_map_to_wordnet_ids_not_sort_order(tmp_path):
         (tmp_path / wnid).mkdir()
         Image.new("RGB", (8, 8)).save(tmp_path / wnid / "a.png")
     assert sorted(target for _, target in find_samples(tmp_path)) == [0, 500, 999]
+
+
+def test_class_folders_are_the_sorted_sub_folders_with_their_images_found_recursively(tmp_path):
+    for relative in ("b/x.png", "b/deeper/y.jpg", "a/z.png", ".hidden/h.png", "a/notes.txt"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / relative, format="PNG")
+    found = read_class_folders(tmp_path)
+    assert found.names == ("a", "b")
+    assert found.files == (
+        (str(tmp_path / "a" / "z.png"),),
+        (str(tmp_path / "b/deeper/y.jpg"), str(tmp_path / "b/x.png")),
+    )
+    assert found.samples([7, 3]) == [(found.files[0][0], 7), (found.files[1][0], 3), (found.files[1][1], 3)]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"no images .* found under .*/empty/<class>/"):
+        read_class_folders(tmp_path / "empty")
+    with pytest.raises(ValueError, match=r"does not exist"):
+        read_class_folders(tmp_path / "missing")
+
+
+def test_folders_match_class_names_then_wordnet_ids_then_an_unambiguous_letter_case():
+    classes = ClassList.of(["cat", "Dog", "crane", "crane", "Bird", "bird"])
+    assert match_classes(["Dog", "cat"], classes) == {"Dog": 1, "cat": 0}  # exact
+    assert match_classes(["CAT", "dog"], classes) == {"CAT": 0, "dog": 1}  # one class in another case
+    assert match_classes(["bird"], classes) == {"bird": 5}  # the exact name first
+    for folders, problem in (
+        (["BIRD"], "'BIRD' (in another letter case: classes 4, 5)"),
+        (["crane"], "'crane' (classes 2, 3 share that name)"),
+        (["cat", "Cat"], "'Cat' (in another letter case, as 'cat': the same class)"),
+    ):
+        with pytest.raises(ValueError, match="match no single class") as refused:
+            match_classes(folders, classes)
+        assert problem in str(refused.value)
+    with pytest.raises(ValueError) as refused:
+        match_classes(["cat", "zebra", "okapi"], classes)
+    message = str(refused.value)
+    assert "2 folder(s) match none of the model's 6 classes: 'zebra', 'okapi'" in message
+    assert "The model's classes are 'cat', 'Dog', 'crane' ..." in message and "--checkpoint" in message
+    assert "WordNet" not in message  # this class list has none
+
+
+def test_imagenet_folders_match_by_wordnet_id_or_name():
+    imagenet, wnids = imagenet_classes(), imagenet_wnids()
+    folders = [wnids[0], wnids[2].upper(), "goldfish, Carassius auratus"]
+    assert match_classes(folders, imagenet) == {wnids[0]: 0, wnids[2].upper(): 2, "goldfish, Carassius auratus": 1}
+    with pytest.raises(ValueError, match=r"'crane' \(classes 134, 517 share that name\).*WordNet ids, e.g. n01440764/"):
+        match_classes(["crane"], imagenet)
+
+
+def test_a_subset_of_a_custom_model_s_classes_keeps_the_model_s_indices(tmp_path):
+    for name in ("triangle", "Circle"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "a.png")
+    samples = find_samples(tmp_path, ClassList.of(["circle", "square", "triangle"]))
+    assert samples == [(str(tmp_path / "Circle" / "a.png"), 0), (str(tmp_path / "triangle" / "a.png"), 2)]
 
 
 def test_list_files_skip_comments_and_repeats(tmp_path):

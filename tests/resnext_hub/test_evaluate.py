@@ -145,14 +145,25 @@ def test_shards_cover_every_index_once_in_the_same_batches():
                 assert sorted(batch for shard in shards for batch in shard) == sorted(alone)
 
 
-def test_a_folder_that_is_not_an_imagenet_class_is_refused(tmp_path, capsys):
+def test_a_folder_that_is_no_class_of_the_model_is_refused(dataset, tmp_path, capsys):
     (tmp_path / imagenet_wnids()[1]).mkdir()
     (tmp_path / "cats").mkdir()
-    with pytest.raises(ValueError, match=r"not ImageNet classes: 'cats'.*WordNet id"):
+    Image.new("RGB", (8, 8)).save(tmp_path / "cats" / "a.png")
+    with pytest.raises(ValueError, match=r"1 folder\(s\) match none of the model's 1000 classes: 'cats'.*WordNet id"):
         find_samples(tmp_path)
-    # The CLI says so before loading any model, once, with the usage exit status.
+    # The CLI says so once, with the usage exit status, and how to fix it.
+    args = ["evaluate", str(tmp_path), "--model", ARCH, "--checkpoint", str(dataset["checkpoint"]), "--workers", "0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("'cats'") == 1 and "'tench, Tinca tinca'" in err and "--checkpoint" in err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_a_folder_without_class_folders_is_refused_before_the_model_loads(tmp_path, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")  # an image, but no class folder
     assert main(["evaluate", str(tmp_path), "--model", ARCH, "--checkpoint", "/nonexistent.pth"]) == 2
-    assert capsys.readouterr().err.count("'cats'") == 1
+    err = capsys.readouterr().err
+    assert "no images" in err and "<class>/" in err and "nonexistent" not in err
 
 
 def test_one_process_counts_every_image_once_and_scores_it_right(dataset, single):
@@ -244,3 +255,34 @@ def test_images_whose_loading_raises_anything_are_counted_as_failures(dataset, t
     summary = json.loads(run.stdout)
     assert summary["failed"] == 13 and summary["evaluated"] == 0 and summary["top1"] is None
     assert {f["error"] for f in summary["failures"]} == {"RuntimeError: Could not determine home directory."}
+
+
+# -- issue 19: a model with its own classes ------------------------------------------------------------------
+
+
+def test_a_finetuned_model_scores_its_own_val_folder_as_classify_ranks_it(finetuned, capsys):
+    val, model = finetuned["data"] / "val", ["--model", finetuned["architecture"]]
+    common = [*model, "--checkpoint", str(finetuned["checkpoint"]), "--precision", "fp32", "--batch-size", "4"]
+    assert main(["evaluate", str(val), *common, "--workers", "0"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert main(["classify", str(val), *common, "--format", "json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(records) == summary["images"] == summary["evaluated"] == 3 * 4 and summary["precision"] == "fp32"
+    assert {p["label"] for r in records for p in r["predictions"]} == set(finetuned["classes"])
+    top1 = sum(r["predictions"][0]["label"] == Path(r["input"]).parent.name for r in records)
+    assert summary["correct_top1"] == top1 and summary["top1"] == pytest.approx(100 * top1 / 12)
+    assert summary["correct_top5"] == 12  # 3 classes: the "top-5" is all of them
+
+
+def test_a_subset_of_the_classes_in_another_letter_case_is_scored_against_the_models_outputs(finetuned, tmp_path):
+    val = tmp_path / "val"
+    shutil.copytree(finetuned["data"] / "val" / "triangle", val / "Triangle")
+    model = build_model(ARCH, pretrained_from_file=finetuned["checkpoint"])
+    summary = evaluate(model, val, precision="fp32", workers=0, batch_size=4)
+    paths = sorted((val / "Triangle").iterdir())
+    with torch.inference_mode():
+        logits = model(torch.stack([model.preprocessing(load_image(p)) for p in paths]))
+    target = torch.full((len(paths),), finetuned["classes"].index("triangle"))
+    assert summary["images"] == summary["evaluated"] == len(paths) == 4
+    assert summary["correct_top1"] == int((logits.argmax(1) == target).sum())
+    assert summary["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, target).item(), rel=1e-4)

@@ -24,7 +24,7 @@ from resnext_hub.cli import main
 from resnext_hub.distributed import DistContext
 from resnext_hub.processing import ImageClassification, nvidia_convnets_processing_utils, prepare_batch, top_k
 from resnext_hub.training import finetune
-from resnext_hub.training_data import epoch_batches, scaled_preset
+from resnext_hub.training.data import epoch_batches, scaled_preset
 from tools.shapes_dataset import CLASSES, write_shapes_dataset
 
 ARCH = "seresnext26d_32x4d"

@@ -191,3 +191,47 @@ def test_a_photo_that_raises_anything_gets_its_own_message_and_the_next_one_is_s
         assert len(top5) == 5
     finally:
         served.engine.preprocessing = preprocess
+
+
+# -- issue 19: a local checkpoint with its own classes ------------------------------------------------------------
+
+
+def test_a_finetuned_checkpoint_is_served_with_its_own_labels(app, finetuned) -> None:
+    demo = app.Demo(checkpoint=finetuned["checkpoint"])  # the architecture comes from the file
+    assert demo.entries == [finetuned["architecture"]] and demo.default_model == finetuned["architecture"]
+    photo = sorted((finetuned["data"] / "val" / "square").iterdir())[0]
+    _, top5, card = demo.classify_upload(demo.default_model, {"path": str(photo)})
+    assert sorted(top5) == sorted(finetuned["classes"])  # 3 classes: all of them, by the user's names
+    assert abs(sum(top5.values()) - 1) < 1e-5
+    assert "local checkpoint `best.pth`, 3 classes: circle, square, triangle" in card
+    assert "Published accuracy" not in card
+    # The same answer as the library's: the checkpoint loaded through torch.hub, the same as everywhere.
+    import torch
+
+    from resnext_hub.processing import load_image
+
+    model = torch.hub.load(
+        str(ROOT), finetuned["architecture"], source="local", pretrained_from_file=str(finetuned["checkpoint"])
+    )
+    with torch.inference_mode():
+        expected = model(model.preprocessing(load_image(photo))[None]).softmax(1)[0]
+    for index, name in enumerate(model.classes.names):
+        assert abs(top5[name] - expected[index].item()) < 1e-5
+
+
+def test_a_checkpoint_the_demo_cannot_serve_stops_it_with_the_reason(
+    app, finetuned, small_checkpoint, tmp_path
+) -> None:
+    for options, message in (
+        ({"checkpoint": tmp_path / "missing.pth"}, "does not exist"),
+        ({"checkpoint": small_checkpoint}, "does not say which architecture it holds: add --model NAME"),
+        ({"checkpoint": finetuned["checkpoint"], "default_model": "seresnext50_32x4d"}, "was fine-tuned from"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            app.Demo(**options)
+    # A plain weights file with --model: that entry, with its weights.
+    demo = app.Demo(checkpoint=small_checkpoint, default_model="seresnext26d_32x4d")
+    assert demo.entries == ["seresnext26d_32x4d"]
+    assert "local checkpoint `seresnext26d_32x4d.pth`, 1000 classes: tench, Tinca tinca" in demo.describe(
+        "seresnext26d_32x4d"
+    )

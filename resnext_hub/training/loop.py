@@ -28,7 +28,7 @@ The recipe:
   ``(seed, epoch)`` (the sampler's shuffle, and each image's augmentation seeded by
   ``(seed, epoch, index)``), and ``last.pth`` holds that state after every epoch: ``resume``
   continues a killed run to the same final weights and metrics as an uninterrupted one (same
-  hardware and process count). :mod:`resnext_hub.training_state` lists the output files.
+  hardware and process count). :mod:`resnext_hub.training.state` lists the output files.
 """
 
 from __future__ import annotations
@@ -43,19 +43,19 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from . import training_state as state
-from .data import ImageListDataset, make_loader
-from .distributed import DistContext, agreed_precision, distributed, shard_batches
-from .models import ModelMeta, ResNet, build_model
-from .models.checkpoint import finetuned_checkpoint
-from .models.optimize import cpu_has_native_bf16
-from .models.registry import architecture_of
-from .models.resnet import Bottleneck
-from .processing import ClassList, ImageClassification
-from .results import progress_bar
-from .training_data import (
+from ..data import ImageListDataset, make_loader
+from ..distributed import DistContext, agreed_precision, distributed, shard_batches
+from ..metrics import TopKMeter
+from ..models import ModelMeta, ResNet, build_model
+from ..models.checkpoint import finetuned_checkpoint
+from ..models.optimize import cpu_has_native_bf16
+from ..models.registry import architecture_of
+from ..models.resnet import Bottleneck
+from ..processing import ClassList, ImageClassification
+from ..results import progress_bar
+from . import state
+from .data import (
     AugmentedImages,
     FolderData,
     drop_unreadable,
@@ -65,7 +65,7 @@ from .training_data import (
     steps_per_epoch,
     train_transform,
 )
-from .training_state import FIELDS, FinetuneSettings
+from .state import FIELDS, FinetuneSettings
 
 log = logging.getLogger(__name__)
 
@@ -331,23 +331,18 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         model = self.model.eval()  # the plain module: ranks run different numbers of batches here
-        k = min(5, model.num_classes)
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top-1, top-k, images
+        meter = TopKMeter(model.num_classes, device=self.device)
         for batch in make_loader(self.val_set, self.val_batches, self.workers, self.device):
             if batch.images is None:
                 continue
             images = batch.images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             targets = batch.targets.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                logits = model(images).float()
-            hits = logits.topk(k, dim=1).indices == targets[:, None]
-            sums[0] += F.cross_entropy(logits, targets, reduction="sum")
-            sums[1] += hits[:, 0].sum()
-            sums[2] += hits.any(1).sum()
-            sums[3] += len(targets)
-        loss, top1, topk, images = self.ctx.all_reduce_sum(sums).tolist()
-        scale = 100 / images if images else math.nan
-        return {"val_loss": loss / images if images else math.nan, "val_top1": top1 * scale, "val_top5": topk * scale}
+                logits = model(images)
+            meter.update(logits, targets)
+        totals = meter.merged(self.ctx)
+        values = (totals.loss, totals.top1_percent, totals.topk_percent)  # None: no image could be read
+        return dict(zip(("val_loss", "val_top1", "val_top5"), (math.nan if v is None else v for v in values)))
 
     # -- outputs and resume ---------------------------------------------------------------------------
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from .models import CheckpointError
-from .models.registry import architecture_of
+from ..models import CheckpointError
+from ..models.registry import architecture_of
 
 LAST, BEST, METRICS, CURVES = "last.pth", "best.pth", "metrics.jsonl", "curves.png"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

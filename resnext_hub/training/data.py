@@ -1,7 +1,8 @@
 """Fine-tuning data: an ImageFolder-layout folder checked at the boundary, its transforms, per-epoch batches.
 
-``DATA/train/<class>/...`` and ``DATA/val/<class>/...``: the class names are the folder names and
-their sorted order is the class index. Every image goes through the one hardened loader
+``DATA/train/<class>/...`` and ``DATA/val/<class>/...``, read by the one class-folder reader
+(:func:`resnext_hub.data.read_class_folders`): the class names are the folder names and their
+sorted order is the class index. Every image goes through the one hardened loader
 (``processing.load_image``, via :class:`~resnext_hub.data.ImageListDataset`); files it cannot read
 are found once, before training, and left out.
 """
@@ -16,9 +17,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DistributedSampler
 
-from .data import ImageListDataset, Sample, expand_inputs, make_loader
-from .distributed import DistContext, shard_batches
-from .processing import ImageClassification
+from ..data import ImageListDataset, Sample, make_loader, quoted, read_class_folders
+from ..distributed import DistContext, shard_batches
+from ..processing import ImageClassification
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,6 @@ SPLITS = ("train", "val")
 # RandomResizedCrop's area range. torchvision's ImageNet default starts at 0.08; small fine-tuning sets
 # have one object per image that such crops often cut away entirely.
 CROP_SCALE = (0.25, 1.0)
-_LISTED = 5
 _PROBE_BATCH = 32
 
 
@@ -54,44 +54,33 @@ class FolderData:
     val: Split
 
 
-def _listed(names: Sequence[str]) -> str:
-    return ", ".join(repr(n) for n in names[:_LISTED]) + (" ..." if len(names) > _LISTED else "")
-
-
-def _class_folders(split: Path) -> list[str]:
-    if not split.is_dir():
-        raise ValueError(f"{split} is missing: the data folder needs train/<class>/ and val/<class>/ sub-folders")
-    return sorted(p.name for p in split.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 def read_folder(root: str | Path) -> FolderData:
-    """The classes and images of ``root``; ``ValueError`` saying what is wrong with the layout."""
+    """The classes and images of ``root`` (each split read by :func:`~resnext_hub.data.read_class_folders`);
+    ``ValueError`` saying what is wrong with the layout."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"data folder {root} does not exist (or is not a folder)")
-    train_classes, val_classes = (_class_folders(root / split) for split in SPLITS)
-    if train_classes != val_classes:
-        only_train = [c for c in train_classes if c not in val_classes]
-        only_val = [c for c in val_classes if c not in train_classes]
-        raise ValueError(
-            f"{root}: train/ and val/ must have the same class folders; only in train/: [{_listed(only_train)}], "
-            f"only in val/: [{_listed(only_val)}]"
-        )
-    if len(train_classes) < 2:
-        raise ValueError(f"{root}/train needs at least 2 class folders, found {len(train_classes)}")
-    splits = {}
     for split in SPLITS:
-        items, targets = [], []
-        for index, name in enumerate(train_classes):
-            files = expand_inputs([str(root / split / name)])
-            if not files and split == "train":
-                raise ValueError(f"{root}/train/{name} holds no images (.jpg, .png, .webp, ...)")
-            items += files
-            targets += [index] * len(files)
-        if not items:
-            raise ValueError(f"{root}/{split} holds no images (.jpg, .png, .webp, ...)")
-        splits[split] = Split(items, targets)
-    return FolderData(root, tuple(train_classes), splits["train"], splits["val"])
+        if not (root / split).is_dir():
+            raise ValueError(
+                f"{root / split} is missing: the data folder needs train/<class>/ and val/<class>/ sub-folders"
+            )
+    train, val = (read_class_folders(root / split) for split in SPLITS)
+    if train.names != val.names:
+        only_train = [c for c in train.names if c not in val.names]
+        only_val = [c for c in val.names if c not in train.names]
+        raise ValueError(
+            f"{root}: train/ and val/ must have the same class folders; only in train/: [{quoted(only_train)}], "
+            f"only in val/: [{quoted(only_val)}]"
+        )
+    if len(train.names) < 2:
+        raise ValueError(f"{root}/train needs at least 2 class folders, found {len(train.names)}")
+    empty = [name for name, files in zip(train.names, train.files) if not files]
+    if empty:
+        raise ValueError(f"{root}/train/{empty[0]} holds no images (.jpg, .png, .webp, ...)")
+    indices = range(len(train.names))  # the sorted folder names are the class indices
+    splits = [found.samples(indices) for found in (train, val)]
+    return FolderData(root, train.names, *(Split([p for p, _ in s], [t for _, t in s]) for s in splits))
 
 
 def _no_tensor(image: object) -> torch.Tensor:
