@@ -49,10 +49,10 @@ from . import training_state as state
 from .data import ImageListDataset, make_loader
 from .distributed import DistContext, agreed_precision, distributed, shard_batches
 from .models import ModelMeta, ResNet, build_model
+from .models.blocks import Bottleneck
 from .models.checkpoint import finetuned_checkpoint
-from .models.optimize import cpu_has_native_bf16
+from .models.cpu import cpu_has_native_bf16
 from .models.registry import architecture_of
-from .models.resnet import Bottleneck
 from .processing import ClassList, ImageClassification
 from .results import progress_bar
 from .training_data import (
