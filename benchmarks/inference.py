@@ -46,8 +46,8 @@ from torch import nn
 
 from benchmarks.peers import PEERS, PeerUnavailable, load_peer, openvino_profile
 from resnext_hub.models import VARIANTS, build_model
-from resnext_hub.models.optimize import cpu_has_native_bf16, reuse_freed_memory
-from resnext_hub.models.quantize import calibration_batches, cpu_has_int8_dot
+from resnext_hub.models.cpu import cpu_has_int8_dot, cpu_has_native_bf16, reuse_freed_memory
+from resnext_hub.models.quantize import calibration_batches
 from resnext_hub.processing import load_image
 from tools.fake_checkpoints import random_state_dict  # trained-like random weights
 from tools.model_table import image_gflops

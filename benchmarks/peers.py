@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from resnext_hub.models.quantize import cpu_has_int8_dot
+from resnext_hub.models.cpu import cpu_has_int8_dot
 
 PEERS = ("ort-fp32", "ort-int8", "ov-fp32", "ov-int8")
 NEEDS = {"ort": ("onnxruntime", "onnx", "onnxscript"), "ov": ("openvino", "nncf")}

@@ -28,7 +28,7 @@ import torch
 from resnext_hub.engine import resolve_device
 from resnext_hub.export import export_pt2
 from resnext_hub.models import build_model
-from resnext_hub.models.optimize import cpu_has_native_bf16, reuse_freed_memory
+from resnext_hub.models.cpu import cpu_has_native_bf16, reuse_freed_memory
 from tools.fake_checkpoints import random_state_dict
 
 

@@ -10,6 +10,7 @@ if __name__ != "resnext_hub.models":
 from .builder import build_model
 from .checkpoint import CheckpointError, read_checkpoint
 from .download import MIRROR_ENV, WeightsUnavailableError
+from .head import HeadError
 from .hub import (
     nvidia_resneXt,
     nvidia_resnext101_32x4d,
@@ -28,6 +29,7 @@ __all__ = [
     "MIRROR_ENV",
     "VARIANTS",
     "CheckpointError",
+    "HeadError",
     "ModelMeta",
     "ResNet",
     "ResNetConfig",

@@ -12,9 +12,9 @@ import torch
 
 from .checkpoint import CheckpointError, FinetunedMeta, load_weights, read_checkpoint, read_finetuned_meta
 from .download import fetch_checkpoint, forget
-from .features import ResNetFeatures, feature_indices
+from .features import ResNetFeatures
 from .meta import ModelMeta, default_classes
-from .resnet import ResNet
+from .resnet import ResNet, feature_indices
 from .variants import get_config
 from .weights import Weights, get_weights
 

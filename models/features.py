@@ -1,4 +1,7 @@
-"""The network as a backbone: stage outputs as a list (timm's ``features_only``) with their ``feature_info``."""
+"""The network as a backbone: stage outputs as a list (timm's ``features_only``) with their ``feature_info``.
+
+The stage outputs themselves are :func:`~.resnet.stage_outputs` (shared with ``ResNet.forward_intermediates``).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,8 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from .meta import Described
-from .resnet import ResNet
+from .resnet import FEATURE_MODULES, ResNet, feature_indices, stage_outputs
 
-# timm's feature points of a ResNet: the stem's activation, then each stage.
-FEATURE_MODULES = ("act1", "layer1", "layer2", "layer3", "layer4")
 REDUCTIONS = (2, 4, 8, 16, 32)
 
 
@@ -52,43 +53,6 @@ class FeatureInfo:
 
     def __iter__(self) -> Iterator[dict]:
         return iter(self.get_dicts())
-
-
-def feature_indices(indices: int | Sequence[int] | None) -> list[int]:
-    """timm's convention: None = all five, an int n = the last n, else the listed indices (negative allowed)."""
-    count = len(FEATURE_MODULES)
-    if indices is None:
-        return list(range(count))
-    if isinstance(indices, int) and not isinstance(indices, bool):
-        if not 1 <= indices <= count:
-            raise ValueError(f"indices={indices}: the last n feature maps need 1 <= n <= {count}")
-        return list(range(count - indices, count))
-    resolved = []
-    for index in indices:
-        if isinstance(index, bool) or not isinstance(index, int) or not -count <= index < count:
-            raise ValueError(
-                f"feature index {index!r} is out of range: expected integers in 0..{count - 1} or -{count}..-1"
-            )
-        resolved.append(index % count)
-    if not resolved or resolved != sorted(set(resolved)):
-        raise ValueError(f"feature indices must be distinct and increasing, got {list(indices)}")
-    return resolved
-
-
-def stage_outputs(
-    model: nn.Module, x: Tensor, indices: Sequence[int], last: int | None = None
-) -> tuple[Tensor, list[Tensor]]:
-    """Run the stem and the stages through ``last`` (default: the last wanted); (its output, the wanted maps)."""
-    features = []
-    x = model.act1(model.bn1(model.conv1(x)))
-    if 0 in indices:
-        features.append(x)
-    x = model.maxpool(x)
-    for index in range(1, (max(indices, default=0) if last is None else last) + 1):
-        x = getattr(model, f"layer{index}")(x)
-        if index in indices:
-            features.append(x)
-    return x, features
 
 
 class ResNetFeatures(Described, nn.Module):

@@ -1,7 +1,7 @@
 """Post-training static int8 quantization of a ResNet for x86 CPUs (VNNI or AMX), calibrated on the user's images.
 
 Reached through ``model.optimize_for_inference(precision="int8", calibration=...)``: the exact fp32 copy
-(:class:`~.optimize.OptimizedResNet`, BN folded, fused SE) is quantized with per-channel symmetric int8
+(:class:`~.fused.OptimizedResNet`, BN folded, fused SE) is quantized with per-channel symmetric int8
 weights and per-tensor activations whose ranges come from the calibration images. Two backends, both
 optional dependencies (``pip install 'resnext-hub[int8]'``) imported only here, only when asked:
 
@@ -38,27 +38,17 @@ from torch import Tensor, nn
 
 from ..processing import load_image
 from ..processing.presets import ImageClassification
+from .fused import OptimizedResNet, PointwiseConv
 from .meta import Described
-from .optimize import OptimizedResNet, PointwiseConv, cpu_flags
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "openvino", "torchao")
 INSTALL_HINT = "pip install 'resnext-hub[int8]' (OpenVINO + NNCF, the default), or 'resnext-hub[torchao]' (torchao)"
-# CPU flags of int8 dot-product instructions: without one, int8 convolutions are emulated and slow.
-INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 CALIBRATION_BATCH = 16
 
 CalibrationItem = str | Path | Image.Image | Tensor
 Calibration = CalibrationItem | Iterable[CalibrationItem]
-
-
-def cpu_has_int8_dot() -> bool:
-    """True when the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
-    flags = cpu_flags()
-    if flags is None:  # no /proc/cpuinfo (macOS, Windows): trust oneDNN's view of the ISA
-        return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
-    return bool(flags & INT8_FLAGS)
 
 
 def available_backends() -> list[str]:

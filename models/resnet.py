@@ -4,23 +4,32 @@ The network is the "ResNet v1.5" bottleneck design (stride on the grouped 3x3 co
 Everything that differs between NVIDIA's and timm's models is an option of
 :class:`ResNetConfig`: the stem, the shortcut of downsampling blocks and the SE width.
 Parameter names follow timm's layout (``conv1``, ``layer1.0.se.fc1``, ``fc``); the loader
-maps NVIDIA's checkpoint names onto them.
+maps NVIDIA's checkpoint names onto them. The stage outputs (timm's feature points) are computed
+here too: :mod:`.features` builds its backbone on them.
+
+The class composes what it shares with its fast copies: the head rules (:class:`~.head.Headed`:
+``classes`` and ``num_classes`` follow ``fc``) and the optimizer's method
+(:class:`~.optimize.Optimizable`); those modules never import this one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..processing.labels import ClassList
-from .meta import Described, ModelMeta, default_classes
+from .blocks import Bottleneck
+from .head import Headed
+from .meta import ModelMeta, default_classes
+from .optimize import Optimizable
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 FEATURES = (*STAGES, "classifier")
+# timm's feature points of a ResNet: the stem's activation, then each stage.
+FEATURE_MODULES = ("act1", *STAGES)
 
 
 @dataclass(frozen=True)
@@ -59,64 +68,6 @@ def _round_to_multiple(value: float, divisor: int) -> int:
 STEM_WIDTHS = {"deep": (32, 32), "tiered": (24, 32)}
 
 
-class SqueezeExcite(nn.Module):
-    """``x * sigmoid(fc2(relu(fc1(mean_hw(x)))))`` with 1x1 convs (bias) as the two layers."""
-
-    def __init__(self, channels: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Conv2d(channels, hidden, 1, bias=True)
-        self.act = nn.ReLU(inplace=True)
-        self.fc2 = nn.Conv2d(hidden, channels, 1, bias=True)
-
-    def gate(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True)))).sigmoid()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.gate(x)
-
-
-class Bottleneck(nn.Module):
-    """conv1x1-BN-ReLU, grouped conv3x3 (stride)-BN-ReLU, conv1x1-BN, [SE], + shortcut, ReLU."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        width: int,
-        out_channels: int,
-        *,
-        stride: int,
-        groups: int,
-        se_hidden: int | None,
-        downsample: nn.Module | None,
-        fused_se: bool = True,
-    ) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.act1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, groups=groups, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.act2 = nn.ReLU(inplace=True)
-        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_channels)
-        self.se = SqueezeExcite(out_channels, se_hidden) if se_hidden else None
-        self.act3 = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.fused_se = fused_se
-
-    def forward(self, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.act1(self.bn1(self.conv1(x)))
-        out = self.act2(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.se is not None:
-            if self.fused_se:
-                # NVIDIA's fused_se: shortcut + out * gate in one addcmul.
-                return self.act3(torch.addcmul(shortcut, out, self.se.gate(out)))
-            out = self.se(out)
-        return self.act3(out + shortcut)
-
-
 def _downsample(in_channels: int, out_channels: int, stride: int, avg_down: bool) -> nn.Sequential:
     if avg_down:
         pool: nn.Module = (
@@ -145,13 +96,15 @@ def _stem_conv(stem: str) -> nn.Module:
     )
 
 
-class ResNet(Described, nn.Module):
+class ResNet(Optimizable, Headed, nn.Module):
     """ResNet v1.5 with grouped bottlenecks; see :class:`ResNetConfig` for the options.
 
     ``forward(x)`` takes a normalized float batch ``(N, 3, H, W)`` (any H, W >= 32) and
-    returns logits ``(N, num_classes)``. ``extract_features`` returns intermediate maps.
-    ``meta`` (:class:`ModelMeta`) says what it is: ``architecture``, ``weights_record``,
-    ``preprocessing`` and ``classes`` read from it.
+    returns ``fc``'s output on the pooled features: logits ``(N, num_classes)``, or what a replaced
+    head gives (``nn.Identity()``: the ``num_features`` pooled features). ``extract_features``
+    returns intermediate maps. ``meta`` (:class:`ModelMeta`) says what it is: ``architecture``,
+    ``weights_record`` and ``preprocessing`` read from it; ``classes`` are its names for the head
+    the model has (:class:`~.head.Headed`).
     """
 
     def __init__(
@@ -198,56 +151,15 @@ class ResNet(Described, nn.Module):
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
-    @property
-    def num_classes(self) -> int:
-        return self.fc.out_features
-
-    @property
-    def classes(self) -> ClassList:
-        # A head replaced by hand (model.fc = nn.Linear(...)) gets index names, not stale ones.
-        return self.meta.classes if len(self.meta.classes) == self.num_classes else default_classes(self.num_classes)
-
     def reset_classifier(self, num_classes: int, classes: ClassList | None = None) -> None:
         """Replace the head by a freshly initialised ``Linear(num_features, num_classes)``."""
         classes = classes or default_classes(num_classes)
         if len(classes) != num_classes:
             raise ValueError(f"{len(classes)} class names for a {num_classes}-class head")
-        device = self.fc.weight.device if not self.fc.weight.is_meta else "cpu"
-        self.fc = nn.Linear(self.num_features, num_classes, device=device)
+        # On the head's device (any head's, an Identity's too); a head still on the meta device goes to the CPU.
+        weight = next(self.fc.parameters(), self.bn1.weight)
+        self.fc = nn.Linear(self.num_features, num_classes, device="cpu" if weight.is_meta else weight.device)
         self.meta = self.meta.with_classes(classes)
-
-    def optimize_for_inference(
-        self,
-        precision: str = "auto",
-        channels_last: bool = True,
-        compile: bool = False,
-        *,
-        reuse_memory: bool = True,
-        calibration: Any = None,
-        int8_backend: str = "auto",
-    ) -> nn.Module:
-        """A faster inference-only copy of this model (BN folded, channels-last, bf16/fp16/int8).
-
-        ``precision``: ``"auto"`` (fastest faithful: int8 when ``calibration`` is given on CPUs
-        with VNNI/AMX, else bf16 on CPUs with native bf16, fp16 on CUDA, else fp32), ``"fp32"``
-        (exact), ``"bf16"``, ``"fp16"``, ``"int8"`` (needs ``calibration``: image paths/URLs/PIL
-        images, or preprocessed batches; ``int8_backend`` ``"auto"``, ``"openvino"`` or ``"torchao"``).
-        ``compile=True`` adds ``torch.compile`` (tens of seconds on the first call). This model is
-        not changed. ``reuse_memory``: a one-time, process-wide glibc switch on Linux CPUs (see
-        :func:`resnext_hub.models.optimize.optimize_for_inference`).
-        """
-        # Imported here: optimize.py builds on this module's classes.
-        from .optimize import optimize_for_inference
-
-        return optimize_for_inference(
-            self,
-            precision=precision,
-            channels_last=channels_last,
-            compile=compile,
-            reuse_memory=reuse_memory,
-            calibration=calibration,
-            int8_backend=int8_backend,
-        )
 
     @property
     def conv1_channels(self) -> int:
@@ -268,8 +180,6 @@ class ResNet(Described, nn.Module):
         the final features are ``layer4``'s output (before pooling; ``forward_head`` gives the
         logits), or the last computed map with ``stop_early``; ``intermediates_only`` returns the maps.
         """
-        from .features import feature_indices, stage_outputs  # features.py builds on this module
-
         wanted = feature_indices(indices)
         x, maps = stage_outputs(self, x, wanted, last=None if stop_early or intermediates_only else len(STAGES))
         return maps if intermediates_only else (x, maps)
@@ -306,3 +216,43 @@ class ResNet(Described, nn.Module):
         if "classifier" in wanted:
             features["classifier"] = self.forward_head(x)
         return features
+
+
+def feature_indices(indices: int | Sequence[int] | None) -> list[int]:
+    """timm's convention: None = all five, an int n = the last n, else the listed indices (negative allowed)."""
+    count = len(FEATURE_MODULES)
+    if indices is None:
+        return list(range(count))
+    if isinstance(indices, int) and not isinstance(indices, bool):
+        if not 1 <= indices <= count:
+            raise ValueError(f"indices={indices}: the last n feature maps need 1 <= n <= {count}")
+        return list(range(count - indices, count))
+    resolved = []
+    for index in indices:
+        if isinstance(index, bool) or not isinstance(index, int) or not -count <= index < count:
+            raise ValueError(
+                f"feature index {index!r} is out of range: expected integers in 0..{count - 1} or -{count}..-1"
+            )
+        resolved.append(index % count)
+    if not resolved or resolved != sorted(set(resolved)):
+        raise ValueError(f"feature indices must be distinct and increasing, got {list(indices)}")
+    return resolved
+
+
+def stage_outputs(
+    model: nn.Module, x: Tensor, indices: Sequence[int], last: int | None = None
+) -> tuple[Tensor, list[Tensor]]:
+    """Run the stem and the stages through ``last`` (default: the last wanted); (its output, the wanted maps).
+
+    ``model``: a :class:`ResNet`, or a module holding its stem and stages under the same names.
+    """
+    features = []
+    x = model.act1(model.bn1(model.conv1(x)))
+    if 0 in indices:
+        features.append(x)
+    x = model.maxpool(x)
+    for index in range(1, (max(indices, default=0) if last is None else last) + 1):
+        x = getattr(model, f"layer{index}")(x)
+        if index in indices:
+            features.append(x)
+    return x, features

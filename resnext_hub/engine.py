@@ -87,6 +87,7 @@ class Engine:
         calibration: Any = None,
     ) -> None:
         self.device = resolve_device(device)
+        self.classes = model.classes  # a head without classes (model.fc = nn.Identity()) is refused here, not mid-run
         self.model = (
             model.eval()
             .to(self.device)
@@ -94,7 +95,6 @@ class Engine:
         )
         self.precision: str = self.model.precision
         self.preprocessing = self.model.preprocessing
-        self.classes = self.model.classes
 
     @property
     def num_classes(self) -> int:

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from .. import triton as triton_config
 from ..models import ResNet
-from ..models.quantize import calibration_batches, cpu_has_int8_dot
+from ..models.cpu import cpu_has_int8_dot
+from ..models.quantize import calibration_batches
 from .checks import Check, ExportError, ExportResult, default_image_size
 from .onnx_file import DEFAULT_OPSET, export_onnx
 

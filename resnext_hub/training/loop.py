@@ -48,10 +48,10 @@ from ..data import ImageListDataset, make_loader
 from ..distributed import DistContext, agreed_precision, distributed, shard_batches
 from ..metrics import TopKMeter
 from ..models import ModelMeta, ResNet, build_model
+from ..models.blocks import Bottleneck
 from ..models.checkpoint import finetuned_checkpoint
-from ..models.optimize import cpu_has_native_bf16
+from ..models.cpu import cpu_has_native_bf16
 from ..models.registry import architecture_of
-from ..models.resnet import Bottleneck
 from ..processing import ClassList, ImageClassification
 from ..results import progress_bar
 from . import state

@@ -129,7 +129,7 @@ def test_bf16_is_faithful(architecture):
 
 
 def test_bf16_spatial_mean_matches_mean():
-    from resnext_hub.models.optimize import _spatial_mean
+    from resnext_hub.models.fused import _spatial_mean
 
     x = torch.rand(2, 64, 14, 14).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     want = x.double().mean((2, 3))
@@ -186,6 +186,7 @@ def test_fp32_copy_can_be_traced():
         assert (traced(x) - model(x)).abs().max().item() <= 1e-3
 
 
+@pytest.mark.slow
 def test_compile_keeps_the_function():
     """torch.compile of the auto copy (one small model; compiling takes ~30 s on 2 cores)."""
     model = build_model(SMALL, pretrained=False)
@@ -236,6 +237,7 @@ def test_cuda_modes(precision):
         assert_faithful(want, got)
 
 
+@pytest.mark.slow
 @CUDA
 def test_cuda_compile():
     model = copy.deepcopy(model_of(SMALL)).cuda()

@@ -15,12 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import IMAGES
+from test_head_surgery import WIDTH, small_model
 from test_optimize import SMALL, assert_faithful, inputs, model_of, state_of
+from torch import nn
 
 from resnext_hub import processing
 from resnext_hub.cli import main as cli_main
 from resnext_hub.engine import Engine
-from resnext_hub.models import build_model, optimize, quantize
+from resnext_hub.models import HeadError, build_model, cpu, optimize, quantize
 from resnext_hub.models.quantize import QuantizedResNet, calibration_batches
 
 PHOTOS = sorted(IMAGES.glob("*.[jp][pn]g"))
@@ -28,7 +30,7 @@ HAS_OPENVINO = bool(importlib.util.find_spec("openvino") and importlib.util.find
 HAS_TORCHAO = bool(importlib.util.find_spec("torchao"))
 NEEDS_OPENVINO = pytest.mark.skipif(not HAS_OPENVINO, reason="needs openvino + nncf ([int8] extra)")
 NEEDS_TORCHAO = pytest.mark.skipif(not HAS_TORCHAO, reason="needs torchao")
-NEEDS_INT8_CPU = pytest.mark.skipif(not quantize.cpu_has_int8_dot(), reason="needs a CPU with VNNI or AMX")
+NEEDS_INT8_CPU = pytest.mark.skipif(not cpu.cpu_has_int8_dot(), reason="needs a CPU with VNNI or AMX")
 
 
 def calibration_set() -> torch.Tensor:
@@ -96,7 +98,7 @@ def test_auto_never_picks_int8_without_calibration_or_without_the_instructions(m
     assert model.optimize_for_inference().precision != "int8"
     calls = []
     monkeypatch.setattr(optimize, "_int8", lambda *args: calls.append(args))
-    monkeypatch.setattr(quantize, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
     with caplog.at_level(logging.INFO):
         fast = model.optimize_for_inference("auto", calibration=inputs(n_random=1))
     assert fast.precision != "int8" and not calls
@@ -104,15 +106,15 @@ def test_auto_never_picks_int8_without_calibration_or_without_the_instructions(m
 
 
 def test_int8_without_vnni_warns(monkeypatch, caplog):
-    monkeypatch.setattr(quantize, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2"}))
     monkeypatch.setattr(optimize, "_int8", lambda *args: "built")
     monkeypatch.setattr(quantize, "available_backends", lambda: ["torchao"])
     with caplog.at_level(logging.WARNING):
         assert model_of(SMALL).optimize_for_inference("int8", calibration=inputs(n_random=1)) == "built"
     assert "no int8 dot-product instructions (VNNI/AMX)" in caplog.text
-    assert quantize.cpu_has_int8_dot() is False
-    monkeypatch.setattr(quantize, "cpu_flags", lambda: frozenset({"avx2", "avx_vnni"}))
-    assert quantize.cpu_has_int8_dot() is True
+    assert cpu.cpu_has_int8_dot() is False
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "avx_vnni"}))
+    assert cpu.cpu_has_int8_dot() is True
 
 
 def test_quantized_module_checks_its_inputs():
@@ -123,6 +125,42 @@ def test_quantized_module_checks_its_inputs():
         model(torch.ones(1, 3, 32, 48))
     with pytest.raises(ValueError, match=r"expected a batch \(N, 3, H, W\)"):
         model(torch.ones(3, 64, 64))
+
+
+# -- a replaced head (issue 19) ------------------------------------------------------------------------
+
+
+def test_int8_refuses_a_head_without_classes_before_reading_the_images():
+    model = small_model(nn.Identity())
+    with pytest.raises(HeadError, match=r"int8' quantizes classifiers, and model\.fc is Identity"):
+        model.optimize_for_inference("int8", calibration=["/no/such/image.jpg"])
+
+
+def test_auto_does_not_try_int8_for_a_head_without_classes(monkeypatch, caplog):
+    calls = []
+    monkeypatch.setattr(optimize, "_int8", lambda *args: calls.append(args))
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx512_vnni"}))
+    model = small_model(nn.Identity())
+    with caplog.at_level(logging.INFO):
+        fast = model.optimize_for_inference("auto", calibration=inputs(n_random=1))
+    assert not calls and "the head (fc) gives no classes: not trying int8" in caplog.text
+    x = inputs(n_random=1)
+    with torch.inference_mode():
+        assert fast(x).shape == (len(x), WIDTH)
+
+
+@pytest.mark.slow
+@NEEDS_OPENVINO
+def test_openvino_int8_keeps_a_replaced_head():
+    """Sequential(Linear, Sigmoid) quantized with the rest (emulated and slower on CPUs without VNNI)."""
+    model = small_model(nn.Sequential(nn.Linear(WIDTH, 5), nn.Sigmoid()))
+    fast = model.optimize_for_inference("int8", calibration=calibration_set()[:8], int8_backend="openvino")
+    assert isinstance(fast, QuantizedResNet) and fast.classes.names == ("0", "1", "2", "3", "4")
+    x = inputs(n_random=3)
+    with torch.inference_mode():
+        want, got = model(x), fast(x)
+    assert got.shape == (len(x), 5) and bool(((got >= 0) & (got <= 1)).all())  # the sigmoid ran
+    assert 1e-5 < (got - want).abs().max().item() <= 0.02  # int8, not the float copy; close to it
 
 
 # -- the backends -------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from resnext_hub.export import (
     run_isolated,
 )
 from resnext_hub.models import build_model
-from resnext_hub.models.optimize import cpu_has_native_bf16
+from resnext_hub.models.cpu import cpu_has_native_bf16
 from resnext_hub.processing import imagenet_labels
 from resnext_hub.triton import (
     TritonConfigError,

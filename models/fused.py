@@ -1,0 +1,246 @@
+"""The fused inference network: BatchNorm folded into the convolutions, SE as matmuls, one memory format and dtype.
+
+:class:`OptimizedResNet` computes a :class:`~.resnet.ResNet`'s function in eval mode, and why each step
+keeps the numbers:
+
+- Every BatchNorm is folded into the convolution before it (``w * g / sqrt(v + eps)``, a bias
+  ``b - m * g / sqrt(v + eps)``): one conv instead of conv + a memory-bound BN pass.
+- Activations are channels-last (NHWC), the layout oneDNN (CPU) and cuDNN (tensor cores) run
+  convolutions fastest in; the SE block becomes two small matmuls on the pooled vector and one
+  ``addcmul`` (shortcut + out * gate), as NVIDIA's ``fused_se``.
+- ``bf16`` and ``fp16`` convert the weights once, instead of autocast re-casting them on every
+  call; the outputs come back as fp32.
+- 1x1 convolutions on small maps (batch 1 in the last stages) run as one matmul, which oneDNN
+  does faster there than its convolution (see :class:`PointwiseConv`).
+- The head is the model's own module (``fc``, copied as it is: a Linear, a replaced head, an
+  ``Identity``), on the pooled features.
+
+:class:`CompiledResNet` adds ``torch.compile``. Which copy to build is :mod:`.optimize`'s choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .blocks import Bottleneck
+from .head import Headed, head_size
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d, *, pointwise: bool = False) -> nn.Conv2d:
+    """A new conv (with bias) equal to ``bn(conv(x))`` with ``bn`` in eval mode; inputs are not changed.
+
+    ``pointwise``: return a :class:`PointwiseConv` (``conv`` must be 1x1, stride 1).
+    """
+    # Computed in float64: the fold itself must not add rounding error to a 100-layer stack.
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    weight = conv.weight.double() * scale.reshape(-1, 1, 1, 1)
+    bias = bn.bias.double() - bn.running_mean.double() * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias.double() * scale
+    if pointwise and (conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1):
+        raise ValueError(f"pointwise folding needs a 1x1 stride-1 ungrouped conv, got {conv}")
+    fused = (PointwiseConv if pointwise else nn.Conv2d)(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=True,
+        device=conv.weight.device,
+    )
+    with torch.no_grad():
+        fused.weight.copy_(weight.to(conv.weight.dtype))
+        fused.bias.copy_(bias.to(conv.weight.dtype))
+    return fused
+
+
+def _linear_from_conv1x1(conv: nn.Conv2d) -> nn.Linear:
+    linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None, device=conv.weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.flatten(1))
+        if conv.bias is not None:
+            linear.bias.copy_(conv.bias)
+    return linear
+
+
+def _spatial_mean(x: Tensor) -> Tensor:
+    """``x.mean((2, 3))``; in bf16 on CPU as a matmul with ones (oneDNN's bf16 reduction is slow).
+
+    Measured: 1.2 ms instead of 4.4 ms for a 16x256x56x56 batch; the GEMM accumulates in fp32
+    and rounds once, as accurate as ``mean``. The 1/HW scale is applied afterwards, not folded
+    into the ones, which bf16 cannot hold exactly.
+    """
+    if x.dtype != torch.bfloat16 or x.is_cuda:
+        return x.mean((2, 3))
+    hw = x.shape[2] * x.shape[3]
+    rows = x.permute(0, 2, 3, 1).flatten(1, 2)  # (N, HW, C): a view when x is channels-last
+    return torch.matmul(x.new_ones(1, hw), rows).squeeze(1) / hw
+
+
+def _is_exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting())
+
+
+class PointwiseConv(nn.Conv2d):
+    """A 1x1 stride-1 conv that runs as one matmul on small channels-last CPU maps.
+
+    oneDNN's 1x1 convolution is slow on small maps (batch 1, 14x14 and 7x7): measured in bf16,
+    2.0 ms as a conv against 0.55 ms as ``linear`` on the (N*H*W, C) view for 2048->1024 at 7x7,
+    0.73 against 0.49 ms for 1024->512 at 14x14; on large maps the conv is faster. Same function;
+    traced and exported graphs always use the conv.
+    """
+
+    MAX_ROWS = 400  # N*H*W up to which the matmul wins (batch 1-2 at 14x14, batch 1-8 at 7x7)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _is_exporting():
+            return super().forward(x)  # a graph for other runtimes: no shape-dependent branch
+        n, _, h, w = x.shape
+        if n * h * w > self.MAX_ROWS or x.is_cuda or not x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x)
+        rows = x.permute(0, 2, 3, 1).reshape(n * h * w, self.in_channels)
+        out = F.linear(rows, self.weight.view(self.out_channels, self.in_channels), self.bias)
+        return out.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)  # channels-last, like the conv's
+
+
+class FusedBottleneck(nn.Module):
+    """A :class:`~.blocks.Bottleneck` with BN folded and SE as matmuls on the pooled vector + addcmul."""
+
+    def __init__(self, block: Bottleneck) -> None:
+        super().__init__()
+        self.conv1 = fold_batchnorm(block.conv1, block.bn1, pointwise=True)
+        self.conv2 = fold_batchnorm(block.conv2, block.bn2)
+        self.conv3 = fold_batchnorm(block.conv3, block.bn3, pointwise=True)
+        self.se_fc1 = self.se_fc2 = None
+        if block.se is not None:
+            self.se_fc1 = _linear_from_conv1x1(block.se.fc1)
+            self.se_fc2 = _linear_from_conv1x1(block.se.fc2)
+        self.downsample = None
+        if block.downsample is not None:
+            *pool, conv, bn = block.downsample
+            self.downsample = nn.Sequential(*copy.deepcopy(pool), fold_batchnorm(conv, bn))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.conv1(x), inplace=True)
+        out = F.relu(self.conv2(out), inplace=True)
+        out = self.conv3(out)
+        if self.se_fc1 is None:
+            return F.relu(out.add_(shortcut), inplace=True)
+        pooled = _spatial_mean(out)
+        gate = torch.sigmoid(self.se_fc2(F.relu(self.se_fc1(pooled), inplace=True)))
+        out = torch.addcmul(shortcut, out, gate[:, :, None, None])
+        return F.relu(out, inplace=True)
+
+
+def _fold_stem(stem: nn.Module, bn: nn.BatchNorm2d) -> nn.Sequential:
+    """The stem convs (a single 7x7, or a deep conv-BN-ReLU stack) with every BN folded."""
+    if isinstance(stem, nn.Conv2d):
+        return nn.Sequential(fold_batchnorm(stem, bn), nn.ReLU(inplace=True))
+    layers = list(stem)
+    folded: list[nn.Module] = []
+    index = 0
+    while index < len(layers):
+        layer = layers[index]
+        if isinstance(layer, nn.Conv2d):
+            next_bn = layers[index + 1] if index + 1 < len(layers) else bn
+            folded.append(fold_batchnorm(layer, next_bn))
+            index += 2 if index + 1 < len(layers) else 1
+        else:
+            folded.append(copy.deepcopy(layer))
+            index += 1
+    return nn.Sequential(*folded, nn.ReLU(inplace=True))
+
+
+class OptimizedResNet(Headed, nn.Module):
+    """Inference-only ResNet: folded BN, fused SE, a fixed memory format and compute dtype.
+
+    ``model``: a :class:`~.resnet.ResNet` (this module reads its ``conv1``, ``bn1``, ``maxpool``,
+    ``layer1``..``layer4`` of :class:`~.blocks.Bottleneck` blocks, ``fc``, ``num_features`` and ``meta``).
+    ``forward`` takes the same fp32 NCHW (or NHWC) batch as the original model and returns
+    fp32 outputs; the conversion to the compute layout and dtype happens inside.
+    """
+
+    def __init__(self, model: nn.Module, *, dtype: torch.dtype, channels_last: bool) -> None:
+        super().__init__()
+        # The class names travel resolved against the head (index names for a resized one), as model.classes.
+        self.meta = model.meta.with_classes(model.classes) if head_size(model.fc) else model.meta
+        self.num_features = model.num_features
+        self.stem = _fold_stem(model.conv1, model.bn1)
+        self.maxpool = copy.deepcopy(model.maxpool)
+        stages = [getattr(model, name) for name in ("layer1", "layer2", "layer3", "layer4")]
+        self.stages = nn.Sequential(*(nn.Sequential(*map(FusedBottleneck, stage)) for stage in stages))
+        self.fc = copy.deepcopy(model.fc)  # the user's head as it is (a replaced one included)
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self.precision = next(name for name, value in DTYPES.items() if value == dtype)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.to(dtype=dtype, memory_format=memory_format)
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = x.to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.stages(self.maxpool(self.stem(x)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda and not torch.backends.cudnn.benchmark and not torch.compiler.is_compiling():
+            # cuDNN picks the fastest algorithm per input shape once (inference shapes repeat),
+            # for this call only: the process-wide setting stays the caller's.
+            with _cudnn_benchmark():
+                return self.forward(x)
+        pooled = self.forward_features(x).mean((2, 3))
+        return self.fc(pooled).float()
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark() -> Iterator[None]:
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+class CompiledResNet(Headed, nn.Module):
+    """``torch.compile`` of an :class:`OptimizedResNet`, keeping its ``meta``, head and ``precision``.
+
+    Every batch size is one more compiled variant of the shared ``forward``; past dynamo's
+    default limit of 8 it would silently fall back to eager, so calls raise the limit for
+    their own duration only (``torch._dynamo.config.patch``), not for the whole process.
+    """
+
+    RECOMPILE_LIMIT = 64
+
+    def __init__(self, module: OptimizedResNet, device: torch.device) -> None:
+        super().__init__()
+        self.meta = module.meta
+        self.precision = module.precision
+        self.num_features = module.num_features
+        # Freezing turns the weights into constants, so inductor can pre-pack them for oneDNN and
+        # fuse bias + ReLU (+ add) into the convolutions; it is only valid without autograd.
+        options = {"freezing": True} if device.type == "cpu" else {}
+        self.compiled = torch.compile(module, options=options, dynamic=False)
+
+    @property
+    def fc(self) -> nn.Module:
+        """The compiled copy's head (``classes`` and ``num_classes`` follow it)."""
+        return self.compiled._orig_mod.fc
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
+            return self.compiled(x)
