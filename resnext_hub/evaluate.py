@@ -6,6 +6,7 @@ the ranks, so every rank returns the same summary.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,12 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from .console import progress_bar
 from .data import Skipped, find_samples
 from .distributed import DistContext, agreed_precision, current_context, shard_batches
-from .engine import Engine
+from .engine import Engine, resolve_device
 from .models import ResNet
-from .results import progress_bar
+from .options import InferenceOptions
 
 # Per-rank running sums, reduced over ranks at the end.
 _EVALUATED, _TOP1, _TOPK, _LOSS, _FAILED = range(5)
@@ -26,29 +28,25 @@ _EVALUATED, _TOP1, _TOPK, _LOSS, _FAILED = range(5)
 def evaluate(
     model: ResNet,
     root: str | Path,
+    options: InferenceOptions | None = None,
     *,
     ctx: DistContext | None = None,
-    batch_size: int = 64,
-    workers: int = 4,
-    exact: bool = False,
-    compile: bool = False,
-    progress: bool = False,
-    precision: str | None = None,
-    calibration: Any = None,
 ) -> dict[str, Any]:
-    """Score ``model`` on the ImageNet-layout folder ``root``; the same summary on every rank.
+    """Score ``model`` on the ImageNet-layout folder ``root`` as ``options`` say (``top_k`` aside: top-1 and
+    top-5 are counted); the same summary on every rank. ``ctx``: the process group (default: the caller's,
+    else one process on ``options.device``).
 
     Top-1/top-5 are percentages of the images that could be read; unreadable files are
     counted and listed under ``failures`` (``input``, ``error``), not scored. Folders that could
     not be read are listed under ``skipped`` (``path``, ``reason``): their images are not counted
     at all, so a non-empty ``skipped`` means the numbers are of a subset.
     """
-    ctx = ctx or current_context(next(model.parameters()).device)
+    options = options or InferenceOptions()
+    ctx = ctx or current_context(resolve_device(options.device))
     skipped: list[Skipped] = []
     samples = find_samples(root, skipped=skipped)
-    batches = shard_batches(len(samples), batch_size, ctx.rank, ctx.world_size)
-    precision = precision or ("fp32" if exact else "auto")
-    engine = Engine(model, device=ctx.device, precision=precision, compile=compile, calibration=calibration)
+    batches = shard_batches(len(samples), options.batch_size, ctx.rank, ctx.world_size)
+    engine = Engine(model, dataclasses.replace(options, device=ctx.device))
     precision = agreed_precision(ctx, engine.precision)
     k = min(5, model.num_classes)
 
@@ -56,9 +54,9 @@ def evaluate(
     failures: list[tuple[int, str]] = []
     ctx.barrier()  # time the run, not the slowest rank's start-up
     started = time.perf_counter()
-    bar = progress_bar(sum(len(b) for b in batches), progress and ctx.is_main)
+    bar = progress_bar(sum(len(b) for b in batches), options.progress and ctx.is_main)
     paths, classes = [p for p, _ in samples], [c for _, c in samples]
-    for scored in engine.score(paths, batches, targets=classes, workers=workers):
+    for scored in engine.score(paths, batches, targets=classes):
         failures += scored.failed
         sums[_FAILED] += len(scored.failed)
         if scored.logits is not None:
@@ -100,7 +98,7 @@ def evaluate(
         "world_size": ctx.world_size,
         "device": ctx.device.type,
         "precision": precision,
-        "batch_size": batch_size,
+        "batch_size": options.batch_size,
         "preprocessing": model.preprocessing.as_dict(),
         "failures": [{"input": samples[i][0], "error": reason} for i, reason in all_failures],
         "skipped": [entry._asdict() for entry in skipped],

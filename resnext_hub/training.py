@@ -46,6 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import training_state as state
+from .console import progress_bar
 from .data import ImageListDataset, make_loader
 from .distributed import DistContext, agreed_precision, distributed, shard_batches
 from .models import ModelMeta, ResNet, build_model
@@ -54,7 +55,6 @@ from .models.optimize import cpu_has_native_bf16
 from .models.registry import architecture_of
 from .models.resnet import Bottleneck
 from .processing import ClassList, ImageClassification
-from .results import progress_bar
 from .training_data import (
     AugmentedImages,
     FolderData,

@@ -22,6 +22,7 @@ from PIL import Image
 
 from resnext_hub.engine import Engine
 from resnext_hub.models import MIRROR_ENV, ResNet
+from resnext_hub.options import InferenceOptions
 from resnext_hub.processing import Prediction
 
 log = logging.getLogger("resnext_hub.space")
@@ -120,7 +121,7 @@ class ModelCache:
     def _load(self, entry: str) -> Served:
         started = time.perf_counter()
         model = torch.hub.load(str(self.repo), entry, source="local", trust_repo=True, verbose=False)
-        engine = Engine(model, precision=self.precision)
+        engine = Engine(model, InferenceOptions(precision=self.precision))
         # The card describes the published model (its parameters), not the inference copy.
         served = Served(entry, engine, model_card(entry, model, engine, self.precision))
         crop = engine.preprocessing.crop_size
