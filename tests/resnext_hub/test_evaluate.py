@@ -191,7 +191,7 @@ def test_torchrun_two_processes_give_identical_counts_and_accuracy(dataset, sing
 
 
 def test_api_with_loader_workers_and_the_fast_path(dataset):
-    summary = evaluate(dataset["model"], dataset["root"], InferenceOptions(batch_size=5, workers=2))
+    summary = evaluate(dataset["model"], dataset["root"], InferenceOptions(device="cpu", batch_size=5, workers=2))
     assert summary["evaluated"] + summary["failed"] == summary["images"] == 13
     assert summary["failed"] == 1 and summary["world_size"] == 1
     expected = {"fp32", "bf16"} if hasattr(dataset["model"], "optimize_for_inference") else {"fp32"}
