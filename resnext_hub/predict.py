@@ -9,8 +9,10 @@ that are not UTF-8 or hold control characters round-trip, in CSV too: see that m
 
 A resume continues the same job or nothing: ``<output>.job.json`` describes the job (model, weights
 or checkpoint and its sha256, class count, top-k as clamped to it), and a run with another is
-refused before anything is added. Should the merged output fail to be written, the part files
-are kept and a re-run merges them.
+refused before anything is added. The job is opened once (:func:`open_job`: its paths checked, the
+description, the output and the leftover part files read), by the command before the model loads or
+by :func:`predict` itself. Should the merged output fail to be written, the part files are kept and a
+re-run merges them.
 """
 
 from __future__ import annotations
