@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch.hub
 
+from ..processing.atomic import staged
 from ..processing.fetch import Body, DeadlineError, FetchError, is_url, redact, stream
 from .integrity import (
     HASH_IN_NAME,
@@ -47,8 +48,8 @@ from .integrity import (
     format_problem,
     read_stamp,
     sha256_of,
-    stamp_file,
     stamp_path,
+    stamp_text,
 )
 from .weights import Source
 
@@ -142,17 +143,13 @@ def _check_length(body: Body, source: Source, folder: Path, shown: str) -> None:
 def _install(tmp: Path, dest: Path, sha256: str) -> None:
     """Rename a verified download and its stamp into place: both, or (OSError raised) neither."""
     seen = tmp.stat()  # a rename keeps the size and mtime the stamp records
-    stamp_tmp = stamp_file(dest, sha256, seen)
     try:
-        os.replace(tmp, dest)
-        try:
-            os.replace(stamp_tmp, stamp_path(dest))
-        except OSError:
-            _discard(dest, seen)  # no file without its stamp
-            raise
-    finally:
-        with suppress(OSError):
-            stamp_tmp.unlink(missing_ok=True)
+        with staged(stamp_path(dest)) as stamp:  # the stamp is renamed into place after the file
+            stamp.write_text(stamp_text(sha256, seen))
+            os.replace(tmp, dest)
+    except OSError:
+        _discard(dest, seen)  # no file without its stamp (only this download's: _discard checks its identity)
+        raise
 
 
 def download(

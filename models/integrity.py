@@ -16,10 +16,9 @@ import os
 import pickletools
 import re
 import stat
-import uuid
-from contextlib import suppress
 from pathlib import Path
 
+from ..processing.atomic import write_atomic
 from .checkpoint import torch_zip_problem
 from .weights import Source
 
@@ -44,36 +43,18 @@ def stamp_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256.json")
 
 
-def stamp_file(path: Path, sha256: str, seen: os.stat_result) -> Path:
-    """A temporary file holding ``path``'s stamp (``seen``: its stat), to be renamed into place.
-
-    Raises OSError (nothing left behind) when it cannot be written.
-    """
-    stamp = {"sha256": sha256, "size": seen.st_size, "mtime_ns": seen.st_mtime_ns}
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.stamp")
-    try:
-        tmp.write_text(json.dumps(stamp))
-    except BaseException:
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-    return tmp
+def stamp_text(sha256: str, seen: os.stat_result) -> str:
+    """The stamp of a file whose stat is ``seen`` and whose SHA-256 is ``sha256``."""
+    return json.dumps({"sha256": sha256, "size": seen.st_size, "mtime_ns": seen.st_mtime_ns})
 
 
 def write_stamp(path: Path, sha256: str, seen: os.stat_result) -> None:
     """Stamp a verified cached file (``seen``: its stat when hashed). Where the cache cannot be written
     (read-only, full) no stamp is written (logged at debug): the file is verified again on the next load."""
     try:
-        tmp = stamp_file(path, sha256, seen)
+        write_atomic(stamp_path(path), stamp_text(sha256, seen))
     except OSError as error:
         log.debug("no stamp written for %s (read-only or full cache?): %s", path, error)
-        return
-    try:
-        os.replace(tmp, stamp_path(path))
-    except OSError as error:
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        log.debug("no stamp written for %s: %s", path, error)
 
 
 def read_stamp(path: Path) -> dict | None:

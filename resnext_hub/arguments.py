@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any
 
@@ -16,9 +17,11 @@ from .engine import resolve_device
 from .models import ResNet, build_model
 from .models.optimize import PRECISIONS
 from .models.registry import architecture_of, model_names
+from .options import InferenceOptions, default_workers
 
 DEFAULT_MODEL = "se_resnext101_32x4d"
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"
+_OPTION_FIELDS = tuple(field.name for field in dataclasses.fields(InferenceOptions))
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, random_weights: bool = False) -> None:
@@ -44,27 +47,28 @@ def add_inference_options(
     batch_size: int | None = None,
     top_k: bool = True,
     per_process: bool = False,
-    no_amp: bool = False,
+    aliases: tuple[str, ...] = ("--exact",),
 ) -> None:
-    """``--device``, ``--exact`` (and ``--no-amp``), ``--top-k`` and ``--batch-size`` (given a default).
+    """``--device``, ``--precision`` (with ``--calibration`` and the old spellings ``aliases``), ``--top-k`` and
+    ``--batch-size`` (given a default).
 
     ``per_process`` (``evaluate``/``predict``, which run under torchrun): also ``--workers`` and ``--compile``.
     """
     device_help = "auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)" if per_process else DEVICE_HELP
     parser.add_argument("--device", default="auto", help=device_help)
-    parser.add_argument(
-        "--exact", action="store_true", help="exact fp32 (default: the fastest faithful precision, e.g. bf16 on CPU)"
-    )
-    if no_amp:
-        parser.add_argument("--no-amp", action="store_true", help="on CUDA, run in fp32 instead of fp16")
-    add_precision_options(parser)
+    add_precision_options(parser, aliases=aliases)
     if top_k:
         parser.add_argument("--top-k", type=int, default=5)
     if batch_size is not None:
         per = ", per process" if per_process else ""
         parser.add_argument("--batch-size", type=int, default=batch_size, help=f"images per forward pass{per}")
     if per_process:
-        parser.add_argument("--workers", type=int, default=4, help="data-loading processes per rank (0: in-process)")
+        parser.add_argument(
+            "--workers",
+            type=int,
+            help=f"data-loading processes per rank (0: in-process; default: the usable CPUs, {default_workers()} "
+            "here, shared by the processes torchrun starts on a machine)",
+        )
         parser.add_argument("--compile", action="store_true", help="torch.compile the model (tens of seconds once)")
 
 
@@ -80,7 +84,7 @@ def check_options(args: argparse.Namespace) -> str | None:
     then the command's own check (its ``check`` default), all before any model loads."""
     if getattr(args, "batch_size", 1) < 1 or getattr(args, "top_k", 1) < 1:
         return "--batch-size and --top-k must be at least 1"
-    if getattr(args, "workers", 0) < 0:
+    if (getattr(args, "workers", None) or 0) < 0:
         return f"--workers must be at least 0, got {args.workers}"
     if getattr(args, "device", None) is not None:
         try:
@@ -100,25 +104,54 @@ def report_skipped(skipped: list[Skipped]) -> None:
         print(f"warning: {entry}", file=sys.stderr)
 
 
-def precision_from_args(args: argparse.Namespace) -> str:
-    """``--precision`` if given; else ``fp32`` for ``--exact`` (and for ``--no-amp`` on CUDA), else ``auto``."""
-    if getattr(args, "precision", None):
-        return args.precision
-    if args.exact or (getattr(args, "no_amp", False) and resolve_device(args.device).type == "cuda"):
-        return "fp32"
-    return "auto"
+# -- precision: one option, its old spellings, and --calibration (int8) ---------------------------------
+
+# Old spellings of --precision: still accepted, each with one warning line, meaning this precision.
+PRECISION_ALIASES = {"--exact": "fp32", "--no-amp": "fp32", "--fp16": "fp16", "--bf16": "bf16"}
+INFERENCE_PRECISION_HELP = (
+    "auto (default: the fastest faithful, e.g. bf16 on CPUs with native bf16, fp16 on CUDA), fp32 (exact), bf16, "
+    "fp16 (CUDA), int8 (needs --calibration)"
+)
 
 
-# -- int8 (issue 14): --precision and --calibration ----------------------------------------------------
+class _PrecisionOption(argparse.Action):
+    """``--precision VALUE``, or an old spelling of one value (``const``), which says so on stderr.
+
+    Each use is recorded in ``precision_given`` ((option, value) pairs), so that :func:`check_options`
+    can refuse two that disagree, in whichever order they come.
+    """
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None
+    ) -> None:
+        value = values if self.const is None else self.const
+        if self.const is not None:
+            print(f"warning: {option} is deprecated; use --precision {value}", file=sys.stderr)
+        namespace.precision = value
+        namespace.precision_given = [*getattr(namespace, "precision_given", []), (option, value)]
 
 
 def add_precision_options(
     parser: argparse.ArgumentParser,
+    *,
     choices: tuple[str, ...] = PRECISIONS,
-    help: str = "auto (default: the fastest faithful), fp32 (= --exact), bf16, fp16 (CUDA), int8 (needs --calibration)",
+    default: str = "auto",
+    help: str = INFERENCE_PRECISION_HELP,
+    aliases: tuple[str, ...] = (),
 ) -> None:
-    """``--precision`` (one of ``choices``) and ``--calibration DIR`` (for int8)."""
-    parser.add_argument("--precision", choices=choices, help=help)
+    """``--precision`` (one of ``choices``), its old spellings ``aliases`` (hidden from ``--help``) and
+    ``--calibration DIR`` (for int8)."""
+    parser.add_argument("--precision", action=_PrecisionOption, choices=choices, default=default, help=help)
+    for alias in aliases:
+        parser.add_argument(
+            alias,
+            action=_PrecisionOption,
+            nargs=0,
+            const=PRECISION_ALIASES[alias],
+            dest="precision",
+            default=argparse.SUPPRESS,
+            help=argparse.SUPPRESS,
+        )
     parser.add_argument(
         "--calibration",
         metavar="DIR",
@@ -127,28 +160,43 @@ def add_precision_options(
     )
 
 
+def _spelled(option: str, value: str) -> str:
+    return f"--precision {value}" if option == "--precision" else option
+
+
 def _check_precision(args: argparse.Namespace) -> str | None:
+    given = getattr(args, "precision_given", [])
+    clash = next((pair for pair in given if pair[1] != given[0][1]), None)
+    if clash is not None:
+        (option, value), other = sorted([given[0], clash], key=lambda pair: pair[0] == "--precision")
+        if option == "--precision":
+            return f"--precision is given twice, as {value} and {other[1]}: give it once"
+        return f"{option} means --precision {value}; it cannot be combined with {_spelled(*other)}"
     precision, calibration = getattr(args, "precision", None), getattr(args, "calibration", None)
-    if precision and getattr(args, "exact", False) and precision != "fp32":
-        return f"--exact means --precision fp32; it cannot be combined with --precision {precision}"
     if precision == "int8" and not calibration:
         return "--precision int8 needs --calibration DIR (a folder of images like the ones to classify)"
-    if calibration and precision not in (None, "auto", "int8"):
+    if calibration and precision not in ("auto", "int8"):
         return f"--calibration applies to --precision int8 or auto, not {precision}"
-    if calibration and getattr(args, "exact", False):
-        return "--calibration applies to --precision int8 or auto, not --exact (fp32)"
     return None
 
 
-def calibration_from_args(args: argparse.Namespace) -> list[str] | None:
+def _calibration_images(folder: str | None) -> list[str] | None:
     """The image files of ``--calibration`` (a folder is searched recursively), or None without it."""
-    folder = getattr(args, "calibration", None)
     if not folder:
         return None
     images = expand_inputs([folder])
     if not images:
         raise ValueError(f"--calibration {folder}: no images found there")
     return images
+
+
+def inference_options(args: argparse.Namespace) -> InferenceOptions:
+    """The command's one :class:`InferenceOptions`, from its (checked) arguments; what a command lacks keeps
+    the record's default. ``--calibration DIR`` becomes its image files (``ValueError`` when it has none)."""
+    given = {name: getattr(args, name) for name in _OPTION_FIELDS if getattr(args, name, None) is not None}
+    given["calibration"] = _calibration_images(getattr(args, "calibration", None))
+    given["progress"] = bool(given.get("progress"))
+    return InferenceOptions(**given)
 
 
 def model_from_args(args: argparse.Namespace, *, ctx: DistContext | None = None, **kwargs: Any) -> ResNet:

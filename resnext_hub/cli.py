@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from . import exit_codes
 from .arguments import check_options
 from .commands import classify, evaluate, export, finetune, models, predict, serve
+from .console import printable
 from .models import CheckpointError, WeightsUnavailableError
-from .results import printable
 
 # The subcommands, in the order ``--help`` lists them.
 COMMANDS = (classify, models, evaluate, predict, export, serve, finetune)

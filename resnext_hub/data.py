@@ -22,8 +22,9 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .console import printable
 from .processing import ClassList, InvalidImageError, imagenet_classes, load_image
-from .results import failure_reason, printable
+from .results import failure_reason
 
 log = logging.getLogger(__name__)
 

@@ -156,7 +156,7 @@ def agreed_precision(ctx: DistContext, precision: str) -> str:
     """The precision every rank runs in, or ``"fp32+bf16"`` (say) and a warning when they differ."""
     chosen = sorted(set(ctx.all_gather_object(precision)))
     if len(chosen) > 1:  # e.g. mixed hardware: results would then depend on which rank got an image
-        log.warning("the ranks run in different precisions %s; pass --exact to run all in fp32", chosen)
+        log.warning("the ranks run in different precisions %s; pass --precision fp32 to run all in fp32", chosen)
     return "+".join(chosen)
 
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from PIL import Image
 
 from .data import Batch, ImageListDataset, collate, make_loader
 from .models import ResNet
+from .options import InferenceOptions
 from .processing import Prediction, top_k
 from .results import Result
 
@@ -68,30 +69,27 @@ class Scored(NamedTuple):
 
 
 class Engine:
-    """One model ready for inference: on ``device``, on its fast path, with its preset and class names.
+    """One model ready for inference as ``options`` (:class:`~resnext_hub.options.InferenceOptions`) say: on
+    their ``device``, on its fast path, with its preset and class names.
 
-    The model runs through ``model.optimize_for_inference(precision)``: ``"auto"`` (bf16 on CPUs
+    The model runs through ``model.optimize_for_inference(options.precision)``: ``"auto"`` (bf16 on CPUs
     with native bf16, fp16 on CUDA, else fp32; checked faithful) or an explicit ``"fp32"`` (exact),
-    ``"bf16"`` or ``"fp16"``. ``self.precision`` is what it runs in.
-    ``calibration`` (image paths/URLs, PIL images or preprocessed batches) enables ``"int8"`` on CPUs
-    with VNNI/AMX, explicitly or as ``"auto"``'s first choice (see ``optimize_for_inference``).
+    ``"bf16"`` or ``"fp16"``. ``self.precision`` is what it runs in. ``options.calibration`` (image
+    paths/URLs, PIL images or preprocessed batches) enables ``"int8"`` on CPUs with VNNI/AMX, explicitly or
+    as ``"auto"``'s first choice (see ``optimize_for_inference``). ``options.workers`` decode the inputs,
+    and ``options.batch_size`` and ``options.top_k`` are :meth:`classify`'s defaults.
     """
 
-    def __init__(
-        self,
-        model: ResNet,
-        *,
-        device: str | torch.device = "auto",
-        precision: str = "auto",
-        compile: bool = False,
-        calibration: Any = None,
-    ) -> None:
-        self.device = resolve_device(device)
+    def __init__(self, model: ResNet, options: InferenceOptions | None = None) -> None:
+        self.options = options = options or InferenceOptions()
+        self.device = resolve_device(options.device)
         self.classes = model.classes  # a head without classes (model.fc = nn.Identity()) is refused here, not mid-run
         self.model = (
             model.eval()
             .to(self.device)
-            .optimize_for_inference(precision=precision, compile=compile, calibration=calibration)
+            .optimize_for_inference(
+                precision=options.precision, compile=options.compile, calibration=options.calibration
+            )
         )
         self.precision: str = self.model.precision
         self.preprocessing = self.model.preprocessing
@@ -131,10 +129,12 @@ class Engine:
         batches: Sequence[Sequence[int]],
         *,
         targets: Sequence[int] | None = None,
-        workers: int = 4,
+        workers: int | None = None,
         threads: bool = False,
     ) -> Iterator[Batch]:
-        """Decoded batches of ``items`` by index: in ``workers`` threads of this process, or DataLoader processes."""
+        """Decoded batches of ``items`` by index: in ``workers`` (default ``options.workers``) threads of this
+        process, or DataLoader processes."""
+        workers = self.options.workers if workers is None else workers
         dataset = ImageListDataset(items, self.preprocessing, targets)
         if not threads:
             yield from make_loader(dataset, batches, workers, self.device)
@@ -149,7 +149,7 @@ class Engine:
         batches: Sequence[Sequence[int]],
         *,
         targets: Sequence[int] | None = None,
-        workers: int = 4,
+        workers: int | None = None,
         threads: bool = False,
     ) -> Iterator[Scored]:
         """Run each batch of :meth:`decoded` through the model."""
@@ -163,7 +163,7 @@ class Engine:
         batches: Sequence[Sequence[int]],
         *,
         k: int = 5,
-        workers: int = 4,
+        workers: int | None = None,
         threads: bool = False,
     ) -> Iterator[list[tuple[int, Result]]]:
         """Per batch, ``(index, Result)`` of each of its inputs, by index."""
@@ -175,10 +175,13 @@ class Engine:
             yield sorted(results.items(), key=lambda pair: pair[0])
 
     def classify(
-        self, items: Sequence[str | bytes], *, batch_size: int = 16, k: int = 5, threads: int = 4
+        self, items: Sequence[str | bytes], *, batch_size: int | None = None, k: int | None = None
     ) -> Iterator[Result]:
-        """One :class:`Result` per input, in order, decoding in ``threads`` threads (URLs wait on the network)."""
+        """One :class:`Result` per input, in order, decoding in ``options.workers`` threads (URLs wait on the
+        network); ``batch_size`` and ``k`` default to the options' (``k`` above the class count: all)."""
+        batch_size = batch_size or self.options.batch_size
+        k = self.clamp_k(self.options.top_k if k is None else k)
         batches = [range(start, min(start + batch_size, len(items))) for start in range(0, len(items), batch_size)]
-        for batch in self.classify_batches(items, batches, k=k, workers=threads, threads=True):
+        for batch in self.classify_batches(items, batches, k=k, threads=True):
             for _, result in batch:
                 yield result

@@ -9,32 +9,30 @@ the ranks, so every rank returns the same summary.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
 
+from .console import progress_bar
 from .data import Skipped, find_samples
 from .distributed import DistContext, agreed_precision, current_context, shard_batches
-from .engine import Engine
+from .engine import Engine, resolve_device
 from .metrics import TopKMeter
 from .models import ResNet
-from .results import progress_bar
+from .options import InferenceOptions
 
 
 def evaluate(
     model: ResNet,
     root: str | Path,
+    options: InferenceOptions | None = None,
     *,
     ctx: DistContext | None = None,
-    batch_size: int = 64,
-    workers: int = 4,
-    exact: bool = False,
-    compile: bool = False,
-    progress: bool = False,
-    precision: str | None = None,
-    calibration: Any = None,
 ) -> dict[str, Any]:
-    """Score ``model`` on the class folders of ``root`` (``root/<class>/``); the same summary on every rank.
+    """Score ``model`` on the class folders of ``root`` (``root/<class>/``) as ``options`` say (``top_k``
+    aside: top-1 and top-5 are counted); the same summary on every rank. ``ctx``: the process group
+    (default: the caller's, else one process on ``options.device``).
 
     Sub-folders are matched to ``model.classes`` (a ``ValueError`` names those that match none);
     a subset of the classes is scored against the model's own outputs.
@@ -44,20 +42,20 @@ def evaluate(
     not be read are listed under ``skipped`` (``path``, ``reason``): their images are not counted
     at all, so a non-empty ``skipped`` means the numbers are of a subset.
     """
-    ctx = ctx or current_context(next(model.parameters()).device)
+    options = options or InferenceOptions()
+    ctx = ctx or current_context(resolve_device(options.device))
     skipped: list[Skipped] = []
     samples = find_samples(root, model.classes, skipped=skipped)
-    batches = shard_batches(len(samples), batch_size, ctx.rank, ctx.world_size)
-    precision = precision or ("fp32" if exact else "auto")
-    engine = Engine(model, device=ctx.device, precision=precision, compile=compile, calibration=calibration)
+    batches = shard_batches(len(samples), options.batch_size, ctx.rank, ctx.world_size)
+    engine = Engine(model, dataclasses.replace(options, device=ctx.device))
     precision = agreed_precision(ctx, engine.precision)
     meter = TopKMeter(model.num_classes)
     failures: list[tuple[int, str]] = []
     ctx.barrier()  # time the run, not the slowest rank's start-up
     started = time.perf_counter()
-    bar = progress_bar(sum(len(b) for b in batches), progress and ctx.is_main)
+    bar = progress_bar(sum(len(b) for b in batches), options.progress and ctx.is_main)
     paths, classes = [p for p, _ in samples], [c for _, c in samples]
-    for scored in engine.score(paths, batches, targets=classes, workers=workers):
+    for scored in engine.score(paths, batches, targets=classes):
         failures += scored.failed
         if scored.logits is not None:
             meter.update(scored.logits, scored.targets)
@@ -94,7 +92,7 @@ def evaluate(
         "world_size": ctx.world_size,
         "device": ctx.device.type,
         "precision": precision,
-        "batch_size": batch_size,
+        "batch_size": options.batch_size,
         "preprocessing": model.preprocessing.as_dict(),
         "failures": [{"input": samples[i][0], "error": reason} for i, reason in all_failures],
         "skipped": [entry._asdict() for entry in skipped],

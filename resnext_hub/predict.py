@@ -9,37 +9,33 @@ that are not UTF-8 or hold control characters round-trip, in CSV too: see that m
 
 A resume continues the same job or nothing: ``<output>.job.json`` describes the job (model, weights
 or checkpoint and its sha256, class count, top-k as clamped to it), and a run with another is
-refused before anything is added. Should the merged output fail to be written, the part files
-are kept and a re-run merges them.
+refused before anything is added. The job is opened once (:func:`open_job`: its paths checked, the
+description, the output and the leftover part files read), by the command before the model loads or
+by :func:`predict` itself. Should the merged output fail to be written, the part files are kept and a
+re-run merges them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .console import printable, progress_bar
 from .distributed import DistContext, agreed_precision, current_context, shard_batches
-from .engine import Engine, clamp_top_k
+from .engine import Engine, clamp_top_k, resolve_device
 from .models import ResNet
-from .results import (
-    ENCODING,
-    ERRORS,
-    Record,
-    check_output,
-    json_line,
-    printable,
-    progress_bar,
-    read_csv,
-    read_jsonl,
-    write_csv,
-    write_jsonl,
-)
+from .options import InferenceOptions
+from .outputs import check_output
+from .processing.atomic import open_atomic, write_atomic
+from .results import ENCODING, ERRORS, Record, json_line, read_csv, read_jsonl, write_csv, write_jsonl
 
 FORMATS = ("jsonl", "csv")
 JOB_KEYS = ("model", "weights", "checkpoint", "checkpoint_sha256", "num_classes", "top_k")
@@ -80,11 +76,13 @@ def check_paths(output: str | Path) -> Path:
 
 
 def describe_job(
-    *, model: str | None, weights: str | None, num_classes: int, top_k: int, **provenance: Any
+    *, model: str | None, weights: str | None, num_classes: int | None, top_k: int, **provenance: Any
 ) -> dict[str, Any]:
     """What identifies a job: the model, its weights (a published name, or a checkpoint and its sha256),
-    and the top-k it writes, as clamped to the class count."""
-    job = {"model": model, "weights": weights, "num_classes": num_classes, "top_k": clamp_top_k(top_k, num_classes)}
+    and the top-k it writes, as clamped to the class count. ``num_classes`` None: not known yet (a
+    checkpoint's, before it loads); ``top_k`` is then as asked."""
+    k = top_k if num_classes is None else clamp_top_k(top_k, num_classes)
+    job = {"model": model, "weights": weights, "num_classes": num_classes, "top_k": k}
     job.update({key: value for key, value in provenance.items() if key in JOB_KEYS})
     return job
 
@@ -111,52 +109,66 @@ def read_job(output: str | Path) -> dict[str, Any] | None:
     return job
 
 
-def _started(output: Path) -> bool:
-    parts = parts_dir(output)
-    return output.exists() or (parts.is_dir() and any(parts.glob("*.jsonl")))
+@dataclass
+class PredictJob:
+    """A ``predict`` output being written or resumed, as :func:`open_job` found it (its files read once)."""
+
+    output: Path
+    fmt: str
+    started: bool  # the output or a part file exists: a resume
+    stored: dict[str, Any] | None  # <output>.job.json, where the job was started with one
+    done: list[Record]  # records already written: the output's, then the leftover part files' (oldest first)
+    parts: list[Path]  # those part files
+    checked: dict[str, Any] | None = None  # the description last checked (:meth:`check`)
+
+    def check(self, job: Mapping[str, Any]) -> None:
+        """``ValueError`` if the output holds results of another job than ``job`` (:func:`describe_job`'s):
+        another top-k in its records, or another description beside it. Checked in memory; once per description."""
+        if job == self.checked or not self.started:
+            self.checked = dict(job)
+            return
+        stored, job = self.stored or {}, dict(job)
+        if job.get("num_classes") is None and stored.get("num_classes"):  # the class count is the stored job's
+            job.update(num_classes=stored["num_classes"], top_k=clamp_top_k(job["top_k"], stored["num_classes"]))
+        if job.get("num_classes") is not None:  # else the top-k is known once the model has loaded
+            _check_top_k(self.done, job["top_k"], self.output)
+        differ = [key for key in JOB_KEYS if key in stored and key in job and stored[key] != job[key]]
+        if differ:
+            raise ValueError(
+                f"{printable(self.output)} holds results of {_describe(stored)}; this run is {_describe(job)} "
+                f"(differs in {', '.join(differ)}): resume with the same --model, --weights/--checkpoint and "
+                "--top-k, or write to another --output"
+            )
+        self.checked = dict(job)
+
+    def write_description(self, job: Mapping[str, Any]) -> None:
+        """Describe the job beside the output (atomically), unless a resumed job's description is there."""
+        if not (self.started and self.stored is not None):
+            write_atomic(job_path(self.output), json.dumps(dict(job), indent=2) + "\n")
+
+    def new_parts(self) -> list[Path]:
+        """Part files written since the job was opened (by any rank), oldest first."""
+        folder, known = parts_dir(self.output), set(self.parts)
+        return sorted(p for p in folder.glob("*.jsonl") if p not in known) if folder.is_dir() else []
 
 
-def check_job(output: str | Path, job: Mapping[str, Any]) -> None:
-    """``ValueError`` if ``output`` (or its part files) holds results of another job than ``job``."""
-    output = Path(output)
-    if not _started(output):
-        return
-    done = read_job(output)
-    if done is None:
-        return  # written before job descriptions: the top-k of its records is checked
-    differ = [key for key in JOB_KEYS if key in done and key in job and done[key] != job[key]]
-    if differ:
-        raise ValueError(
-            f"{printable(output)} holds results of {_describe(done)}; this run is {_describe(job)} "
-            f"(differs in {', '.join(differ)}): resume with the same --model, --weights/--checkpoint and "
-            "--top-k, or write to another --output"
-        )
-
-
-def write_job(output: str | Path, job: Mapping[str, Any]) -> None:
-    """Describe the job beside ``output`` (atomically), unless a description of it is there."""
-    output = Path(output)
-    if _started(output) and read_job(output) is not None:
-        return
-    path = job_path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(dict(job), indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+def open_job(output: str | Path, fmt: str | None = None) -> PredictJob:
+    """The job writing ``output``, opened once: its paths checked (:func:`check_paths`), its description and
+    what is done (the output, then leftover part files) read. ``fmt``: see :func:`output_format`."""
+    output = check_paths(output)
+    fmt = output_format(output, fmt)
+    done = read_records(output, fmt) if output.exists() else []
+    parts = sorted(parts_dir(output).glob("*.jsonl")) if parts_dir(output).is_dir() else []
+    for part in parts:
+        done += read_part(part)
+    started = output.exists() or bool(parts)
+    return PredictJob(output, fmt, started, read_job(output) if started else None, done, parts)
 
 
 def write_records(records: Iterable[Record], path: str | Path, fmt: str) -> None:
     """Write the merged output atomically: a reader never sees half a file, a failure leaves the old one."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w", newline="", encoding=ENCODING, errors=ERRORS) as out:
-            (write_csv if fmt == "csv" else write_jsonl)(records, out)
-        os.replace(temporary, path)
-    except BaseException:
-        if temporary.is_file():
-            temporary.unlink()
-        raise
+    with open_atomic(path, "w", newline="", encoding=ENCODING, errors=ERRORS) as out:
+        (write_csv if fmt == "csv" else write_jsonl)(records, out)
 
 
 def read_records(path: str | Path, fmt: str) -> list[Record]:
@@ -191,78 +203,61 @@ def _check_top_k(records: Iterable[Record], k: int, where: Path) -> None:
             )
 
 
-def load_done(output: Path, fmt: str, k: int) -> tuple[list[Record], list[Path]]:
-    """Records already written (the merged output first, then leftover part files, oldest first)."""
-    records = read_records(output, fmt) if output.exists() else []
-    parts = sorted(parts_dir(output).glob("*.jsonl")) if parts_dir(output).is_dir() else []
-    for part in parts:
-        records += read_part(part)
-    _check_top_k(records, k, output)
-    return records, parts
-
-
 def predict(
     model: ResNet,
     inputs: Sequence[str],
-    output: str | Path,
+    output: str | Path | PredictJob,
+    options: InferenceOptions | None = None,
     *,
     ctx: DistContext | None = None,
     fmt: str | None = None,
-    top_k: int = 5,
-    batch_size: int = 64,
-    workers: int = 4,
-    exact: bool = False,
-    compile: bool = False,
-    progress: bool = False,
-    precision: str | None = None,
-    calibration: Any = None,
     retry_errors: bool = False,
     provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Classify ``inputs`` into ``output`` (JSON lines or CSV), skipping those already there.
+    """Classify ``inputs`` into ``output`` (JSON lines or CSV) as ``options`` say, skipping those already there.
 
+    ``output``: the file, or the job the caller opened on it (:func:`open_job`; ``fmt`` is then its).
     Every rank must pass the same ``inputs``. Returns a summary (the same on every rank);
     unreadable inputs get an ``error`` record instead of predictions. ``retry_errors`` tries
     those again. ``missing`` lists inputs without a result (a rank's part file that rank 0
     could not see); their part files are kept for a re-run. ``write_error`` says why the merged
     output could not be written (its part files are then kept too). ``provenance``: what else
     identifies the weights (``checkpoint``, ``checkpoint_sha256``) in the job description; a
-    resume with another job is refused (``ValueError``, see :func:`check_job`).
+    resume with another job is refused (``ValueError``, see :meth:`PredictJob.check`).
     """
-    ctx = ctx or current_context(next(model.parameters()).device)
-    output, fmt = Path(output), output_format(output, fmt)
+    options = options or InferenceOptions()
+    ctx = ctx or current_context(resolve_device(options.device))
+    job = output if isinstance(output, PredictJob) else open_job(output, fmt)
     record = model.weights_record
-    job = describe_job(
+    description = describe_job(
         model=model.architecture,
         weights=record.name if record is not None else None,
         num_classes=model.num_classes,
-        top_k=top_k,
+        top_k=options.top_k,
         **(provenance or {}),
     )
-    k = job["top_k"]
-    check_job(output, job)
-    done_records, _ = load_done(output, fmt, k)
-    done = {r["input"] for r in done_records if not (retry_errors and "error" in r)}
+    job.check(description)
+    k = description["top_k"]
+    done = {r["input"] for r in job.done if not (retry_errors and "error" in r)}
     if ctx.is_main:
-        write_job(output, job)
+        job.write_description(description)
     ctx.barrier()  # every rank has read what is done before any rank adds to it
 
     batches = [
         [i for i in b if inputs[i] not in done]
-        for b in shard_batches(len(inputs), batch_size, ctx.rank, ctx.world_size)
+        for b in shard_batches(len(inputs), options.batch_size, ctx.rank, ctx.world_size)
     ]
     batches = [b for b in batches if b]
-    precision = precision or ("fp32" if exact else "auto")
-    engine = Engine(model, device=ctx.device, precision=precision, compile=compile, calibration=calibration)
+    engine = Engine(model, dataclasses.replace(options, device=ctx.device))
     precision = agreed_precision(ctx, engine.precision)
 
-    part_path = parts_dir(output) / f"{time.time_ns():020d}-rank{ctx.rank:05d}-{os.getpid()}.jsonl"
+    part_path = parts_dir(job.output) / f"{time.time_ns():020d}-rank{ctx.rank:05d}-{os.getpid()}.jsonl"
     processed, failures = 0, []
     started = time.perf_counter()
-    bar = progress_bar(sum(len(b) for b in batches), progress and ctx.is_main)
+    bar = progress_bar(sum(len(b) for b in batches), options.progress and ctx.is_main)
     part = None
     try:
-        for results in engine.classify_batches(inputs, batches, k=k, workers=workers):
+        for results in engine.classify_batches(inputs, batches, k=k):
             failures += [(result.input, result.error) for _, result in results if result.error is not None]
             if part is None:
                 part_path.parent.mkdir(parents=True, exist_ok=True)
@@ -281,7 +276,7 @@ def predict(
 
     counts = ctx.all_reduce_sum(torch.tensor([processed], dtype=torch.float64))
     all_failures = [f for rank_failures in ctx.all_gather_object(failures) for f in rank_failures]
-    summary = _merge(output, fmt, k, inputs) if ctx.is_main else None
+    summary = _merge(job, inputs) if ctx.is_main else None
     summary = ctx.all_gather_object(summary)[0]
     seconds = time.perf_counter() - started
     summary.update(
@@ -296,9 +291,11 @@ def predict(
     return summary
 
 
-def _merge(output: Path, fmt: str, k: int, inputs: Sequence[str]) -> dict[str, Any]:
-    """Rank 0: the old output plus every part file, one record per input in input order, atomically."""
-    records, parts = load_done(output, fmt, k)
+def _merge(job: PredictJob, inputs: Sequence[str]) -> dict[str, Any]:
+    """Rank 0: what was done before plus every new part file, one record per input in input order, atomically."""
+    output, fmt, new_parts = job.output, job.fmt, job.new_parts()
+    records = job.done + [record for part in new_parts for record in read_part(part)]
+    parts = job.parts + new_parts
     by_input: dict[str, Record] = {}
     for record in records:  # oldest first: a retried input's newer record wins
         by_input[record["input"]] = record

@@ -14,9 +14,9 @@ are ASCII: such characters, and control characters, are ``\\u`` escapes that ``j
 back to the same name. CSV files are UTF-8, written and read with ``errors="surrogateescape"``: an
 undecodable byte is written as that byte, so the file holds the name as the file system does;
 newlines and commas are quoted as CSV quotes them. Text (for people, and every message on the
-terminal) shows each name on one line (:func:`printable`): control characters are escaped
-(``\\n``, ``\\t``, ``\\u001b``), an undecodable byte is ``\\xNN``, a backslash is doubled, and a
-URL's user name and password are replaced by ``***``.
+terminal) shows each name on one line (:func:`resnext_hub.console.printable`).
+
+Only records live here; files of records are written by :mod:`resnext_hub.outputs`.
 """
 
 from __future__ import annotations
@@ -24,13 +24,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TextIO
 
+from .console import printable
 from .processing import Prediction
 from .processing.fetch import redact
 
@@ -41,31 +39,6 @@ _PREDICTION_KEYS = ("index", "wnid", "label", "probability")
 # How files of records are encoded (see the module's docstring): names that are not UTF-8 keep their bytes.
 ENCODING, ERRORS = "utf-8", "surrogateescape"
 MAX_REASON_CHARS = 500
-_SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def printable(text: object, *, backslashes: bool = True) -> str:
-    """``text`` safe on one line of a terminal or a text file (see the module's docstring); never raises.
-
-    ``backslashes=False`` leaves backslashes alone: for a message that may quote names already escaped.
-    """
-    text = redact(str(text))
-    if text.isprintable() and (not backslashes or "\\" not in text):
-        return text
-    shown = []
-    for char in text:
-        code = ord(char)
-        if char == "\\" and not backslashes:
-            shown.append(char)
-        elif char in _SHORT_ESCAPES:
-            shown.append(_SHORT_ESCAPES[char])
-        elif 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
-            shown.append(f"\\x{code - 0xDC00:02x}")
-        elif not char.isprintable():
-            shown.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
-        else:
-            shown.append(char)
-    return "".join(shown)
 
 
 def failure_reason(error: BaseException) -> str:
@@ -200,100 +173,6 @@ def write_text(records: Iterable[Record], out: TextIO) -> None:
 WRITERS = {"text": write_text, "json": write_jsonl, "csv": write_csv}
 
 
-# -- output files -----------------------------------------------------------------------------------
-
-
-def check_output(path: str | Path, what: str = "--output", *, replaced: bool = False) -> Path:
-    """``path`` if a file can be written there, else ``ValueError`` saying why and what to do.
-
-    Checked before any work, so a bad path costs nothing: not a folder, not below a file, the file
-    (if it exists) writable, else a folder it can be created in (missing folders are created when it
-    is written). ``replaced``: the file is replaced atomically (a new file beside it, renamed over it),
-    so it must be a regular file and its folder writable.
-    """
-    text = str(path)
-    path = Path(path)
-    shown = printable(text)
-    if not text:
-        raise ValueError(f"{what} is empty: give a file name")
-    if path.is_dir():
-        raise ValueError(f"{what} {shown} is a folder: give the path of a file")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ValueError(f"{what} {shown}: {printable(folder)} is a file, not a folder")
-    if path.exists():
-        if replaced and not path.is_file():
-            raise ValueError(f"{what} {shown} is not a regular file (it is replaced when written): give a file path")
-        if not os.access(path, os.W_OK):
-            raise ValueError(f"{what} {shown} is not writable (permission denied): give another path")
-    if (replaced or not path.exists()) and not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {shown}: no permission to create files in {printable(folder)}: give another path")
-    return path
-
-
-def open_output(path: str | Path) -> TextIO:
-    """``path`` opened to write records (see the module's docstring for the encoding); folders are created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return open(path, "w", newline="", encoding=ENCODING, errors=ERRORS)
-
-
-def write_output(
-    records: Iterable[Record], fmt: str, path: str | Path | None, stdout: TextIO | None = None
-) -> str | None:
-    """Write ``records`` to ``path`` (None: ``stdout``), each as it comes; never lose one to the file.
-
-    Should ``path`` fail (a full disk, a lost mount), the record being written and all after it go
-    to ``stdout`` instead, in the same format. Returns None, or the message that says so (for stderr).
-    """
-    stdout = stdout or sys.stdout
-    records = iter(records)
-    if path is None:
-        writer = RecordWriter(fmt, stdout)
-        for record in records:
-            writer.write(record)
-        return None
-    written, pending, problem = 0, None, None
-    try:
-        out = open_output(path)
-    except OSError as error:
-        out, problem = None, error
-    if out is not None:
-        writer = RecordWriter(fmt, out)
-        try:
-            writer.start()
-        except OSError as error:
-            problem = error
-        for record in records if problem is None else ():  # only the writes' errors are the output's
-            try:
-                writer.write(record)
-            except OSError as error:
-                pending, problem = record, error
-                break
-            written += 1
-        try:
-            out.close()
-        except OSError as error:  # a write the flushes did not report (e.g. on NFS)
-            problem = problem or error
-    if problem is None:
-        return None
-    fallback = RecordWriter(fmt, stdout)
-    for record in _chain(pending, records):
-        fallback.write(record)
-    return (
-        f"error: writing {printable(path)} failed ({problem.strerror or problem}) after {written} result(s); "
-        "the results from there on are on stdout instead"
-    )
-
-
-def _chain(first: Record | None, rest: Iterator[Record]) -> Iterator[Record]:
-    if first is not None:
-        yield first
-    yield from rest
-
-
 # -- reading ----------------------------------------------------------------------------------------
 
 
@@ -343,12 +222,3 @@ def _grouped(rows: Iterable[dict[str, str]]) -> Iterator[Record]:
         current["predictions"].append(prediction)
     if current is not None:
         yield current
-
-
-def progress_bar(total: int, enabled: bool) -> Any:
-    """A tqdm bar on stderr counting images, or None."""
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="img", file=sys.stderr)

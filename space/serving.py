@@ -23,6 +23,7 @@ from PIL import Image
 
 from resnext_hub.engine import Engine
 from resnext_hub.models import MIRROR_ENV, ResNet
+from resnext_hub.options import InferenceOptions
 from resnext_hub.processing import Prediction
 
 log = logging.getLogger("resnext_hub.space")
@@ -128,7 +129,7 @@ class ModelCache:
         started = time.perf_counter()
         local = {} if self.checkpoint is None else {"pretrained_from_file": str(self.checkpoint)}
         model = torch.hub.load(str(self.repo), entry, source="local", trust_repo=True, verbose=False, **local)
-        engine = Engine(model, precision=self.precision)
+        engine = Engine(model, InferenceOptions(precision=self.precision))
         # The card describes the published model (its parameters), not the inference copy.
         served = Served(entry, engine, model_card(entry, model, engine, self.precision, self.checkpoint))
         crop = engine.preprocessing.crop_size

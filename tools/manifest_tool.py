@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from resnext_hub.exit_codes import SOME_FAILED as EXIT_MISMATCH
 from resnext_hub.exit_codes import USAGE as EXIT_USAGE
 from resnext_hub.models.integrity import HASH_IN_NAME, sha256_of
 from resnext_hub.models.weights import MANIFEST_PATH, ManifestError, parse_manifest
+from resnext_hub.processing.atomic import write_atomic
 
 
 class ManifestToolError(ValueError):
@@ -110,12 +109,7 @@ def check_files(manifest: dict[str, Any], files: Sequence[Path]) -> list[str]:
 def write_manifest(manifest: dict[str, Any], path: Path) -> None:
     """Validate and atomically rewrite ``path`` (2-space JSON, as the repo keeps it)."""
     parse_manifest(manifest)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

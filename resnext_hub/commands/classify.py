@@ -20,15 +20,16 @@ from ..arguments import (
     add_inference_options,
     add_model_options,
     add_progress_options,
-    calibration_from_args,
+    inference_options,
     model_from_args,
-    precision_from_args,
     report_skipped,
 )
+from ..console import printable, progress_bar
 from ..data import Skipped, expand_inputs
 from ..engine import Engine
+from ..outputs import check_output, write_output
 from ..processing.images import is_url
-from ..results import WRITERS, Record, check_output, printable, progress_bar, write_output
+from ..results import WRITERS, Record
 
 
 def _check_not_an_input(output: str, inputs: list[str]) -> None:
@@ -60,18 +61,14 @@ def run(args: argparse.Namespace) -> int:
     if args.output is not None:
         check_output(args.output)  # before the model loads: a ValueError is a usage error
         _check_not_an_input(args.output, inputs)
-    engine = Engine(
-        model_from_args(args),
-        device=args.device,
-        precision=precision_from_args(args),
-        calibration=calibration_from_args(args),
-    )
-    bar = progress_bar(len(inputs), args.progress)
+    options = inference_options(args)
+    engine = Engine(model_from_args(args), options)
+    bar = progress_bar(len(inputs), options.progress)
     failed = 0
 
     def records() -> Iterator[Record]:
         nonlocal failed
-        for result in engine.classify(inputs, batch_size=args.batch_size, k=engine.clamp_k(args.top_k)):
+        for result in engine.classify(inputs):
             failed += result.error is not None
             if bar is not None:
                 bar.update(1)
@@ -99,7 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or http(s) URLs")
     add_model_options(parser)
-    add_inference_options(parser, batch_size=16, no_amp=True)
+    add_inference_options(parser, batch_size=16, aliases=("--exact", "--no-amp"))
     parser.add_argument("--format", choices=sorted(WRITERS), default="text", help="json writes one object per line")
     parser.add_argument("--output", "-o", help="write results to this file instead of stdout")
     add_progress_options(parser)

@@ -29,14 +29,14 @@ from ..arguments import (
     add_inference_options,
     add_model_options,
     add_progress_options,
-    calibration_from_args,
+    inference_options,
     model_from_args,
-    precision_from_args,
 )
+from ..console import printable
 from ..data import Skipped, read_class_folders
 from ..distributed import distributed, quiet_unless_main, sigterm_as_exit
 from ..evaluate import evaluate
-from ..results import check_output, printable
+from ..outputs import check_output
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,18 +46,8 @@ def run(args: argparse.Namespace) -> int:
             read_class_folders(args.root, skipped=[])  # fail before the (slow) model load; reported later
             if args.output is not None:
                 check_output(args.output)
-            summary = evaluate(
-                model_from_args(args, ctx=ctx),
-                args.root,
-                ctx=ctx,
-                batch_size=args.batch_size,
-                workers=args.workers,
-                exact=args.exact,
-                precision=precision_from_args(args),
-                calibration=calibration_from_args(args),
-                compile=args.compile,
-                progress=bool(args.progress),
-            )
+            options = inference_options(args)
+            summary = evaluate(model_from_args(args, ctx=ctx), args.root, options, ctx=ctx)
         except ValueError:
             if ctx.is_main:
                 raise  # the CLI prints it once

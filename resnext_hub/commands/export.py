@@ -9,7 +9,9 @@ from pathlib import Path
 from .. import exit_codes
 from .. import export as exporting
 from .. import triton as triton_config
-from ..arguments import add_model_options, add_precision_options, calibration_from_args, model_from_args
+from ..arguments import add_model_options, add_precision_options, inference_options, model_from_args
+from ..console import printable
+from ..engine import resolve_device
 from ..export import (
     DEFAULT_OPSET,
     FORMATS,
@@ -20,10 +22,16 @@ from ..export import (
     export_torchscript,
     export_triton,
 )
-from ..models import ResNet
-from ..results import check_output, printable
+from ..outputs import check_output
 
 MIN_OPSET = 7  # the oldest ONNX opset torch.onnx writes
+# The precisions each format is written in (int8: a QDQ ONNX file for ONNX Runtime on CPUs).
+PRECISIONS = {
+    "onnx": ("fp32", "fp16", "int8"),
+    "torchscript": ("fp32",),
+    "pt2": ("fp32", "bf16", "fp16"),
+    "triton": ("fp32", "fp16"),
+}
 
 
 def check(args: argparse.Namespace) -> str | None:
@@ -32,6 +40,14 @@ def check(args: argparse.Namespace) -> str | None:
         return f"--image-size must be at least 1, got {args.image_size}"
     if args.opset < MIN_OPSET:
         return f"--opset must be at least {MIN_OPSET}, got {args.opset}"
+    if args.precision not in PRECISIONS[args.format]:
+        formats = [name for name, precisions in PRECISIONS.items() if args.precision in precisions]
+        return (
+            f"--format {args.format} is written in {', '.join(PRECISIONS[args.format])}, not {args.precision}: "
+            f"for --precision {args.precision} use --format {' or '.join(formats)}"
+        )
+    if args.format != "pt2" and resolve_device(args.device).type != "cpu":  # checked valid before
+        return "--device applies to pt2 exports (the package is compiled for one device); the others run anywhere"
     if args.format == "triton":
         if args.max_batch_size < 1 or args.instance_count < 1 or args.queue_delay_us < 0:
             return "--max-batch-size and --instance-count must be at least 1, --queue-delay-us at least 0"
@@ -63,33 +79,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> ExportResult:
-    if args.fp16 and args.format == "torchscript":
-        raise ValueError("--fp16 applies to ONNX, pt2 and Triton exports; TorchScript is exported in fp32")
-    if args.format != "pt2" and (args.bf16 or args.device != "cpu"):
-        raise ValueError("--bf16 and --device apply to pt2 exports (the package is compiled for one device)")
+    options = inference_options(args)
     model = model_from_args(args)
-    if getattr(args, "precision", None) == "int8":
-        return _export_int8(args, model)
+    precision = options.precision
+    if precision == "int8":  # onnxruntime's quantization tools load only here
+        from ..export.onnx_int8 import export_onnx_int8
+
+        return export_onnx_int8(
+            model, args.output, calibration=options.calibration, image_size=args.image_size, opset=args.opset
+        )
     if args.format == "pt2":
-        precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
-        return export_pt2(model, args.output, image_size=args.image_size, precision=precision, device=args.device)
+        return export_pt2(model, args.output, image_size=args.image_size, precision=precision, device=options.device)
     if args.format == "onnx":
-        return export_onnx(model, args.output, image_size=args.image_size, fp16=args.fp16, opset=args.opset)
+        fp16 = precision == "fp16"
+        return export_onnx(model, args.output, image_size=args.image_size, fp16=fp16, opset=args.opset)
     if args.format == "torchscript":
         return export_torchscript(model, args.output, image_size=args.image_size)
-    options = ("name", "image_size", "fp16", "opset", "max_batch_size", "preferred_batch_sizes", "queue_delay_us")
-    options += ("instance_kind", "instance_count", "accelerator", "image_ensemble", "overwrite")
-    return export_triton(model, args.output, **{option: getattr(args, option) for option in options})
-
-
-def _export_int8(args: argparse.Namespace, model: ResNet) -> ExportResult:
-    """``--precision int8``: a QDQ ONNX file for ONNX Runtime on CPUs, calibrated on ``--calibration``."""
-    from ..export.onnx_int8 import export_onnx_int8  # onnxruntime's quantization tools load only here
-
-    if args.format != "onnx" or args.fp16:
-        raise ValueError("--precision int8 writes an ONNX file: use --format onnx, without --fp16")
-    calibration = calibration_from_args(args)
-    return export_onnx_int8(model, args.output, calibration=calibration, image_size=args.image_size, opset=args.opset)
+    names = ("name", "image_size", "opset", "max_batch_size", "preferred_batch_sizes", "queue_delay_us")
+    names += ("instance_kind", "instance_count", "accelerator", "image_ensemble", "overwrite")
+    given = {name: getattr(args, name) for name in names}
+    return export_triton(model, args.output, fp16=precision == "fp16", **given)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -106,14 +115,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--output", "-o", required=True, help="file (onnx, torchscript, pt2) or model repository folder (triton)"
     )
     parser.add_argument("--image-size", type=int, help="input height = width (default: the weights' crop size)")
-    precision = parser.add_mutually_exclusive_group()
-    precision.add_argument("--fp16", action="store_true", help="compute in fp16 (ONNX/Triton graph; pt2 on CUDA)")
-    precision.add_argument("--bf16", action="store_true", help="compute in bf16 (pt2 on a CPU with native bf16)")
+    add_precision_options(
+        parser,
+        choices=("fp32", "bf16", "fp16", "int8"),
+        default="fp32",
+        help="what the model computes in (default fp32): fp16 (ONNX/Triton graph; pt2 on CUDA), bf16 (pt2 on a CPU "
+        "with native bf16), int8 (a QDQ ONNX file for ONNX Runtime on CPUs, calibrated on --calibration)",
+        aliases=("--fp16", "--bf16"),
+    )
     parser.add_argument("--device", default="cpu", help="pt2: the device it is compiled for, cpu or cuda[:N]")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
-    add_precision_options(
-        parser, choices=("fp32", "int8"), help="int8: a QDQ ONNX file for ONNX Runtime on CPUs (--format onnx)"
-    )
     triton = parser.add_argument_group("triton")
     triton.add_argument("--name", help="model name in the repository (default: the architecture)")
     triton.add_argument("--max-batch-size", type=int, default=32)

@@ -25,6 +25,7 @@ from .. import exit_codes
 from ..arguments import add_progress_options
 from ..distributed import distributed, quiet_unless_main, sigterm_as_exit
 from ..models.registry import model_names
+from ..options import default_workers
 from ..training import FIELDS, MIN_IMAGE_SIZE, PRECISIONS, FinetuneSettings, finetune
 
 DEFAULTS = FinetuneSettings()
@@ -121,7 +122,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, help="default auto: bf16/fp16 where the hardware has it")
     parser.add_argument("--seed", type=int, help=f"data order and augmentation (default {DEFAULTS.seed})")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output where it stopped")
-    parser.add_argument("--workers", type=int, default=4, help="data-loading processes per rank (0: in-process)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="data-loading processes per rank (0: in-process; default: the usable CPUs, shared by the ranks)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     add_progress_options(parser)
     parser.set_defaults(func=run)

@@ -26,18 +26,17 @@ from ..arguments import (
     add_inference_options,
     add_model_options,
     add_progress_options,
-    calibration_from_args,
+    inference_options,
     model_from_args,
-    precision_from_args,
     report_skipped,
 )
+from ..console import printable
 from ..data import Skipped, collect_inputs
 from ..distributed import distributed, quiet_unless_main, sigterm_as_exit
 from ..models.download import sha256_of
 from ..models.registry import architecture_of
 from ..models.weights import get_weights
-from ..predict import FORMATS, check_job, check_paths, describe_job, load_done, output_format, parts_dir, predict
-from ..results import printable
+from ..predict import FORMATS, describe_job, open_job, parts_dir, predict
 
 
 def _provenance(args: argparse.Namespace) -> dict:
@@ -53,13 +52,12 @@ def _provenance(args: argparse.Namespace) -> dict:
 
 
 def _job(args: argparse.Namespace, provenance: dict) -> dict:
-    """The job this run continues or starts, from the options alone (before the model loads)."""
+    """The job this run continues or starts, from the options alone (before the model loads): a checkpoint's
+    class count is known once it has loaded."""
     architecture = architecture_of(args.model)
     record = get_weights(architecture, args.weights)
-    weights = None if args.checkpoint else record.name
-    return describe_job(
-        model=architecture, weights=weights, num_classes=record.num_classes, top_k=args.top_k, **provenance
-    )
+    weights, num_classes = (None, None) if args.checkpoint else (record.name, record.num_classes)
+    return describe_job(model=architecture, weights=weights, num_classes=num_classes, top_k=args.top_k, **provenance)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,13 +71,11 @@ def run(args: argparse.Namespace) -> int:
             if not inputs:
                 shown = ", ".join(printable(item) for item in args.inputs + args.list)
                 raise ValueError(f"no images found in {shown}")
-            fmt = output_format(args.output, args.format)
             # Before the model loads: a wrong --output, another job's output or another --top-k fails now.
-            output = check_paths(args.output)
+            job = open_job(args.output, args.format)
             provenance = _provenance(args)
-            job = _job(args, provenance)
-            load_done(output, fmt, job["top_k"])
-            check_job(output, job)
+            job.check(_job(args, provenance))
+            options = inference_options(args)
             model = model_from_args(args, ctx=ctx)
         except ValueError:
             if ctx.is_main:
@@ -87,21 +83,7 @@ def run(args: argparse.Namespace) -> int:
             return exit_codes.USAGE
         try:
             summary = predict(
-                model,
-                inputs,
-                args.output,
-                ctx=ctx,
-                fmt=fmt,
-                top_k=args.top_k,
-                batch_size=args.batch_size,
-                workers=args.workers,
-                exact=args.exact,
-                precision=precision_from_args(args),
-                calibration=calibration_from_args(args),
-                compile=args.compile,
-                progress=bool(args.progress),
-                retry_errors=args.retry_errors,
-                provenance=provenance,
+                model, inputs, job, options, ctx=ctx, retry_errors=args.retry_errors, provenance=provenance
             )
         except OSError as error:  # a part file could not be written (a full disk): what was written is kept
             print(
@@ -132,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{summary['inputs']} inputs: {summary['classified']} classified, {summary['failed']} unreadable; "
             f"{summary['processed']} done now ({summary['images_per_second'] or 0:.1f} img/s on "
-            f"{ctx.world_size} process(es)), {summary['skipped']} done before; wrote {printable(summary['output'])}",
+            f"{ctx.world_size} process(es) in {summary['precision']}), {summary['skipped']} done before; "
+            f"wrote {printable(summary['output'])}",
             file=sys.stderr,
         )
         if skipped:

@@ -21,13 +21,7 @@ from pathlib import Path
 
 from .. import exit_codes
 from .. import serve as serving
-from ..arguments import (
-    add_inference_options,
-    add_model_options,
-    calibration_from_args,
-    model_from_args,
-    precision_from_args,
-)
+from ..arguments import add_inference_options, add_model_options, inference_options, model_from_args
 from ..engine import Engine
 from ..serve import TOKEN_ENV, ServeUnavailableError, build_server, check_interpreter
 from ..triton import parse_batch_sizes
@@ -96,13 +90,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"PyTriton can serve with this interpreter: Python {platform.python_version()}, {library}")
         return exit_codes.OK
     _check_ports(args)
+    options = inference_options(args)
     model = model_from_args(args)
-    engine = Engine(
-        model, device=args.device, precision=precision_from_args(args), calibration=calibration_from_args(args)
-    )
-    top_k = engine.clamp_k(args.top_k)
-    if top_k < args.top_k:
-        log.info("--top-k %d is above the %d classes of %s: serving all %d", args.top_k, top_k, args.model, top_k)
+    engine = Engine(model, options)
+    top_k = engine.clamp_k(options.top_k)
+    if top_k < options.top_k:
+        log.info("--top-k %d is above the %d classes of %s: serving all %d", options.top_k, top_k, args.model, top_k)
     scratch = Path(tempfile.mkdtemp(prefix="resnext-hub-triton-"))
     try:
         triton = build_server(
@@ -146,6 +139,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--preferred-batch-sizes", type=parse_batch_sizes, default=[8, 16], help="e.g. 8,16")
     parser.add_argument("--queue-delay-us", type=int, default=2000, help="how long a request may wait for a batch")
-    add_inference_options(parser, no_amp=True)
+    add_inference_options(parser, aliases=("--exact", "--no-amp"))
     parser.add_argument("--check", action="store_true", help="only check that PyTriton works with this Python")
     parser.set_defaults(func=run, check_options=check)

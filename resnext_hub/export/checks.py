@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ import torch
 from torch import nn
 
 from ..models.meta import Described
+from ..processing import atomic
 
 log = logging.getLogger(__name__)
 
@@ -158,17 +157,14 @@ def verify(
 
 
 @contextmanager
-def staged(path: Path, what: str, *, suffix: str = ".partial") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it becomes ``path``, on any failure it is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    staging = Path(name)
+def staged(path: Path, what: str) -> Iterator[Path]:
+    """Where to write ``path`` (:func:`resnext_hub.processing.atomic.staged`: a private folder beside it, the
+    file under its own name); on success it becomes ``path``, on any failure nothing is left and an
+    error that is not an :class:`ExportError` becomes one (``KeyboardInterrupt`` passes through)."""
     try:
-        yield staging
-        os.replace(staging, path)
+        with atomic.staged(path) as staging:
+            yield staging
+    except ExportError:
+        raise
     except Exception as error:
-        staging.unlink(missing_ok=True)
-        if isinstance(error, ExportError):
-            raise
         raise ExportError(f"{what} failed: {error}") from error

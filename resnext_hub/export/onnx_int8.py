@@ -20,8 +20,6 @@ between near-equal logits is rounding, not a change of answer).
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from .. import triton as triton_config
 from ..models import ResNet
 from ..models.cpu import cpu_has_int8_dot
 from ..models.quantize import calibration_batches
+from ..processing.atomic import staged
 from .checks import Check, ExportError, ExportResult, default_image_size
 from .onnx_file import DEFAULT_OPSET, export_onnx
 
@@ -105,13 +104,13 @@ def export_onnx_int8(
             batch = next(self._batches, None)
             return None if batch is None else {triton_config.INPUT_NAME: batch.numpy()}
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as scratch:
-        float_path, staging = Path(scratch) / "float.onnx", Path(scratch) / path.name
+    with staged(path) as staging:  # its private folder holds the intermediate files too
+        scratch = staging.parent
+        float_path = scratch / "float.onnx"
         export_onnx(model, float_path, image_size=size, opset=opset)
         log.info("quantizing %s to int8 (QDQ) on %d calibration images", path.name, sum(len(b) for b in batches))
         try:
-            prepared = Path(scratch) / "prepared.onnx"
+            prepared = scratch / "prepared.onnx"
             quant_pre_process(str(float_path), str(prepared))
             head = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type in ("Gemm", "Softmax")]
             quantize_static(
@@ -128,7 +127,6 @@ def export_onnx_int8(
         except Exception as error:  # onnxruntime raises bare Exceptions from its graph passes
             raise ExportError(f"int8 quantization of {path.name} failed: {error}") from error
         checks = verify_onnx_int8(staging, model, torch.cat(checked)[:VERIFY_IMAGES], name=path.name)
-        os.replace(staging, path)
     return Int8ExportResult("onnx", path, "int8", size, checks)
 
 

@@ -189,7 +189,7 @@ def export_pt2(
     module = _inference_module(model, precision, device)
     timings = {}
     log.info("exporting pt2 (%s, %s) to %s; AOTInductor compiles for a minute or more", precision, device, path)
-    with staged(path, f"pt2 export of {type(model).__name__}", suffix=".partial.pt2") as staging:
+    with staged(path, f"pt2 export of {type(model).__name__}") as staging:
         with warnings.catch_warnings(), quiet(EXPORTER_LOGGERS), torch.no_grad():
             warnings.simplefilter("ignore", FutureWarning)
             start = time.perf_counter()

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from ..models import ResNet
 from ..processing import ImageClassification
 from ..processing import fetch as loader_fetch
 from ..processing import images as loader_images
+from ..processing.atomic import staging_folder
 from .checks import VERIFY_BATCHES, ExportError, ExportResult, default_image_size
 from .onnx_file import DEFAULT_OPSET, export_onnx
 
@@ -135,9 +135,7 @@ def export_triton(
                 names[2], preprocess=names[1], classifier=name, num_classes=num_classes, max_batch_size=max_batch_size
             )
         )
-    repository.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=repository))
-    try:
+    with staging_folder(repository / name) as staging:  # beside the model folders; removed however this ends
         classifier = staging / name
         (classifier / "1").mkdir(parents=True)
         onnx_file = classifier / "1" / triton_config.MODEL_FILE
@@ -155,7 +153,5 @@ def export_triton(
             if (repository / folder).exists():
                 shutil.rmtree(repository / folder)
             os.replace(staging / folder, repository / folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log.info("Triton models %s written to %s and validated", ", ".join(names), repository)
     return ExportResult("triton", repository / name, result.dtype, size, result.checks)

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..console import progress_bar
 from ..data import ImageListDataset, make_loader
 from ..distributed import DistContext, agreed_precision, distributed, shard_batches
 from ..metrics import TopKMeter
@@ -53,7 +54,6 @@ from ..models.checkpoint import finetuned_checkpoint
 from ..models.cpu import cpu_has_native_bf16
 from ..models.registry import architecture_of
 from ..processing import ClassList, ImageClassification
-from ..results import progress_bar
 from . import state
 from .data import (
     AugmentedImages,

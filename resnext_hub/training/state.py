@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 from ..models import CheckpointError
 from ..models.registry import architecture_of
+from ..processing.atomic import open_atomic, staged, write_atomic
 
 LAST, BEST, METRICS, CURVES = "last.pth", "best.pth", "metrics.jsonl", "curves.png"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -78,16 +78,9 @@ FIELDS = tuple(f.name for f in dataclasses.fields(FinetuneSettings))
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed to ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``torch.save`` to ``path`` atomically, flushed to disk before it replaces the old file."""
+    with open_atomic(path, "wb", fsync=True) as handle:
+        torch.save(obj, handle)
 
 
 def load_last(out: Path) -> dict[str, Any]:
@@ -132,9 +125,12 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
 
 def write_metrics(out: Path, history: Sequence[Mapping[str, Any]], *, append: bool) -> None:
     """Append the last epoch's line to ``metrics.jsonl``, or rewrite it from ``history`` (after a resume)."""
-    lines = history[-1:] if append else history
-    with open(out / METRICS, "a" if append else "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(dict(record)) + "\n" for record in lines)
+    text = "".join(json.dumps(dict(record)) + "\n" for record in (history[-1:] if append else history))
+    if not append:  # atomically: a rewrite cut short must not lose the earlier epochs' lines
+        write_atomic(out / METRICS, text)
+        return
+    with open(out / METRICS, "a", encoding="utf-8") as handle:
+        handle.write(text)
 
 
 def plot_curves(history: Sequence[Mapping[str, Any]], path: Path) -> None:
@@ -157,6 +153,5 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: Path) -> None:
     for axes in (loss, accuracy):
         axes.grid(alpha=0.3)
         axes.legend()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    figure.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    with staged(path) as staging:  # named as the target: savefig takes the format from the suffix
+        figure.savefig(staging, dpi=100)

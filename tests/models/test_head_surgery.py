@@ -18,6 +18,7 @@ from torch import nn
 
 from resnext_hub.engine import Engine
 from resnext_hub.models import HeadError, ResNet, build_model, cpu
+from resnext_hub.options import InferenceOptions
 from resnext_hub.processing import ClassList
 from tools.fake_checkpoints import random_state_dict
 
@@ -223,12 +224,12 @@ def test_auto_checks_a_one_output_head_without_a_top1(monkeypatch):
 
 def test_engine_refuses_a_head_without_classes_when_built():
     with pytest.raises(HeadError, match=r"model\.fc is Identity: the model outputs pooled features"):
-        Engine(small_model(nn.Identity()), device="cpu", precision="fp32")
+        Engine(small_model(nn.Identity()), InferenceOptions(device="cpu", precision="fp32"))
 
 
 def test_engine_ranks_a_replaced_head_with_its_classes():
     model = small_model(nn.Sequential(nn.Linear(WIDTH, 3), nn.Sigmoid()))
-    engine = Engine(model, device="cpu", precision="fp32")
+    engine = Engine(model, InferenceOptions(device="cpu", precision="fp32"))
     assert engine.num_classes == 3 and engine.classes.names == ("0", "1", "2")
     x = images(2)
     with torch.inference_mode():

@@ -21,6 +21,7 @@ from resnext_hub import processing
 from resnext_hub.cli import main as cli_main
 from resnext_hub.engine import Engine
 from resnext_hub.models import VARIANTS, ResNet, build_model
+from resnext_hub.options import InferenceOptions
 from tools.fake_checkpoints import random_state_dict
 
 SMALL = "seresnext26d_32x4d"
@@ -202,8 +203,8 @@ def test_classifier_uses_the_fast_path_and_exact_fp32_on_request(tmp_path, capsy
     checkpoint = tmp_path / "small.pth"
     torch.save(state_of(SMALL), checkpoint)
     model = build_model(SMALL, pretrained_from_file=checkpoint)
-    fast = Engine(model, device="cpu")
-    exact = Engine(model, device="cpu", precision="fp32")
+    fast = Engine(model, InferenceOptions(device="cpu"))
+    exact = Engine(model, InferenceOptions(device="cpu", precision="fp32"))
     assert fast.precision == model.optimize_for_inference().precision and exact.precision == "fp32"
     batch = processing.prepare_batch(PHOTOS, preprocessing=model)
     with torch.inference_mode():
@@ -211,7 +212,7 @@ def test_classifier_uses_the_fast_path_and_exact_fp32_on_request(tmp_path, capsy
     got = exact.top_k(batch, 5)
     assert [[p.index for p in row] for row in got] == [[p.index for p in row] for row in want]
     code = cli_main(["classify", str(PHOTOS[0]), "--model", SMALL, "--checkpoint", str(checkpoint)]
-                    + ["--exact", "--format", "json", "--no-progress", "--device", "cpu"])  # fmt: skip
+                    + ["--precision", "fp32", "--format", "json", "--no-progress", "--device", "cpu"])  # fmt: skip
     record = json.loads(capsys.readouterr().out)
     assert code == 0 and [p["index"] for p in record["predictions"]] == [p.index for p in want[0]]
     assert [p["probability"] for p in record["predictions"]] == pytest.approx(

@@ -24,6 +24,7 @@ from resnext_hub.cli import main as cli_main
 from resnext_hub.engine import Engine
 from resnext_hub.models import HeadError, build_model, cpu, optimize, quantize
 from resnext_hub.models.quantize import QuantizedResNet, calibration_batches
+from resnext_hub.options import InferenceOptions
 
 PHOTOS = sorted(IMAGES.glob("*.[jp][pn]g"))
 HAS_OPENVINO = bool(importlib.util.find_spec("openvino") and importlib.util.find_spec("nncf"))
@@ -205,7 +206,7 @@ def test_auto_with_calibration_picks_int8_and_the_engine_and_cli_run_it(tmp_path
     model.load_state_dict(state_of(SMALL))
     fast = model.optimize_for_inference("auto", calibration=calibration_set())
     assert fast.precision == "int8" and fast.backend == quantize.available_backends()[0]
-    engine = Engine(model, device="cpu", precision="int8", calibration=[str(p) for p in PHOTOS])
+    engine = Engine(model, InferenceOptions(device="cpu", precision="int8", calibration=[str(p) for p in PHOTOS]))
     batch = processing.prepare_batch(PHOTOS, preprocessing=model)
     with torch.inference_mode():
         cosine = F.cosine_similarity(engine.logits(batch), model(batch)).min().item()

@@ -17,6 +17,8 @@ from servers import FileServer
 from unprivileged import public_dir, run_unprivileged
 
 from resnext_hub import processing
+from resnext_hub.arguments import check_options, inference_options
+from resnext_hub.cli import build_parser
 from resnext_hub.models import build_model
 
 ARCH = "seresnext26d_32x4d"
@@ -57,7 +59,17 @@ def expected_top(checkpoint, path, k):
 
 def test_folder_to_json_lines_matches_library(checkpoint, photos):
     result = classify(
-        str(photos), "--model", ARCH, "--checkpoint", str(checkpoint), "--format", "json", "--top-k", "3", "--exact"
+        str(photos),
+        "--model",
+        ARCH,
+        "--checkpoint",
+        str(checkpoint),
+        "--format",
+        "json",
+        "--top-k",
+        "3",
+        "--precision",
+        "fp32",
     )
     assert result.returncode == 1, result.stderr  # one input failed
     records = [json.loads(line) for line in result.stdout.splitlines()]
@@ -178,7 +190,7 @@ def test_an_input_that_raises_anything_costs_one_record_not_the_run(checkpoint, 
 
 
 def test_names_that_are_not_utf8_or_hold_control_characters_survive_every_format(checkpoint, awkward, tmp_path):
-    model = ["--model", ARCH, "--checkpoint", str(checkpoint), "--top-k", "2", "--exact"]
+    model = ["--model", ARCH, "--checkpoint", str(checkpoint), "--top-k", "2", "--precision", "fp32"]
     expected = sorted(str(awkward / name) for name in NAMES)
 
     text = run_classify(str(awkward), *model, env=STRICT)
@@ -326,3 +338,74 @@ def test_a_folder_that_cannot_be_read_is_reported_and_fails_the_run(checkpoint):
     assert f"warning: folder {photos}/locked could not be read (Permission denied): its images were skipped" in (
         result.stderr
     )
+
+
+# -- issue 19: one spelling of precision, one options record --------------------------------------------------
+
+COMMANDS = {
+    "classify": ["classify", "x.jpg"],
+    "evaluate": ["evaluate", "val"],
+    "predict": ["predict", "x.jpg", "-o", "{tmp}/out.jsonl"],
+    "serve": ["serve"],
+    "export": ["export", "--format", "pt2", "-o", "{tmp}/m.pt2"],
+}
+
+
+def _parsed(tmp_path, command: str, *options: str):
+    args = build_parser().parse_args([a.format(tmp=tmp_path) for a in COMMANDS[command]] + list(options))
+    return args, check_options(args)
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_inference_command_and_export_take_precision(tmp_path, command, precision, capsys):
+    args, problem = _parsed(tmp_path, command, "--precision", precision)
+    assert problem is None and inference_options(args).precision == precision
+    assert capsys.readouterr().err == ""  # the one spelling: no warning
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "precision"),
+    [
+        ("classify", "--exact", "fp32"),
+        ("classify", "--no-amp", "fp32"),
+        ("evaluate", "--exact", "fp32"),
+        ("predict", "--exact", "fp32"),
+        ("serve", "--exact", "fp32"),
+        ("serve", "--no-amp", "fp32"),
+        ("export", "--fp16", "fp16"),
+        ("export", "--bf16", "bf16"),
+    ],
+)
+def test_each_old_flag_warns_once_and_means_its_precision(tmp_path, command, flag, precision, capsys):
+    args, problem = _parsed(tmp_path, command, flag)
+    assert problem is None and inference_options(args).precision == precision
+    assert capsys.readouterr().err == f"warning: {flag} is deprecated; use --precision {precision}\n"
+    other = "int8" if precision != "int8" else "fp32"
+    for order in ([flag, "--precision", other], ["--precision", other, flag]):  # refused in either order
+        _, problem = _parsed(tmp_path, command, *order, "--calibration", "calib")
+        assert problem == f"{flag} means --precision {precision}; it cannot be combined with --precision {other}"
+    _, problem = _parsed(tmp_path, command, flag, "--precision", precision)  # the same precision twice: fine
+    assert problem is None
+
+
+def test_the_options_record_is_built_once_from_the_arguments(tmp_path):
+    args, problem = _parsed(
+        tmp_path, "predict", "--device", "cpu", "--workers", "0", "--batch-size", "3", "--top-k", "2", "--compile"
+    )
+    options = inference_options(args)
+    assert problem is None and (options.device, options.precision, options.workers) == ("cpu", "auto", 0)
+    assert (options.batch_size, options.top_k, options.compile, options.calibration) == (3, 2, True, None)
+    args, _ = _parsed(tmp_path, "classify", "--precision", "int8", "--calibration", str(IMAGES))
+    assert inference_options(args).calibration == sorted(str(p) for p in IMAGES.iterdir() if p.suffix != ".md")
+    args, _ = _parsed(tmp_path, "classify", "--precision", "int8", "--calibration", str(tmp_path))
+    with pytest.raises(ValueError, match="no images found there"):
+        inference_options(args)
+
+
+def test_workers_default_to_the_usable_cpus_never_more(tmp_path):
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    for command in ("evaluate", "predict"):
+        assert 1 <= inference_options(_parsed(tmp_path, command)[0]).workers <= usable
+    finetune = build_parser().parse_args(["finetune", "data", "-o", str(tmp_path / "run")])
+    assert 1 <= finetune.workers <= usable

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import RGB_PHOTOS
 
 from resnext_hub.engine import Engine, resolve_device
 from resnext_hub.models import build_model
+from resnext_hub.options import InferenceOptions, usable_cpus
 
 ARCH = "seresnext26d_32x4d"
 
@@ -15,7 +18,7 @@ ARCH = "seresnext26d_32x4d"
 @pytest.fixture(scope="module")
 def engine() -> Engine:
     torch.manual_seed(0)
-    return Engine(build_model(ARCH, pretrained=False, num_classes=10), device="cpu", precision="fp32")
+    return Engine(build_model(ARCH, pretrained=False, num_classes=10), InferenceOptions(device="cpu", precision="fp32"))
 
 
 def test_devices():
@@ -75,3 +78,17 @@ def test_top_k_above_the_class_count_is_every_class(engine):
     assert engine.clamp_k(3) == 3 and engine.clamp_k(2000) == 10
     [result] = engine.classify([str(RGB_PHOTOS[0])], k=engine.clamp_k(2000))
     assert sorted(p.index for p in result.predictions) == list(range(10))
+
+
+def test_decoding_defaults_to_the_usable_cpus_never_more(engine, monkeypatch):
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert usable_cpus() == cpus and engine.options.workers == InferenceOptions().workers <= cpus
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cpus + 1))  # more torchrun processes on this machine than CPUs
+    assert InferenceOptions().workers == 1
+
+
+def test_classify_takes_its_top_k_from_the_options():
+    model = build_model(ARCH, pretrained=False, num_classes=10)
+    engine = Engine(model, InferenceOptions(device="cpu", precision="fp32", top_k=2000, batch_size=1, workers=1))
+    results = list(engine.classify([str(RGB_PHOTOS[0]), str(RGB_PHOTOS[1])]))
+    assert [len(r.predictions) for r in results] == [10, 10]  # top-2000 of 10 classes: all of them

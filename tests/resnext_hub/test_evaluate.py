@@ -28,6 +28,7 @@ from resnext_hub.data import find_samples
 from resnext_hub.distributed import shard_batches
 from resnext_hub.evaluate import evaluate
 from resnext_hub.models import build_model
+from resnext_hub.options import InferenceOptions
 from resnext_hub.processing import imagenet_wnids, load_image
 
 ARCH = "seresnext26d_32x4d"
@@ -127,7 +128,9 @@ def single(dataset) -> dict:
     """The CLI in one plain process (no torchrun): its summary file, stdout and stderr."""
     out = dataset["base"] / "single.json"
     args = ["evaluate", str(dataset["root"]), "--model", ARCH, "--checkpoint", str(dataset["checkpoint"])]
-    run = run_cli([*args, "--batch-size", "4", "--workers", "2", "--exact", "-o", str(out)], dataset["base"])
+    run = run_cli(
+        [*args, "--batch-size", "4", "--workers", "2", "--precision", "fp32", "-o", str(out)], dataset["base"]
+    )
     return {"run": run, "summary": json.loads(out.read_text()) if out.exists() else None}
 
 
@@ -183,7 +186,9 @@ def test_one_process_counts_every_image_once_and_scores_it_right(dataset, single
 def test_torchrun_two_processes_give_identical_counts_and_accuracy(dataset, single):
     out = dataset["base"] / "two.json"
     args = ["evaluate", str(dataset["root"]), "--model", ARCH, "--checkpoint", str(dataset["checkpoint"])]
-    run = run_cli([*args, "--batch-size", "4", "--workers", "1", "--exact", "-o", str(out)], dataset["base"], nproc=2)
+    run = run_cli(
+        [*args, "--batch-size", "4", "--workers", "1", "--precision", "fp32", "-o", str(out)], dataset["base"], nproc=2
+    )
     assert out.exists(), run.stderr[-3000:]
     two, one = json.loads(out.read_text()), single["summary"]
     assert two["world_size"] == 2
@@ -197,7 +202,7 @@ def test_torchrun_two_processes_give_identical_counts_and_accuracy(dataset, sing
 
 
 def test_api_with_loader_workers_and_the_fast_path(dataset):
-    summary = evaluate(dataset["model"], dataset["root"], batch_size=5, workers=2)
+    summary = evaluate(dataset["model"], dataset["root"], InferenceOptions(device="cpu", batch_size=5, workers=2))
     assert summary["evaluated"] + summary["failed"] == summary["images"] == 13
     assert summary["failed"] == 1 and summary["world_size"] == 1
     expected = {"fp32", "bf16"} if hasattr(dataset["model"], "optimize_for_inference") else {"fp32"}
@@ -220,7 +225,9 @@ def test_an_unwritable_output_fails_before_the_model_loads(dataset, tmp_path):
 
 def test_an_output_that_fails_while_written_leaves_the_summary_on_stdout(dataset):
     args = ["evaluate", str(dataset["root"]), "--model", ARCH, "--checkpoint", str(dataset["checkpoint"])]
-    run = run_cli([*args, "--batch-size", "13", "--workers", "0", "--exact", "-o", "/dev/full"], dataset["base"])
+    run = run_cli(
+        [*args, "--batch-size", "13", "--workers", "0", "--precision", "fp32", "-o", "/dev/full"], dataset["base"]
+    )
     assert run.returncode == 1, run.stderr
     summary = json.loads(run.stdout)
     assert summary["images"] == 13 and summary["correct_top1"] == 4 and summary["skipped"] == []
@@ -236,7 +243,18 @@ def test_a_class_folder_that_cannot_be_read_is_reported_and_fails_the_run(datase
         locked.chmod(0o000)
         checkpoint = base / f"{ARCH}.pth"
         shutil.copy(dataset["checkpoint"], checkpoint)
-        args = ["evaluate", str(root), "--model", ARCH, "--checkpoint", str(checkpoint), "--workers", "0", "--exact"]
+        args = [
+            "evaluate",
+            str(root),
+            "--model",
+            ARCH,
+            "--checkpoint",
+            str(checkpoint),
+            "--workers",
+            "0",
+            "--precision",
+            "fp32",
+        ]
         run = run_unprivileged(cli_command(args), cwd=base, env={**cli_env(), "HOME": str(base)})
     assert run.returncode == 1, run.stderr
     summary = json.loads(run.stdout)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import sys
+import zipfile
 
 import numpy as np
 import onnx
@@ -63,12 +65,18 @@ def _eager(model: nn.Module, x: torch.Tensor) -> np.ndarray:
         return model(x).numpy()
 
 
-def test_triton_repository_layout_and_config(triton_repo):
+def test_triton_repository_layout_and_config(triton_repo, tmp_path):
     model_dir = triton_repo / ARCH
     # The classifier, the preprocessing model and the ensemble; no staging leftovers.
     assert sorted(p.name for p in triton_repo.iterdir()) == [ARCH, f"{ARCH}_image", f"{ARCH}_preprocess"]
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt", "labels.txt"]
     assert (model_dir / "1" / "model.onnx").is_file()
+    (triton_repo.parent / "plain").write_bytes(b"")  # a Triton container running as another user can read it
+    assert (
+        _mode(model_dir / "1" / "model.onnx")
+        == _mode(model_dir / "config.pbtxt")
+        == _mode(triton_repo.parent / "plain")
+    )
     config = read_config(model_dir / "config.pbtxt")  # Triton's own schema
     assert (config.name, config.platform, config.max_batch_size) == (ARCH, "onnxruntime_onnx", 16)
     assert [(i.name, list(i.dims)) for i in config.input] == [("input", [3, CROP, CROP])]
@@ -206,6 +214,31 @@ def test_torchscript_traced_frozen_and_verified(model, tmp_path):
         np.testing.assert_allclose(loaded(x).numpy(), _eager(model, x), rtol=0, atol=FP32_TOLERANCE)
 
 
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_exported_files_have_a_plain_files_mode_and_their_own_name_inside(model, tmp_path, umask_022):
+    # 0644 like every other file a user writes: a Triton container running as another user can read them.
+    onnx_file = export_onnx(model, tmp_path / "m.onnx", image_size=SIZE, verify_batches=(1,)).path
+    torchscript = export_torchscript(model, tmp_path / "m.pt", image_size=SIZE, verify_batches=(1,)).path
+    (tmp_path / "plain").write_bytes(b"")
+    assert _mode(onnx_file) == _mode(torchscript) == _mode(tmp_path / "plain") == 0o644
+    names = zipfile.ZipFile(torchscript).namelist()  # the archive's folder is named after the file it was written as
+    assert names and all(name.startswith("m/") for name in names)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.pt", "plain"]  # no staging leftovers
+
+
 class _BatchTwoOnly(nn.Module):
     """Right only at the traced batch size: the bug that verification at other sizes exists to catch."""
 
@@ -222,10 +255,15 @@ def test_an_export_that_does_not_generalise_is_refused_and_removed(tmp_path):
 
 
 def test_export_command_reports_errors(tmp_path, capsys, checkpoint):
-    assert cli.main(["export", "--model", ARCH, "--random-weights", "--format", "torchscript", "--fp16",
+    assert cli.main(["export", "--model", ARCH, "--random-weights", "--format", "torchscript", "--precision", "fp16",
                      "-o", str(tmp_path / "m.pt")]) == 2  # fmt: skip
-    assert "--fp16 applies to ONNX, pt2 and Triton" in capsys.readouterr().err
-    refused = {"--bf16 and --device apply to pt2 exports": ["--format", "onnx", "--bf16"]}
+    expected = (
+        "--format torchscript is written in fp32, not fp16: for --precision fp16 use --format onnx or pt2 or triton"
+    )
+    assert expected in capsys.readouterr().err
+    refused = {"for --precision bf16 use --format pt2": ["--format", "onnx", "--precision", "bf16"]}
+    if torch.cuda.is_available():  # elsewhere, --device cuda is refused first: see below
+        refused["--device applies to pt2 exports"] = ["--format", "onnx", "--device", "cuda"]
     # Devices are checked for every command before the model loads (resnext_hub.arguments).
     refused["device 'gpu' is not a device name"] = ["--format", "pt2", "--device", "gpu"]
     if not torch.backends.mps.is_available():
@@ -298,6 +336,15 @@ def pt2_fp32(checkpoint, tmp_path_factory):
     argv = ["export", "--model", ARCH, "--checkpoint", str(checkpoint), "--format", "pt2", "--image-size", str(SIZE)]
     assert cli.main([*argv, "-o", str(folder / "m.pt2")]) == 0
     return folder / "m.pt2"
+
+
+@pytest.mark.slow
+def test_pt2_package_has_a_plain_files_mode_and_its_own_name_inside(pt2_fp32, tmp_path):
+    (tmp_path / "plain").write_bytes(b"")  # the umask this process ran the export under
+    assert _mode(pt2_fp32) == _mode(tmp_path / "plain")
+    names = zipfile.ZipFile(pt2_fp32).namelist()
+    assert names and all(name.startswith("m/") for name in names), names[:5]
+    assert not [name for name in names if ".partial" in name or ".tmp" in name]
 
 
 def test_pt2_package_runs_without_the_repository_and_matches_eager(pt2_fp32, model, tmp_path):

@@ -12,8 +12,10 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
+import warnings
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,7 +28,7 @@ from unprivileged import public_dir, run_unprivileged
 
 from resnext_hub.cli import main
 from resnext_hub.data import collect_inputs
-from resnext_hub.predict import _merge, load_done, parts_dir, read_records, write_records
+from resnext_hub.predict import _merge, open_job, parts_dir, read_records, write_records
 from tools.fake_checkpoints import random_state_dict
 
 HELD_FROM = 8  # the server holds back the inputs from this index on
@@ -72,7 +74,8 @@ def photos(tmp_path_factory) -> dict:
         image.save(folder / f"{name}.jpg", quality=90)
     (tree / "b" / "broken.jpg").write_bytes(BROKEN)
     checkpoint = write_checkpoint(base)
-    common = ["--model", ARCH, "--checkpoint", str(checkpoint), "--batch-size", "4", "--workers", "1", "--exact"]
+    common = ["--model", ARCH, "--checkpoint", str(checkpoint), "--batch-size", "4", "--workers", "1"]
+    common += ["--precision", "fp32"]
     single = run_cli(["predict", str(tree), "-o", str(base / "one.jsonl"), *common], base)
     return {"base": base, "tree": tree, "common": common, "single": single, "one": base / "one.jsonl"}
 
@@ -85,6 +88,7 @@ def test_one_process_classifies_every_input_once_in_order(photos):
     assert len(records) == 13 and not parts_dir(photos["one"]).exists()
     [bad] = [r for r in records if "error" in r]
     assert bad["input"].endswith("broken.jpg") and "broken.jpg: ERROR" in run.stderr
+    assert "on 1 process(es) in fp32)" in run.stderr  # the one options record reached the engine
     for record in (r for r in records if "error" not in r):
         predictions = record["predictions"]  # classify --format json's record
         assert len(predictions) == 5 and {"index", "wnid", "label", "probability"} <= set(predictions[0])
@@ -102,7 +106,7 @@ def test_torchrun_two_processes_write_exactly_the_one_process_output(photos):
 
 
 def _part_records(output: Path) -> list[dict]:
-    return load_done(output, "csv", 5)[0] if parts_dir(output).is_dir() else []
+    return open_job(output).done if parts_dir(output).is_dir() else []
 
 
 def test_sigterm_mid_run_then_resume_loses_nothing_and_repeats_nothing(photos):
@@ -162,15 +166,15 @@ def test_records_survive_csv_and_a_cut_off_part_line(tmp_path):
     parts = parts_dir(tmp_path / "out.jsonl")
     parts.mkdir()
     (parts / "1-rank00000.jsonl").write_text(json.dumps(records[0]) + "\n" + json.dumps(records[1])[:20])
-    done, _ = load_done(tmp_path / "out.jsonl", "jsonl", 2)
-    assert done == records[:1]  # the cut line is dropped, so that input is done again
+    job = open_job(tmp_path / "out.jsonl")
+    assert job.done == records[:1]  # the cut line is dropped, so that input is done again
 
 
 def test_an_input_without_a_result_is_reported_and_its_parts_kept(tmp_path):
     output = tmp_path / "out.jsonl"
     parts_dir(output).mkdir()
     (parts_dir(output) / "1-rank00000.jsonl").write_text(json.dumps({"input": "a.jpg", "error": "x"}) + "\n")
-    summary = _merge(output, "jsonl", 5, ["a.jpg", "b.jpg"])  # rank 1's part (b.jpg) is not visible here
+    summary = _merge(open_job(output), ["a.jpg", "b.jpg"])  # rank 1's part (b.jpg) is not visible here
     assert summary["missing"] == ["b.jpg"] and summary["failed"] == 1 and summary["classified"] == 0
     assert read_records(output, "jsonl") == [{"input": "a.jpg", "error": "x"}]
     assert (parts_dir(output) / "1-rank00000.jsonl").exists()
@@ -202,7 +206,7 @@ def small_job(tmp_path_factory, photos) -> dict:
 
 
 def _options(checkpoint) -> list[str]:
-    options = ["--model", ARCH, "--batch-size", "2", "--workers", "0", "--exact"]
+    options = ["--model", ARCH, "--batch-size", "2", "--workers", "0", "--precision", "fp32"]
     return options + (["--checkpoint", str(checkpoint)] if checkpoint else [])
 
 
@@ -274,16 +278,44 @@ def test_an_output_that_cannot_be_replaced_is_refused_before_the_model_loads(tmp
     assert run.stderr.startswith("error: --output") and "checkpoint" not in run.stderr
 
 
-def test_a_merge_that_cannot_be_written_keeps_the_parts(tmp_path):
-    output = tmp_path / "out.jsonl"
-    write_records([{"input": "a.jpg", "error": "x"}], output, "jsonl")
-    before = output.read_bytes()
-    parts_dir(output).mkdir()
-    (parts_dir(output) / "1-rank00000.jsonl").write_text(json.dumps({"input": "b.jpg", "error": "y"}) + "\n")
-    (tmp_path / f".out.jsonl.{os.getpid()}.tmp").mkdir()  # where the merged file would be written: taken
-    summary = _merge(output, "jsonl", 5, ["a.jpg", "b.jpg"])
-    assert summary["write_error"] and summary["missing"] == []
-    assert output.read_bytes() == before and (parts_dir(output) / "1-rank00000.jsonl").exists()
+# Run as a user whom permissions stop (tests/unprivileged.py): the job is opened, then its folder made read-only.
+_MERGE_INTO_A_READ_ONLY_FOLDER = """
+import json, sys
+from pathlib import Path
+from resnext_hub.predict import _merge, open_job, parts_dir, write_records
+
+output = Path(sys.argv[1]) / "out.jsonl"
+output.parent.mkdir()
+write_records([{"input": "a.jpg", "error": "x"}], output, "jsonl")
+parts_dir(output).mkdir()
+(parts_dir(output) / "1-rank00000.jsonl").write_text(json.dumps({"input": "b.jpg", "error": "y"}) + "\\n")
+job = open_job(output)
+output.parent.chmod(0o555)
+print(json.dumps(_merge(job, ["a.jpg", "b.jpg"])))
+"""
+
+
+def test_a_merge_that_cannot_be_written_keeps_the_parts():
+    with public_dir() as base:
+        command = [sys.executable, "-c", _MERGE_INTO_A_READ_ONLY_FOLDER, str(base / "job")]
+        run = run_unprivileged(command, cwd=base, env=cli_env())
+        assert run.returncode == 0, run.stderr
+        summary = json.loads(run.stdout.splitlines()[-1])
+        assert summary["write_error"] == "Permission denied" and summary["missing"] == []
+        output = base / "job" / "out.jsonl"
+        assert read_records(output, "jsonl") == [{"input": "a.jpg", "error": "x"}]  # the old output, whole
+        assert (parts_dir(output) / "1-rank00000.jsonl").exists()
+        assert sorted(p.name for p in output.parent.iterdir()) == ["out.jsonl", "out.jsonl.parts"]
+
+
+def test_predict_with_default_options_prints_no_library_warning(small_job, tmp_path, capsys):
+    # Default --workers: the usable CPUs, never more (PyTorch warns about more DataLoader workers than CPUs).
+    args = ["predict", str(small_job["tree"] / "plain.jpg"), "-o", str(tmp_path / "out.jsonl")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning raised in this process fails the run
+        assert main([*args, "--model", ARCH, "--checkpoint", str(small_job["checkpoint"])]) == 0
+    err = capsys.readouterr().err
+    assert "Warning" not in err and "warning" not in err and "1 inputs: 1 classified" in err
 
 
 def test_a_folder_that_cannot_be_read_is_reported_and_fails_the_run(small_job):

@@ -8,19 +8,16 @@ import os
 
 import pytest
 
+from resnext_hub.console import printable
 from resnext_hub.predict import read_records, write_records
 from resnext_hub.processing import Prediction
 from resnext_hub.results import (
-    WRITERS,
     Result,
-    check_output,
     failure_reason,
-    printable,
     read_csv,
     read_jsonl,
     write_csv,
     write_jsonl,
-    write_output,
     write_text,
 )
 
@@ -73,7 +70,7 @@ def test_text_for_the_terminal():
     ]
 
 
-# -- names, text and outputs that fail (issue 13) ------------------------------------------------------
+# -- names and text (issue 13) ------------------------------------------------------
 
 UNDECODABLE = os.fsdecode(b"caf\xe9.jpg")  # a Latin-1 file name on Linux: not UTF-8
 AWKWARD = [UNDECODABLE, "new\nline.jpg", "tab\tand\x1b[31mred.jpg", "back\\slash.jpg", "rtl\u202egpj.exe", "é.jpg"]
@@ -126,33 +123,3 @@ def test_unexpected_errors_give_their_type_and_a_bounded_message():
     assert failure_reason(KeyError()) == "KeyError"
     long = failure_reason(ValueError("x" * 10_000))
     assert len(long) == 500 and long.startswith("ValueError: xxx")
-
-
-def test_a_file_that_fails_while_written_loses_no_record(tmp_path):
-    records = [Result(f"{i}.jpg", error="e").as_record() for i in range(3)]
-    for fmt in ("json", "csv", "text"):
-        stdout = io.StringIO()
-        problem = write_output(iter(records), fmt, "/dev/full", stdout=stdout)
-        assert "writing /dev/full failed (No space left on device) after 0 result(s)" in problem
-        expected = io.StringIO()
-        WRITERS[fmt](records, expected)
-        assert stdout.getvalue() == expected.getvalue(), fmt  # all of them, header included
-    # A file that works gets everything, stdout nothing.
-    stdout = io.StringIO()
-    assert write_output(iter(records), "csv", tmp_path / "new" / "out.csv", stdout=stdout) is None
-    assert read_csv(io.StringIO((tmp_path / "new" / "out.csv").read_text())) == records and not stdout.getvalue()
-
-
-@pytest.mark.parametrize(
-    ("make", "message"),
-    [
-        (lambda tmp: tmp, "is a folder"),
-        (lambda tmp: tmp / "file.txt" / "out.jsonl", "file.txt is a file, not a folder"),
-        (lambda tmp: tmp / "file.txt" / "deeper" / "out.jsonl", "file.txt is a file, not a folder"),
-    ],
-)
-def test_outputs_that_cannot_be_written_are_refused_up_front(tmp_path, make, message):
-    (tmp_path / "file.txt").write_text("x")
-    with pytest.raises(ValueError, match=message):
-        check_output(make(tmp_path))
-    assert check_output(tmp_path / "missing" / "folders" / "out.jsonl")  # created when written

@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 from resnext_hub import cli
 from resnext_hub.engine import Engine
 from resnext_hub.models import build_model
+from resnext_hub.options import InferenceOptions
 from resnext_hub.processing import InvalidImageError, load_image
 from resnext_hub.serve import TOKEN_ENV, ServeUnavailableError, check_interpreter
 
@@ -47,7 +48,7 @@ class Server:
         # A long queue delay makes batching certain however slowly this machine runs the requests.
         argv += ["--max-batch-size", "8", "--preferred-batch-sizes", "4,8", "--queue-delay-us", "200000"]
         # Exact fp32 on both sides: bf16 may swap near-tied classes of random weights.
-        argv += ["--top-k", str(top_k), "--device", "cpu", "--exact"]
+        argv += ["--top-k", str(top_k), "--device", "cpu", "--precision", "fp32"]
         self.log_path = log_path
         self.log = open(log_path, "w")
         env = {**os.environ, TOKEN_ENV: TOKEN}
@@ -94,7 +95,7 @@ def checkpoint(small_checkpoint):
 
 @pytest.fixture(scope="module")
 def classifier(checkpoint):
-    return Engine(build_model(ARCH, pretrained_from_file=checkpoint), device="cpu", precision="fp32")
+    return Engine(build_model(ARCH, pretrained_from_file=checkpoint), InferenceOptions(device="cpu", precision="fp32"))
 
 
 @pytest.fixture(scope="module")

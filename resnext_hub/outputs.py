@@ -1,0 +1,108 @@
+"""Output files of records: checked before any work, written as the records come, never losing one.
+
+:func:`check_output` says, before a model loads, whether a file can be written at a path;
+:func:`write_output` writes records to it (or to stdout) and, should the file fail midway, sends
+the rest to stdout. Files are encoded as :mod:`resnext_hub.results` describes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TextIO
+
+from .console import printable
+from .results import ENCODING, ERRORS, Record, RecordWriter
+
+
+def check_output(path: str | Path, what: str = "--output", *, replaced: bool = False) -> Path:
+    """``path`` if a file can be written there, else ``ValueError`` saying why and what to do.
+
+    Checked before any work, so a bad path costs nothing: not a folder, not below a file, the file
+    (if it exists) writable, else a folder it can be created in (missing folders are created when it
+    is written). ``replaced``: the file is replaced atomically (a new file beside it, renamed over it),
+    so it must be a regular file and its folder writable.
+    """
+    text = str(path)
+    path = Path(path)
+    shown = printable(text)
+    if not text:
+        raise ValueError(f"{what} is empty: give a file name")
+    if path.is_dir():
+        raise ValueError(f"{what} {shown} is a folder: give the path of a file")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{what} {shown}: {printable(folder)} is a file, not a folder")
+    if path.exists():
+        if replaced and not path.is_file():
+            raise ValueError(f"{what} {shown} is not a regular file (it is replaced when written): give a file path")
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{what} {shown} is not writable (permission denied): give another path")
+    if (replaced or not path.exists()) and not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {shown}: no permission to create files in {printable(folder)}: give another path")
+    return path
+
+
+def open_output(path: str | Path) -> TextIO:
+    """``path`` opened to write records (see resnext_hub.results for the encoding); folders are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "w", newline="", encoding=ENCODING, errors=ERRORS)
+
+
+def write_output(
+    records: Iterable[Record], fmt: str, path: str | Path | None, stdout: TextIO | None = None
+) -> str | None:
+    """Write ``records`` to ``path`` (None: ``stdout``), each as it comes; never lose one to the file.
+
+    Should ``path`` fail (a full disk, a lost mount), the record being written and all after it go
+    to ``stdout`` instead, in the same format. Returns None, or the message that says so (for stderr).
+    """
+    stdout = stdout or sys.stdout
+    records = iter(records)
+    if path is None:
+        writer = RecordWriter(fmt, stdout)
+        for record in records:
+            writer.write(record)
+        return None
+    written, pending, problem = 0, None, None
+    try:
+        out = open_output(path)
+    except OSError as error:
+        out, problem = None, error
+    if out is not None:
+        writer = RecordWriter(fmt, out)
+        try:
+            writer.start()
+        except OSError as error:
+            problem = error
+        for record in records if problem is None else ():  # only the writes' errors are the output's
+            try:
+                writer.write(record)
+            except OSError as error:
+                pending, problem = record, error
+                break
+            written += 1
+        try:
+            out.close()
+        except OSError as error:  # a write the flushes did not report (e.g. on NFS)
+            problem = problem or error
+    if problem is None:
+        return None
+    fallback = RecordWriter(fmt, stdout)
+    for record in _chain(pending, records):
+        fallback.write(record)
+    return (
+        f"error: writing {printable(path)} failed ({problem.strerror or problem}) after {written} result(s); "
+        "the results from there on are on stdout instead"
+    )
+
+
+def _chain(first: Record | None, rest: Iterator[Record]) -> Iterator[Record]:
+    if first is not None:
+        yield first
+    yield from rest
