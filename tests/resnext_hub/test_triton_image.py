@@ -23,9 +23,8 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from resnext_hub.export import triton_repository
-from resnext_hub.export.triton_image import transform
 from resnext_hub.models import build_model
-from resnext_hub.processing import InvalidImageError, load_image
+from resnext_hub.processing import InvalidImageError, load_image, transform
 from resnext_hub.processing import presets as project_presets
 from resnext_hub.processing.presets import manifest_presets
 from resnext_hub.triton import config_text, read_config, validate_repository
@@ -84,7 +83,7 @@ def test_preprocessing_model_ships_the_projects_code(triton_repo, model):
     for copy, source in (("images.py", "processing/images.py"), ("fetch.py", "processing/fetch.py")):
         assert (shipped / copy).read_bytes() == (ROOT / source).read_bytes()
     assert (shipped / "transform.py").read_bytes() == Path(transform.__file__).read_bytes()
-    assert (version / "model.py").read_bytes() == (Path(transform.__file__).parent / "model.py").read_bytes()
+    assert (version / "model.py").read_bytes() == (triton_repository.SHIPPED / "model.py").read_bytes()
     assert json.loads((version / "preset.json").read_text(encoding="utf-8")) == model.preprocessing.as_dict()
     # What the Triton image must install, pinned as the project pins it.
     pins = {line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()}
