@@ -1,4 +1,4 @@
-"""Input presets: the transform a model's weights expect, as one record that builds it.
+"""Input presets: the transform a model's weights expect, as one record (applied by :mod:`.transform`).
 
 The presets themselves are declared once, in the ``presets`` table of ``weights_manifest.json``;
 each weights record names the one it was trained with. ``"nvidia"`` (resize 256 bilinear, crop
@@ -8,7 +8,7 @@ each weights record names the one it was trained with. ``"nvidia"`` (resize 256 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from PIL import Image
 
+from . import transform
+
 MANIFEST_PATH = Path(__file__).resolve().parent.parent / "weights_manifest.json"
 NVIDIA_PRESET = "nvidia"
-_MAX_STRETCH = 4  # resized long side, in multiples of the output, past which the source is cut first
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+INTERPOLATIONS = tuple(transform.RESAMPLE)
 _FIELDS = ("resize_size", "crop_size", "interpolation", "mean", "std")
 
 
@@ -28,7 +29,8 @@ _FIELDS = ("resize_size", "crop_size", "interpolation", "mean", "std")
 class ImageClassification:
     """Resize the shorter side to ``resize_size`` (antialiased), center-crop ``crop_size``, scale to [0, 1], normalize.
 
-    Call it on an RGB ``PIL.Image`` to get a float tensor ``(3, crop_size, crop_size)``.
+    Call it on an RGB ``PIL.Image`` to get a float tensor ``(3, crop_size, crop_size)``; the arithmetic is
+    :mod:`.transform`'s (PIL and numpy, also shipped into exported Triton repositories).
     """
 
     resize_size: int
@@ -78,62 +80,9 @@ class ImageClassification:
             f"center-crop {self.crop_size}x{self.crop_size}, scale to [0, 1], normalize (mean {mean}; std {std})"
         )
 
-    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        """The torchvision transform (built once per preset), for images of ordinary shape."""
-        return _transform(self)
-
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        """The preprocessed tensor; the work is bounded by the output size, whatever the image's shape."""
-        region = self.extreme_crop(image)
-        return self.transform()(image) if region is None else _normalize(self)(region)
-
-    def extreme_crop(self, image: Image.Image) -> Image.Image | None:
-        """For an extreme aspect ratio, the resized center crop computed from that region alone; else None.
-
-        ``Resize`` scales the shorter side to ``resize_size``: a 1x5000 image would become
-        256x1,280,000 pixels (gigabytes) before the crop keeps 224x224 of it. Past
-        :data:`_MAX_STRETCH` times the output, only the source region under the crop is
-        resampled (PIL's ``resize(box=...)``: the same sampling grid and filter as the full
-        resize), so the work is bounded by the output whatever the shape.
-        """
-        width, height = image.size
-        short = min(width, height)
-        if max(width, height) * self.resize_size <= _MAX_STRETCH * max(self.resize_size, self.crop_size) * short:
-            return None
-        if self.resize_size < self.crop_size:  # the crop would pad instead: nothing to bound
-            return None
-        # torchvision's Resize(int) and CenterCrop arithmetic, for the full-size result.
-        if width <= height:
-            new_w, new_h = self.resize_size, int(self.resize_size * height / width)
-        else:
-            new_w, new_h = int(self.resize_size * width / height), self.resize_size
-        top = int(round((new_h - self.crop_size) / 2.0))
-        left = int(round((new_w - self.crop_size) / 2.0))
-        sx, sy = width / new_w, height / new_h
-        box = (left * sx, top * sy, (left + self.crop_size) * sx, (top + self.crop_size) * sy)
-        resample = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
-        return image.resize((self.crop_size, self.crop_size), resample[self.interpolation], box=box)
-
-
-@cache
-def _transform(preset: ImageClassification) -> Callable[[Image.Image], torch.Tensor]:
-    # torchvision costs seconds to import: only code that preprocesses images pays for it.
-    from torchvision import transforms as T
-
-    return T.Compose(
-        [
-            T.Resize(preset.resize_size, interpolation=T.InterpolationMode(preset.interpolation)),
-            T.CenterCrop(preset.crop_size),
-            _normalize(preset),
-        ]
-    )
-
-
-@cache
-def _normalize(preset: ImageClassification) -> Callable[[Image.Image], torch.Tensor]:
-    from torchvision import transforms as T
-
-    return T.Compose([T.ToTensor(), T.Normalize(preset.mean, preset.std)])
+        """The preprocessed tensor (:func:`.transform.preprocess`); the work is bounded by the output size."""
+        return torch.from_numpy(transform.preprocess(image, self.as_dict()))
 
 
 def parse_presets(table: Any) -> dict[str, ImageClassification]:

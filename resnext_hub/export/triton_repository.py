@@ -21,6 +21,7 @@ from ..models import ResNet
 from ..processing import ImageClassification
 from ..processing import fetch as loader_fetch
 from ..processing import images as loader_images
+from ..processing import transform as loader_transform
 from ..processing.atomic import staging_folder
 from .checks import VERIFY_BATCHES, ExportError, ExportResult, default_image_size
 from .onnx_file import DEFAULT_OPSET, export_onnx
@@ -35,7 +36,7 @@ SHIPPED = Path(__file__).resolve().parent / "triton_image"
 REQUIREMENTS = ("pillow>=10.0", "numpy>=1.24", "urllib3>=2.6", "certifi", "validators>=0.22")
 _PACKAGE_DOC = '''"""resnext-hub's image loader and preset transform, copied here by its Triton export.
 
-images.py and fetch.py are resnext_hub/processing's, transform.py is resnext_hub/export/triton_image's.
+images.py, fetch.py and transform.py are resnext_hub/processing's.
 """
 '''
 
@@ -54,7 +55,7 @@ def write_preprocess_model(folder: Path, preset: ImageClassification, config) ->
     (version / "preset.json").write_text(json.dumps(preset.as_dict(), indent=2) + "\n", encoding="utf-8")
     (version / "requirements.txt").write_text("\n".join(REQUIREMENTS) + "\n", encoding="utf-8")
     (package / "__init__.py").write_text(_PACKAGE_DOC, encoding="utf-8")
-    for source in (Path(loader_images.__file__), Path(loader_fetch.__file__), SHIPPED / "transform.py"):
+    for source in (Path(loader_images.__file__), Path(loader_fetch.__file__), Path(loader_transform.__file__)):
         shutil.copyfile(source, package / source.name)
     (folder / "config.pbtxt").write_text(triton_config.config_text(config), encoding="utf-8")
 

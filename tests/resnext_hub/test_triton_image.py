@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,16 +20,13 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from awkward_images import awkward_images
 from conftest import IMAGES, RGB_PHOTOS, ROOT
-from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from resnext_hub.export import triton_repository
-from resnext_hub.export.triton_image import transform
 from resnext_hub.models import build_model
 from resnext_hub.processing import InvalidImageError, load_image
-from resnext_hub.processing import presets as project_presets
-from resnext_hub.processing.presets import manifest_presets
 from resnext_hub.triton import config_text, read_config, validate_repository
 from resnext_hub.triton_local import LocalTritonServer
 
@@ -36,6 +35,8 @@ PREPROCESS, ENSEMBLE = f"{ARCH}_preprocess", f"{ARCH}_image"
 TOP_K = 5
 PHOTOS = [*RGB_PHOTOS, IMAGES / "camera.png"]  # four RGB JPEGs and a grayscale PNG
 STANDIN = Path(__file__).resolve().parent / "triton_onnx_standin.py"
+
+pytestmark = pytest.mark.slow  # an export, a subprocess and a real Triton server
 
 
 def _bad_inputs() -> dict[str, bytes]:
@@ -63,33 +64,59 @@ def _expected(model, data: bytes) -> np.ndarray:
     return model.preprocessing(load_image(data)).numpy()
 
 
-def test_transform_equals_the_presets():
-    """The shipped torch-free transform against the project's presets: every preset, photos and odd shapes."""
-    assert transform.MAX_STRETCH == project_presets._MAX_STRETCH
-    rng = np.random.default_rng(0)
-    shapes = [(10, 2000), (2000, 7), (3, 5000), (256, 256), (300, 257), (255, 900), (224, 224), (1, 1)]
-    images = [load_image(path) for path in PHOTOS]
-    images += [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in shapes]
-    for name, preset in manifest_presets().items():
-        for image in images:
-            expected = preset(image).numpy()
-            got = transform.preprocess(image, preset.as_dict())
-            assert got.dtype == np.float32 and got.shape == expected.shape, (name, image.size)
-            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6, err_msg=f"{name} {image.size}")
-
-
 def test_preprocessing_model_ships_the_projects_code(triton_repo, model):
     version = triton_repo / PREPROCESS / "1"
     shipped = version / "resnext_hub_image"
-    for copy, source in (("images.py", "processing/images.py"), ("fetch.py", "processing/fetch.py")):
-        assert (shipped / copy).read_bytes() == (ROOT / source).read_bytes()
-    assert (shipped / "transform.py").read_bytes() == Path(transform.__file__).read_bytes()
-    assert (version / "model.py").read_bytes() == (Path(transform.__file__).parent / "model.py").read_bytes()
+    # The loader and the preset's one implementation, byte for byte: the Triton backend runs the project's code.
+    for name in ("images.py", "fetch.py", "transform.py"):
+        assert (shipped / name).read_bytes() == (ROOT / "processing" / name).read_bytes()
+    assert (version / "model.py").read_bytes() == (triton_repository.SHIPPED / "model.py").read_bytes()
     assert json.loads((version / "preset.json").read_text(encoding="utf-8")) == model.preprocessing.as_dict()
     # What the Triton image must install, pinned as the project pins it.
     pins = {line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()}
     shipped_requirements = (version / "requirements.txt").read_text().split()
     assert shipped_requirements == list(triton_repository.REQUIREMENTS) and set(shipped_requirements) <= pins
+
+
+# The shipped package as the Triton backend imports it, in an interpreter where torch cannot be imported.
+TORCH_FREE = """
+import importlib.abc, json, sys
+from pathlib import Path
+
+
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("torch", "torchvision"):
+            raise ImportError(f"{name} is not installed in Triton's Python backend")
+
+
+sys.meta_path.insert(0, Absent())
+version, inputs, outputs = map(Path, sys.argv[1:])
+sys.path.insert(0, str(version))
+import numpy as np
+from resnext_hub_image.images import load_image
+from resnext_hub_image.transform import preprocess
+
+preset = json.loads((version / "preset.json").read_text(encoding="utf-8"))
+for path in inputs.iterdir():
+    np.save(outputs / f"{path.name}.npy", preprocess(load_image(path.read_bytes()), preset))
+"""
+
+
+def test_the_shipped_code_runs_without_torch_and_gives_the_projects_tensors(triton_repo, model, tmp_path):
+    """The awkward images (CMYK, 16-bit, palette, EXIF, LA, 1-bit, 1x4000, GIF) through the repository's copy."""
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    outputs.mkdir()
+    names = sorted(awkward_images())
+    for i, name in enumerate(names):
+        (inputs / str(i)).write_bytes(awkward_images()[name])
+    version = triton_repo / PREPROCESS / "1"
+    command = [sys.executable, "-c", TORCH_FREE, str(version), str(inputs), str(outputs)]
+    subprocess.run(command, cwd=tmp_path, check=True, timeout=300)
+    for i, name in enumerate(names):
+        got = np.load(outputs / f"{i}.npy")
+        np.testing.assert_array_equal(got, _expected(model, awkward_images()[name]), err_msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -136,18 +163,18 @@ def _statistics(url: str) -> tuple[int, int]:
 
 
 def test_preprocessing_in_triton_equals_the_projects(server, model):
-    encoded = [path.read_bytes() for path in PHOTOS]
+    """The photos and the awkward images (CMYK, 16-bit, palette, EXIF, LA, 1-bit, 1x4000, GIF): bit for bit."""
+    encoded = [path.read_bytes() for path in PHOTOS] + list(awkward_images().values())
     expected = np.stack([_expected(model, data) for data in encoded])
-    with ThreadPoolExecutor(len(encoded)) as pool:  # one request per photo, batched by the server
+    with ThreadPoolExecutor(len(encoded)) as pool:  # one request per image, batched by the server
         answers = list(pool.map(lambda data: _send(server.url, PREPROCESS, [data]), encoded))
-    together = _send(server.url, PREPROCESS, encoded)  # one request holding every photo
+    together = _send(server.url, PREPROCESS, encoded)  # one request holding every image
     for got in [*answers, together]:
         assert not isinstance(got, Exception), got
     served = np.concatenate(answers)
-    assert served.shape == together.shape == (len(PHOTOS), 3, 224, 224) and served.dtype == np.float32
-    np.testing.assert_allclose(served, expected, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(together, expected, rtol=0, atol=1e-6)
-    print(f"preprocessing in Triton vs the project's: max |diff| {np.abs(served - expected).max():.2e}")
+    assert served.shape == together.shape == (len(encoded), 3, 224, 224) and served.dtype == np.float32
+    np.testing.assert_array_equal(served, expected)
+    np.testing.assert_array_equal(together, expected)
 
 
 def test_bad_images_fail_alone_inside_a_batch(server, model):
