@@ -8,7 +8,6 @@ from pathlib import Path
 
 from .. import exit_codes
 from .. import export as exporting
-from .. import triton as triton_config
 from ..arguments import add_model_options, add_precision_options, calibration_from_args, model_from_args
 from ..export import (
     DEFAULT_OPSET,
@@ -18,10 +17,11 @@ from ..export import (
     export_onnx,
     export_pt2,
     export_torchscript,
-    export_triton,
 )
 from ..models import ResNet
 from ..results import check_output, printable
+from ..triton import config as triton_config
+from ..triton.repository import export_triton
 
 MIN_OPSET = 7  # the oldest ONNX opset torch.onnx writes
 

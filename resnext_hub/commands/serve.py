@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 from .. import exit_codes
-from .. import serve as serving
 from ..arguments import (
     add_inference_options,
     add_model_options,
@@ -29,8 +28,9 @@ from ..arguments import (
     precision_from_args,
 )
 from ..engine import Engine
-from ..serve import TOKEN_ENV, ServeUnavailableError, build_server, check_interpreter
-from ..triton import parse_batch_sizes
+from ..triton import server as serving
+from ..triton.config import parse_batch_sizes
+from ..triton.server import TOKEN_ENV, ServeUnavailableError, build_server, check_interpreter
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,6 @@ from .onnx_file import DEFAULT_OPSET, export_onnx, verify_onnx
 from .pt2_package import PRECISIONS as PT2_PRECISIONS
 from .pt2_package import export_pt2, run_isolated, verify_pt2
 from .torchscript_file import export_torchscript, verify_torchscript
-from .triton_repository import export_triton
 
 FORMATS = ("onnx", "torchscript", "pt2", "triton")
 
@@ -48,7 +47,6 @@ __all__ = [
     "export_onnx",
     "export_pt2",
     "export_torchscript",
-    "export_triton",
     "run_isolated",
     "verify_onnx",
     "verify_pt2",

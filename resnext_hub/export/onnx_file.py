@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import triton as triton_config
+from ..triton import config as triton_config
 from .checks import (
     FP16_TOLERANCE,
     FP32_TOLERANCE,

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import triton as triton_config
 from ..models import ResNet
 from ..models.quantize import calibration_batches, cpu_has_int8_dot
+from ..triton import config as triton_config
 from .checks import Check, ExportError, ExportResult, default_image_size
 from .onnx_file import DEFAULT_OPSET, export_onnx
 

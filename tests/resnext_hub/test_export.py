@@ -32,7 +32,7 @@ from resnext_hub.export import (
 from resnext_hub.models import build_model
 from resnext_hub.models.optimize import cpu_has_native_bf16
 from resnext_hub.processing import imagenet_labels
-from resnext_hub.triton import (
+from resnext_hub.triton.config import (
     TritonConfigError,
     build_config,
     config_text,

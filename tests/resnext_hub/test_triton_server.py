@@ -23,7 +23,7 @@ from resnext_hub import cli
 from resnext_hub.engine import Engine
 from resnext_hub.models import build_model
 from resnext_hub.processing import InvalidImageError, load_image
-from resnext_hub.serve import TOKEN_ENV, ServeUnavailableError, check_interpreter
+from resnext_hub.triton.server import TOKEN_ENV, ServeUnavailableError, check_interpreter
 
 ARCH = "seresnext26d_32x4d"
 TOKEN = "test-token-for-admin-endpoints"

@@ -1,6 +1,6 @@
 """The exported repository's image path under a real Triton server: preprocessing model and ensemble.
 
-PyTriton's bundled ``tritonserver`` (resnext_hub.triton_local) has Triton's Python backend but not its
+PyTriton's bundled ``tritonserver`` (resnext_hub.triton.local) has Triton's Python backend but not its
 ONNX Runtime backend, so the classifier is served by a Python stand-in that runs the same exported
 ``model.onnx`` with onnxruntime (triton_onnx_standin.py). The preprocessing model and the ensemble are
 served exactly as the export wrote them, from a copy of the repository in a temporary folder.
@@ -22,20 +22,20 @@ from conftest import IMAGES, RGB_PHOTOS, ROOT
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from resnext_hub.export import triton_repository
-from resnext_hub.export.triton_image import transform
 from resnext_hub.models import build_model
 from resnext_hub.processing import InvalidImageError, load_image
 from resnext_hub.processing import presets as project_presets
 from resnext_hub.processing.presets import manifest_presets
-from resnext_hub.triton import config_text, read_config, validate_repository
-from resnext_hub.triton_local import LocalTritonServer
+from resnext_hub.triton import repository as triton_repository
+from resnext_hub.triton.backend import transform
+from resnext_hub.triton.config import config_text, read_config, validate_repository
+from resnext_hub.triton.local import LocalTritonServer
 
 ARCH = "seresnext26d_32x4d"
 PREPROCESS, ENSEMBLE = f"{ARCH}_preprocess", f"{ARCH}_image"
 TOP_K = 5
 PHOTOS = [*RGB_PHOTOS, IMAGES / "camera.png"]  # four RGB JPEGs and a grayscale PNG
-STANDIN = Path(__file__).resolve().parent / "triton_onnx_standin.py"
+STANDIN = Path(__file__).resolve().parent.parent / "triton_onnx_standin.py"
 
 
 def _bad_inputs() -> dict[str, bytes]:
@@ -84,7 +84,7 @@ def test_preprocessing_model_ships_the_projects_code(triton_repo, model):
     for copy, source in (("images.py", "processing/images.py"), ("fetch.py", "processing/fetch.py")):
         assert (shipped / copy).read_bytes() == (ROOT / source).read_bytes()
     assert (shipped / "transform.py").read_bytes() == Path(transform.__file__).read_bytes()
-    assert (version / "model.py").read_bytes() == (Path(transform.__file__).parent / "model.py").read_bytes()
+    assert (version / "model.py").read_bytes() == (Path(transform.__file__).parent / "preprocess.py").read_bytes()
     assert json.loads((version / "preset.json").read_text(encoding="utf-8")) == model.preprocessing.as_dict()
     # What the Triton image must install, pinned as the project pins it.
     pins = {line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()}

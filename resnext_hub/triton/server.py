@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .engine import Engine
-from .processing import Prediction
-from .results import printable
+from ..engine import Engine
+from ..processing import Prediction
+from ..results import printable
 
 PROBE_TIMEOUT_S = 30
 # Triton's admin endpoints (statistics, model repository, logging, ...) need this token; PyTriton makes a

@@ -17,25 +17,25 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .. import triton as triton_config
+from ..export.checks import VERIFY_BATCHES, ExportError, ExportResult, default_image_size
+from ..export.onnx_file import DEFAULT_OPSET, export_onnx
 from ..models import ResNet
 from ..processing import ImageClassification
 from ..processing import fetch as loader_fetch
 from ..processing import images as loader_images
-from .checks import VERIFY_BATCHES, ExportError, ExportResult, default_image_size
-from .onnx_file import DEFAULT_OPSET, export_onnx
+from . import config as triton_config
 
 log = logging.getLogger(__name__)
 
 PREPROCESS_SUFFIX = "_preprocess"
 ENSEMBLE_SUFFIX = "_image"
 SHIPPED_PACKAGE = "resnext_hub_image"
-SHIPPED = Path(__file__).resolve().parent / "triton_image"
+SHIPPED = Path(__file__).resolve().parent / "backend"
 # What the preprocessing model imports, as requirements.txt pins them (a test keeps the two equal).
 REQUIREMENTS = ("pillow>=10.0", "numpy>=1.24", "urllib3>=2.6", "certifi", "validators>=0.22")
 _PACKAGE_DOC = '''"""resnext-hub's image loader and preset transform, copied here by its Triton export.
 
-images.py and fetch.py are resnext_hub/processing's, transform.py is resnext_hub/export/triton_image's.
+images.py and fetch.py are resnext_hub/processing's, transform.py is resnext_hub/triton/backend's.
 """
 '''
 
@@ -50,7 +50,7 @@ def write_preprocess_model(folder: Path, preset: ImageClassification, config) ->
     version = folder / "1"
     package = version / SHIPPED_PACKAGE
     package.mkdir(parents=True)
-    shutil.copyfile(SHIPPED / "model.py", version / triton_config.PYTHON_MODEL_FILE)
+    shutil.copyfile(SHIPPED / "preprocess.py", version / triton_config.PYTHON_MODEL_FILE)
     (version / "preset.json").write_text(json.dumps(preset.as_dict(), indent=2) + "\n", encoding="utf-8")
     (version / "requirements.txt").write_text("\n".join(REQUIREMENTS) + "\n", encoding="utf-8")
     (package / "__init__.py").write_text(_PACKAGE_DOC, encoding="utf-8")

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-from .serve import _stub_path, check_interpreter
+from .server import _stub_path, check_interpreter
 
 START_TIMEOUT_S = 180
 
