@@ -78,6 +78,7 @@ def _export(args: argparse.Namespace) -> ExportResult:
     if args.format == "torchscript":
         return export_torchscript(model, args.output, image_size=args.image_size)
     options = ("name", "image_size", "fp16", "opset", "max_batch_size", "preferred_batch_sizes", "queue_delay_us")
+    options += ("top_k",)
     options += ("instance_kind", "instance_count", "accelerator", "image_ensemble", "overwrite")
     return export_triton(model, args.output, **{option: getattr(args, option) for option in options})
 
@@ -116,6 +117,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     triton = parser.add_argument_group("triton")
     triton.add_argument("--name", help="model name in the repository (default: the architecture)")
+    triton.add_argument("--top-k", type=int, default=5, help="classes per answer (above the class count: all)")
     triton.add_argument("--max-batch-size", type=int, default=32)
     sizes = triton_config.parse_batch_sizes
     triton.add_argument("--preferred-batch-sizes", type=sizes, default=[8, 16], help="e.g. 8,16")

@@ -29,8 +29,9 @@ from ..arguments import (
 )
 from ..engine import Engine
 from ..triton import server as serving
+from ..triton.bundle import ServeUnavailableError, check_interpreter
 from ..triton.config import parse_batch_sizes
-from ..triton.server import TOKEN_ENV, ServeUnavailableError, build_server, check_interpreter
+from ..triton.server import TOKEN_ENV, build_server
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,8 @@ import torch.nn.functional as F
 
 from ..models import ResNet
 from ..models.quantize import calibration_batches, cpu_has_int8_dot
-from ..triton import config as triton_config
 from .checks import Check, ExportError, ExportResult, default_image_size
-from .onnx_file import DEFAULT_OPSET, export_onnx
+from .onnx_file import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAMES, export_onnx
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +101,7 @@ def export_onnx_int8(
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self._batches, None)
-            return None if batch is None else {triton_config.INPUT_NAME: batch.numpy()}
+            return None if batch is None else {INPUT_NAME: batch.numpy()}
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as scratch:
@@ -146,7 +145,7 @@ def verify_onnx_int8(
             continue
         with torch.inference_mode():
             want = eager(batch).double()
-        logits, probabilities = session.run(list(triton_config.OUTPUT_NAMES), {triton_config.INPUT_NAME: batch.numpy()})
+        logits, probabilities = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch.numpy()})
         got = torch.from_numpy(logits).double()
         if got.shape != want.shape:
             raise ExportError(f"{what} gives shape {tuple(got.shape)}, the eager model {tuple(want.shape)}")

@@ -1,10 +1,14 @@
-"""A Triton model repository: the ONNX classifier, and an ensemble that takes encoded image bytes.
+"""The exported Triton model repository: the contract's two models, as ``serve`` answers them.
 
-``<name>/`` is the classifier (ONNX Runtime backend, preprocessed FP32 input). With
-``image_ensemble`` (the default) two more models make a service that takes JPEG/PNG/... bytes:
-``<name>_preprocess/`` (Python backend: resnext-hub's own image loader and the weights' preset,
-shipped inside the model folder so the repository is self-contained) and ``<name>_image/`` (the
-ensemble: bytes -> preprocessing -> classifier -> probabilities with labels).
+``<name>/`` and ``<name>_image/`` are ensembles publishing the Triton contract (:mod:`.contract`):
+preprocessed tensors or encoded image bytes in, each sample's top-k ``labels``, ``probabilities``
+and ``indices`` and its ``error`` out. They run ``<name>_classifier/`` (the ONNX classifier,
+ending in top-k: :mod:`.classifier`), ``<name>_preprocess/`` (Python backend: resnext-hub's own
+image loader and the weights' preset; a placeholder and the reason for a bad image) and
+``<name>_postprocess/`` / ``<name>_image_postprocess/`` (Python backend: the class names, and the
+blank top-k of a failed sample). The Python models' code is shipped inside their folders
+(:mod:`.backend`, the loader, the contract), so the repository is self-contained. Every config is
+generated from the contract (:func:`.config.repository_configs`).
 """
 
 from __future__ import annotations
@@ -17,45 +21,57 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..engine import clamp_top_k
 from ..export.checks import VERIFY_BATCHES, ExportError, ExportResult, default_image_size
-from ..export.onnx_file import DEFAULT_OPSET, export_onnx
+from ..export.onnx_file import DEFAULT_OPSET
 from ..models import ResNet
 from ..processing import ImageClassification
 from ..processing import fetch as loader_fetch
 from ..processing import images as loader_images
 from . import config as triton_config
+from . import contract as triton_contract
+from .classifier import write_classifier
+from .contract import Contract
 
 log = logging.getLogger(__name__)
 
-PREPROCESS_SUFFIX = "_preprocess"
-ENSEMBLE_SUFFIX = "_image"
 SHIPPED_PACKAGE = "resnext_hub_image"
-SHIPPED = Path(__file__).resolve().parent / "backend"
-# What the preprocessing model imports, as requirements.txt pins them (a test keeps the two equal).
-REQUIREMENTS = ("pillow>=10.0", "numpy>=1.24", "urllib3>=2.6", "certifi", "validators>=0.22")
-_PACKAGE_DOC = '''"""resnext-hub's image loader and preset transform, copied here by its Triton export.
+BACKEND = Path(__file__).resolve().parent / "backend"
+# What each Python model imports, as requirements.txt pins them (a test keeps them equal).
+REQUIREMENTS = {
+    "preprocess": ("pillow>=10.0", "numpy>=1.24", "urllib3>=2.6", "certifi", "validators>=0.22"),
+    "postprocess": ("numpy>=1.24",),
+}
+# The files each Python model ships in its package: the loader's, the transform and the contract.
+SHIPPED = {
+    "preprocess": (
+        Path(loader_images.__file__),
+        Path(loader_fetch.__file__),
+        BACKEND / "transform.py",
+        Path(triton_contract.__file__),
+    ),
+    "postprocess": (Path(triton_contract.__file__),),
+}
+_PACKAGE_DOC = '''"""resnext-hub's code, copied here by its Triton export.
 
-images.py and fetch.py are resnext_hub/processing's, transform.py is resnext_hub/triton/backend's.
+images.py and fetch.py are resnext_hub/processing's, transform.py is resnext_hub/triton/backend's,
+contract.py is resnext_hub/triton's.
 """
 '''
 
 
-def model_names(name: str) -> tuple[str, str, str]:
-    """The classifier's, the preprocessing model's and the ensemble's names in the repository."""
-    return name, name + PREPROCESS_SUFFIX, name + ENSEMBLE_SUFFIX
-
-
-def write_preprocess_model(folder: Path, preset: ImageClassification, config) -> None:
-    """``folder/config.pbtxt`` and ``folder/1/``: model.py, preset.json, requirements.txt, the loader's copies."""
+def _python_model(folder: Path, kind: str, config, files: dict[str, str]) -> None:
+    """``folder/config.pbtxt`` and ``folder/1/``: model.py, the shipped package, requirements.txt and ``files``."""
     version = folder / "1"
     package = version / SHIPPED_PACKAGE
     package.mkdir(parents=True)
-    shutil.copyfile(SHIPPED / "preprocess.py", version / triton_config.PYTHON_MODEL_FILE)
-    (version / "preset.json").write_text(json.dumps(preset.as_dict(), indent=2) + "\n", encoding="utf-8")
-    (version / "requirements.txt").write_text("\n".join(REQUIREMENTS) + "\n", encoding="utf-8")
+    shutil.copyfile(BACKEND / f"{kind}.py", version / triton_config.PYTHON_MODEL_FILE)
     (package / "__init__.py").write_text(_PACKAGE_DOC, encoding="utf-8")
-    for source in (Path(loader_images.__file__), Path(loader_fetch.__file__), SHIPPED / "transform.py"):
+    for source in SHIPPED[kind]:
         shutil.copyfile(source, package / source.name)
+    files = {"requirements.txt": "\n".join(REQUIREMENTS[kind]) + "\n", **files}
+    for name, text in files.items():
+        (version / name).write_text(text, encoding="utf-8")
     (folder / "config.pbtxt").write_text(triton_config.config_text(config), encoding="utf-8")
 
 
@@ -77,6 +93,7 @@ def export_triton(
     *,
     name: str | None = None,
     image_size: int | None = None,
+    top_k: int = 5,
     fp16: bool = False,
     opset: int = DEFAULT_OPSET,
     max_batch_size: int = 32,
@@ -90,72 +107,67 @@ def export_triton(
     overwrite: bool = False,
     verify_batches: Sequence[int] = VERIFY_BATCHES,
 ) -> ExportResult:
-    """Write ``<repository>/<name>/`` (``config.pbtxt``, ``1/model.onnx``, ``labels.txt``) and, with
-    ``image_ensemble``, ``<name>_preprocess/`` and ``<name>_image/`` (see the module docstring).
+    """Write the repository's models (see the module docstring) into ``repository``.
 
-    The folders are built beside their final place, the ONNX file verified and every config checked
-    against Triton's schema, the graph and each other (:func:`resnext_hub.triton.validate_repository`),
-    then moved into place. ``labels`` default to the model's class names. The result's ``path`` is the
-    classifier's folder.
+    ``top_k`` above the class count answers every class. ``labels`` default to the model's class
+    names (a fine-tuned checkpoint's own). ``image_ensemble=False`` writes the tensor model alone
+    (``<name>``, its classifier and postprocessing). The folders are built beside their final place,
+    the ONNX file verified and every config checked against Triton's schema, the graph, each other
+    (:func:`.config.validate_repository`) and the contract, then moved into place. The result's
+    ``path`` is ``<repository>/<name>``.
     """
     repository = Path(repository)
     name = name or model.architecture or type(model).__name__.lower()
     size = image_size or default_image_size(model)
     num_classes = model.num_classes
-    if labels is None:
-        labels = list(model.classes.names)
+    labels = list(model.classes.names) if labels is None else list(labels)
     if len(labels) != num_classes:
         raise ExportError(f"{len(labels)} labels for a model with {num_classes} classes")
-    names = model_names(name) if image_ensemble else (name,)
+    contract = Contract(name, size, num_classes, clamp_top_k(top_k, num_classes))
     preset = _image_preset(model, size) if image_ensemble else None
-    existing = [repository / n for n in names if (repository / n).exists()]
+    configs = triton_config.repository_configs(
+        contract,
+        image_ensemble=image_ensemble,
+        max_batch_size=max_batch_size,
+        preferred_batch_sizes=preferred_batch_sizes,
+        queue_delay_us=queue_delay_us,
+        instance_kind=instance_kind,
+        instance_count=instance_count,
+        accelerator=accelerator,
+        fp16=fp16,
+    )
+    existing = [repository / n for n in configs if (repository / n).exists()]
     if existing and not overwrite:
         found = ", ".join(map(str, existing))
         raise ExportError(f"{found} already exists; pass overwrite=True (--overwrite) to replace it")
-    batching = dict(max_batch_size=max_batch_size, preferred_batch_sizes=preferred_batch_sizes)
-    batching["queue_delay_us"] = queue_delay_us
-    configs = [
-        triton_config.build_config(
-            name,
-            image_size=size,
-            num_classes=num_classes,
-            instance_kind=instance_kind,
-            instance_count=instance_count,
-            accelerator=accelerator,
-            fp16=fp16,
-            **batching,
-        )
-    ]
-    if image_ensemble:
-        configs.append(
-            triton_config.build_preprocess_config(names[1], image_size=size, instance_count=instance_count, **batching)
-        )
-        configs.append(
-            triton_config.build_ensemble_config(
-                names[2], preprocess=names[1], classifier=name, num_classes=num_classes, max_batch_size=max_batch_size
-            )
-        )
+    roles = triton_config.model_roles(contract)
     repository.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=repository))
+    labels_json = {"labels.json": json.dumps(labels, ensure_ascii=False, indent=0) + "\n"}
+    python_models = {roles["postprocess"]: ("postprocess", labels_json)}
+    if image_ensemble:
+        python_models[roles["image_postprocess"]] = ("postprocess", labels_json)
+        preset_json = {"preset.json": json.dumps(preset.as_dict(), indent=2) + "\n"}
+        python_models[roles["preprocess"]] = ("preprocess", preset_json)
     try:
-        classifier = staging / name
-        (classifier / "1").mkdir(parents=True)
-        onnx_file = classifier / "1" / triton_config.MODEL_FILE
-        result = export_onnx(model, onnx_file, image_size=size, fp16=fp16, opset=opset, verify_batches=verify_batches)
-        (classifier / "config.pbtxt").write_text(triton_config.config_text(configs[0]), encoding="utf-8")
-        if image_ensemble:
-            write_preprocess_model(staging / names[1], preset, configs[1])
-            ensemble = staging / names[2]
-            (ensemble / "1").mkdir(parents=True)  # Triton needs a version folder, empty for an ensemble
-            (ensemble / "config.pbtxt").write_text(triton_config.config_text(configs[2]), encoding="utf-8")
-        for folder in (name, *names[2:]):  # the classifier and the ensemble have labelled outputs
-            (staging / folder / triton_config.LABELS_FILE).write_text("\n".join(labels) + "\n", encoding="utf-8")
-        triton_config.validate_repository(staging)
-        for folder in names:
+        for folder, config in configs.items():
+            if folder in python_models:
+                kind, files = python_models[folder]
+                _python_model(staging / folder, kind, config, files)
+                continue
+            (staging / folder / "1").mkdir(parents=True)  # an ensemble's stays empty: Triton needs one
+            (staging / folder / "config.pbtxt").write_text(triton_config.config_text(config), encoding="utf-8")
+        onnx_file = staging / roles["classifier"] / "1" / triton_config.MODEL_FILE
+        result = write_classifier(model, onnx_file, contract, fp16=fp16, opset=opset, verify_batches=verify_batches)
+        written = triton_config.validate_repository(staging)
+        problems = triton_config.contract_problems(written, contract, image_model=image_ensemble)
+        if problems:
+            raise triton_config.TritonConfigError(repository, problems)
+        for folder in configs:
             if (repository / folder).exists():
                 shutil.rmtree(repository / folder)
             os.replace(staging / folder, repository / folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("Triton models %s written to %s and validated", ", ".join(names), repository)
+    log.info("Triton models %s written to %s and validated", ", ".join(configs), repository)
     return ExportResult("triton", repository / name, result.dtype, size, result.checks)
