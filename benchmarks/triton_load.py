@@ -1,6 +1,8 @@
-"""Bounded load against a running ``python -m resnext_hub serve``: throughput and p50/p99 latency.
+"""Bounded load against a Triton server answering resnext-hub's contract: throughput and p50/p99 latency.
 
-For each concurrency level, that many client threads (one ``tritonclient`` connection each) send
+The server is ``python -m resnext_hub serve`` or a Triton deployment of the exported repository
+(``export --format triton``): both publish the same models (resnext_hub/triton/contract.py). For
+each concurrency level, that many client threads (one ``tritonclient`` connection each) send
 ``--requests`` single-sample requests in total, after a short warm-up; one line per level is printed,
 and with ``--json`` one JSON object per level. Every request is bounded by ``--timeout``.
 
@@ -22,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from resnext_hub.triton.contract import IMAGE, IMAGE_SUFFIX, INPUT
+from resnext_hub.triton.server import TOKEN_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
-TOKEN_ENV = "RESNEXT_HUB_TRITON_TOKEN"
 
 
 def _client(protocol: str, url: str, timeout: float):
@@ -38,9 +42,9 @@ def _client(protocol: str, url: str, timeout: float):
 
 def _request(module, args: argparse.Namespace, payload: np.ndarray):
     if args.input == "image":
-        tensor = module.InferInput("image", [1, 1], "BYTES")
+        tensor = module.InferInput(IMAGE, [1, 1], "BYTES")
     else:
-        tensor = module.InferInput("input", list(payload.shape), "FP32")
+        tensor = module.InferInput(INPUT, list(payload.shape), "FP32")
     tensor.set_data_from_numpy(payload)
     return [tensor]
 
@@ -106,7 +110,8 @@ def run_level(args: argparse.Namespace, concurrency: int, payload: np.ndarray, m
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="se_resnext101_32x4d", help="served name (the image model adds _image)")
+    image_help = f"served name (the image model adds {IMAGE_SUFFIX})"
+    parser.add_argument("--model", default="se_resnext101_32x4d", help=image_help)
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
     parser.add_argument("--url", help="host:port (default 127.0.0.1:8000 for HTTP, :8001 for gRPC)")
     parser.add_argument("--input", choices=("tensor", "image"), default="tensor")
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--concurrency levels and --requests must be positive")
     if args.input == "image":
         payload = np.array([[Path(args.image).read_bytes()]], dtype=object)
-        model = f"{args.model}_image"
+        model = args.model + IMAGE_SUFFIX
     else:
         payload = np.random.default_rng(0).standard_normal((1, 3, args.image_size, args.image_size), np.float32)
         model = args.model

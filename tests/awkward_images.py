@@ -1,7 +1,7 @@
 """Awkward but valid encoded images, generated with PIL: each is a case the loader and the transform must handle.
 
 Shared by the preprocessing tests (tests/processing/test_transform.py) and the Triton ones
-(tests/resnext_hub/test_triton_image.py): the same bytes through the Python path and through the Triton backend.
+(tests/resnext_hub/test_triton_backend.py): the same bytes through the Python path and through the Triton backend.
 """
 
 from __future__ import annotations

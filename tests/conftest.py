@@ -46,8 +46,8 @@ def torch_home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="session")
 def triton_repo(small_checkpoint, tmp_path_factory) -> Path:
-    """A Triton repository for seresnext26d_32x4d written by the command line, as a user would: the ONNX
-    classifier, the preprocessing model and the image ensemble, at the weights' crop size."""
+    """A Triton repository for seresnext26d_32x4d written by the command line, as a user would: the contract's
+    two models (top-5) and the models they run, at the weights' crop size."""
     from resnext_hub import cli
 
     repo = tmp_path_factory.mktemp("repo")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from .. import exit_codes
 from .. import export as exporting
-from .. import triton as triton_config
 from ..arguments import add_model_options, add_precision_options, inference_options, model_from_args
 from ..console import printable
 from ..engine import resolve_device
@@ -20,9 +19,10 @@ from ..export import (
     export_onnx,
     export_pt2,
     export_torchscript,
-    export_triton,
 )
 from ..outputs import check_output
+from ..triton import config as triton_config
+from ..triton.repository import export_triton
 
 MIN_OPSET = 7  # the oldest ONNX opset torch.onnx writes
 # The precisions each format is written in (int8: a QDQ ONNX file for ONNX Runtime on CPUs).
@@ -95,7 +95,7 @@ def _export(args: argparse.Namespace) -> ExportResult:
         return export_onnx(model, args.output, image_size=args.image_size, fp16=fp16, opset=args.opset)
     if args.format == "torchscript":
         return export_torchscript(model, args.output, image_size=args.image_size)
-    names = ("name", "image_size", "opset", "max_batch_size", "preferred_batch_sizes", "queue_delay_us")
+    names = ("name", "image_size", "opset", "max_batch_size", "preferred_batch_sizes", "queue_delay_us", "top_k")
     names += ("instance_kind", "instance_count", "accelerator", "image_ensemble", "overwrite")
     given = {name: getattr(args, name) for name in names}
     return export_triton(model, args.output, fp16=precision == "fp16", **given)
@@ -127,6 +127,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
     triton = parser.add_argument_group("triton")
     triton.add_argument("--name", help="model name in the repository (default: the architecture)")
+    triton.add_argument("--top-k", type=int, default=5, help="classes per answer (above the class count: all)")
     triton.add_argument("--max-batch-size", type=int, default=32)
     sizes = triton_config.parse_batch_sizes
     triton.add_argument("--preferred-batch-sizes", type=sizes, default=[8, 16], help="e.g. 8,16")

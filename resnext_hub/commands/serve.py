@@ -20,11 +20,12 @@ import tempfile
 from pathlib import Path
 
 from .. import exit_codes
-from .. import serve as serving
 from ..arguments import add_inference_options, add_model_options, inference_options, model_from_args
 from ..engine import Engine
-from ..serve import TOKEN_ENV, ServeUnavailableError, build_server, check_interpreter
-from ..triton import parse_batch_sizes
+from ..triton import server as serving
+from ..triton.bundle import ServeUnavailableError, check_interpreter
+from ..triton.config import parse_batch_sizes
+from ..triton.server import TOKEN_ENV, build_server
 
 log = logging.getLogger(__name__)
 

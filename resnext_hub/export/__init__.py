@@ -8,7 +8,9 @@ term keeps the bound meaningful for large logits), with ``tol`` 1e-4 for fp32, 2
 for bf16, and the top-1 class must agree.
 
 Which format for what: ONNX for ONNX Runtime, TensorRT and Triton (the repository); pt2 for C++ or
-Python without this source code; TorchScript only for deployments that already load it.
+Python without this source code; TorchScript only for deployments that already load it. The Triton
+repository is written by :func:`resnext_hub.triton.repository.export_triton` (it builds on
+:func:`export_onnx`, so this package does not import it).
 
 ``python -m resnext_hub export --help`` for the command line (:mod:`resnext_hub.commands.export`).
 """
@@ -28,7 +30,6 @@ from .onnx_file import DEFAULT_OPSET, export_onnx, verify_onnx
 from .pt2_package import PRECISIONS as PT2_PRECISIONS
 from .pt2_package import export_pt2, run_isolated, verify_pt2
 from .torchscript_file import export_torchscript, verify_torchscript
-from .triton_repository import export_triton
 
 FORMATS = ("onnx", "torchscript", "pt2", "triton")
 
@@ -48,7 +49,6 @@ __all__ = [
     "export_onnx",
     "export_pt2",
     "export_torchscript",
-    "export_triton",
     "run_isolated",
     "verify_onnx",
     "verify_pt2",

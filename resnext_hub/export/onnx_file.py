@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import triton as triton_config
 from .checks import (
     FP16_TOLERANCE,
     FP32_TOLERANCE,
@@ -32,6 +31,8 @@ from .checks import (
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 23
+INPUT_NAME = "input"  # (batch, 3, S, S) FP32
+OUTPUT_NAMES = ("logits", "probabilities")  # (batch, classes) FP32 each
 EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo", "torch.fx")
 
 
@@ -63,7 +64,7 @@ def verify_onnx(
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
     def run(x: torch.Tensor) -> np.ndarray:
-        logits, probabilities = session.run(list(triton_config.OUTPUT_NAMES), {triton_config.INPUT_NAME: x.numpy()})
+        logits, probabilities = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
         if not np.allclose(probabilities, torch.from_numpy(logits).softmax(1).numpy(), atol=1e-5):
             raise ExportError(f"{path}: the probabilities output is not softmax(logits)")
         return logits
@@ -95,8 +96,8 @@ def export_onnx(
             program = torch.onnx.export(
                 module,
                 (example_input(TRACE_BATCH, size, 0),),
-                input_names=[triton_config.INPUT_NAME],
-                output_names=list(triton_config.OUTPUT_NAMES),
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
                 opset_version=opset,
                 dynamo=True,

@@ -29,13 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import triton as triton_config
 from ..models import ResNet
 from ..models.cpu import cpu_has_int8_dot
 from ..models.quantize import calibration_batches
 from ..processing.atomic import staged
 from .checks import Check, ExportError, ExportResult, default_image_size
-from .onnx_file import DEFAULT_OPSET, export_onnx
+from .onnx_file import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAMES, export_onnx
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +101,7 @@ def export_onnx_int8(
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self._batches, None)
-            return None if batch is None else {triton_config.INPUT_NAME: batch.numpy()}
+            return None if batch is None else {INPUT_NAME: batch.numpy()}
 
     with staged(path) as staging:  # its private folder holds the intermediate files too
         scratch = staging.parent
@@ -145,7 +144,7 @@ def verify_onnx_int8(
             continue
         with torch.inference_mode():
             want = eager(batch).double()
-        logits, probabilities = session.run(list(triton_config.OUTPUT_NAMES), {triton_config.INPUT_NAME: batch.numpy()})
+        logits, probabilities = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch.numpy()})
         got = torch.from_numpy(logits).double()
         if got.shape != want.shape:
             raise ExportError(f"{what} gives shape {tuple(got.shape)}, the eager model {tuple(want.shape)}")

@@ -1,10 +1,10 @@
-"""ONNX, TorchScript, pt2 and Triton-repository export: real files, run and compared with eager."""
+"""ONNX, TorchScript and pt2 export: real files, run and compared with eager (the Triton repository:
+test_triton_repository.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import sys
 import zipfile
@@ -16,12 +16,10 @@ import pytest
 import torch
 from conftest import ROOT
 from torch import nn
-from tritonclient.grpc import model_config_pb2
 
 from resnext_hub import cli
 from resnext_hub.export import (
     BF16_TOLERANCE,
-    DEFAULT_OPSET,
     FP16_TOLERANCE,
     FP32_TOLERANCE,
     TRACE_BATCH,
@@ -33,21 +31,11 @@ from resnext_hub.export import (
 )
 from resnext_hub.models import build_model
 from resnext_hub.models.cpu import cpu_has_native_bf16
-from resnext_hub.processing import imagenet_labels
-from resnext_hub.triton import (
-    TritonConfigError,
-    build_config,
-    config_text,
-    onnx_signature,
-    read_config,
-    validate_model_dir,
-    validate_repository,
-)
+from resnext_hub.triton.config import onnx_signature
 from tools.fake_checkpoints import write_ngc_file
 
 ARCH = "seresnext26d_32x4d"
 SIZE = 64  # every property here holds at any input size; 64 keeps the forward passes (and compiles) cheap
-CROP = 224  # the weights' crop size: the Triton repository's (tests/conftest.py), whose ensemble preprocesses images
 
 
 @pytest.fixture(scope="module")
@@ -63,129 +51,6 @@ def model(checkpoint):
 def _eager(model: nn.Module, x: torch.Tensor) -> np.ndarray:
     with torch.inference_mode():
         return model(x).numpy()
-
-
-def test_triton_repository_layout_and_config(triton_repo, tmp_path):
-    model_dir = triton_repo / ARCH
-    # The classifier, the preprocessing model and the ensemble; no staging leftovers.
-    assert sorted(p.name for p in triton_repo.iterdir()) == [ARCH, f"{ARCH}_image", f"{ARCH}_preprocess"]
-    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt", "labels.txt"]
-    assert (model_dir / "1" / "model.onnx").is_file()
-    (triton_repo.parent / "plain").write_bytes(b"")  # a Triton container running as another user can read it
-    assert (
-        _mode(model_dir / "1" / "model.onnx")
-        == _mode(model_dir / "config.pbtxt")
-        == _mode(triton_repo.parent / "plain")
-    )
-    config = read_config(model_dir / "config.pbtxt")  # Triton's own schema
-    assert (config.name, config.platform, config.max_batch_size) == (ARCH, "onnxruntime_onnx", 16)
-    assert [(i.name, list(i.dims)) for i in config.input] == [("input", [3, CROP, CROP])]
-    assert [(o.name, list(o.dims), o.label_filename) for o in config.output] == [
-        ("logits", [1000], "labels.txt"),
-        ("probabilities", [1000], "labels.txt"),
-    ]
-    assert list(config.dynamic_batching.preferred_batch_size) == [4, 8]
-    assert config.dynamic_batching.max_queue_delay_microseconds == 500
-    assert [(g.kind, g.count) for g in config.instance_group] == [(config.instance_group[0].KIND_CPU, 2)]
-    labels = (model_dir / "labels.txt").read_text(encoding="utf-8").splitlines()
-    assert labels == imagenet_labels() and labels[0] == "tench, Tinca tinca"
-    assert validate_model_dir(model_dir).name == ARCH
-
-    configs = validate_repository(triton_repo)  # every folder, and the ensemble's wiring
-    preprocess, ensemble = configs[f"{ARCH}_preprocess"], configs[f"{ARCH}_image"]
-    assert (preprocess.backend, preprocess.max_batch_size) == ("python", 16)
-    assert [(i.name, i.data_type, list(i.dims)) for i in preprocess.input] == [
-        ("image", model_config_pb2.TYPE_STRING, [1])
-    ]
-    assert [(o.name, list(o.dims)) for o in preprocess.output] == [("input", [3, CROP, CROP])]
-    assert list(preprocess.dynamic_batching.preferred_batch_size) == [4, 8]
-    assert (ensemble.platform, ensemble.max_batch_size) == ("ensemble", 16)
-    assert [s.model_name for s in ensemble.ensemble_scheduling.step] == [f"{ARCH}_preprocess", ARCH]
-    assert [(o.name, o.label_filename) for o in ensemble.output] == [("probabilities", "labels.txt")]
-    assert (triton_repo / f"{ARCH}_image" / "labels.txt").read_text(encoding="utf-8").splitlines() == labels
-    assert list((triton_repo / f"{ARCH}_image" / "1").iterdir()) == []  # the version folder Triton needs
-
-
-def test_triton_onnx_has_dynamic_batch_and_matches_eager(triton_repo, model):
-    path = triton_repo / ARCH / "1" / "model.onnx"
-    graph = onnx.load(str(path))
-    assert max(op.version for op in graph.opset_import if op.domain in ("", "ai.onnx")) == DEFAULT_OPSET
-    signature = onnx_signature(path)
-    assert signature["inputs"]["input"][1][0] == "batch" and signature["inputs"]["input"][1][1:] == [3, CROP, CROP]
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for batch in (1, 5):  # neither is the batch it was traced with
-        assert batch != TRACE_BATCH
-        x = torch.randn(batch, 3, CROP, CROP, generator=torch.Generator().manual_seed(batch))
-        logits, probabilities = session.run(None, {"input": x.numpy()})
-        expected = _eager(model, x)
-        assert logits.shape == (batch, 1000)
-        np.testing.assert_allclose(logits, expected, rtol=0, atol=FP32_TOLERANCE * max(1, np.abs(expected).max()))
-        np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
-
-
-def test_validation_catches_what_triton_would_refuse(triton_repo, tmp_path):
-    source = triton_repo / ARCH
-    config_text = (source / "config.pbtxt").read_text()
-
-    def broken(name: str, text: str, labels: int | None = None):
-        folder = tmp_path / name
-        shutil.copytree(source, folder)
-        (folder / "config.pbtxt").write_text(text)
-        if labels is not None:
-            (folder / "labels.txt").write_text("x\n" * labels)
-        with pytest.raises(TritonConfigError) as caught:
-            validate_model_dir(folder)
-        return str(caught.value)
-
-    assert "differs from the folder name" in broken("renamed", config_text)
-    assert f"dims [3, 32, 32] in config, [3, {CROP}, {CROP}] in the graph" in broken(
-        ARCH + "_a", config_text.replace(f"dims: {CROP}", "dims: 32")
-    )
-    assert "not a valid Triton model config" in broken(ARCH + "_b", config_text + "\nmax_batch: 3\n")
-    assert "output names" in broken(ARCH + "_c", config_text.replace('"logits"', '"scores"'))
-    assert "999 lines in labels.txt, 1000 classes" in broken(ARCH + "_d", config_text, labels=999)
-    assert "preferred_batch_size [32]" in broken(
-        ARCH + "_e", config_text.replace("preferred_batch_size: 8", "preferred_batch_size: 32")
-    )
-
-
-def test_repository_validation_checks_the_ensemble_wiring(triton_repo, tmp_path):
-    ensemble = f"{ARCH}_image"
-    text = (triton_repo / ensemble / "config.pbtxt").read_text()
-
-    def problems(edit) -> str:
-        repo = tmp_path / f"repo{len(list(tmp_path.iterdir()))}"
-        shutil.copytree(triton_repo, repo)
-        edit(repo)
-        with pytest.raises(TritonConfigError) as caught:
-            validate_repository(repo)
-        return str(caught.value)
-
-    def config(new: str):
-        return lambda repo: (repo / ensemble / "config.pbtxt").write_text(new)
-
-    assert "no such model in the repository" in problems(lambda repo: shutil.rmtree(repo / f"{ARCH}_preprocess"))
-    assert "no version folder 1/" in problems(lambda repo: (repo / ensemble / "1").rmdir())
-    assert "no 1/model.py (the Python backend's entry point)" in problems(
-        lambda repo: (repo / f"{ARCH}_preprocess" / "1" / "model.py").unlink()
-    )
-    assert "is ('TYPE_FP32', [1001]) in the config, ('TYPE_FP32', [1000]) from step 2" in problems(
-        config(text.replace("dims: 1000", "dims: 1001"))
-    )
-    # The preprocessing model's output does not fit the classifier's input any more.
-    preprocess = f"{ARCH}_preprocess/config.pbtxt"
-    assert f"input 'input' is ('TYPE_FP32', [3, {CROP}, {CROP}]), 'preprocessed' from step 1" in problems(
-        lambda repo: (repo / preprocess).write_text(
-            (repo / preprocess).read_text().replace(f"dims: {CROP}", "dims: 64")
-        )
-    )
-    wired = 'input_map {\n      key: "input"\n      value: "preprocessed"'
-    assert text.count(wired) == 1
-    assert "reads 'preprocesed', which nothing produces" in problems(
-        config(text.replace(wired, wired.replace("preprocessed", "preprocesed")))
-    )
-    bigger = config(text.replace("max_batch_size: 16", "max_batch_size: 32"))
-    assert "max_batch_size 16 < the ensemble's 32" in problems(bigger)
 
 
 def test_fp16_onnx_within_stated_bound(model, tmp_path):
@@ -291,22 +156,6 @@ def test_nvidia_model_exports_to_onnx(tmp_path):
     assert check.batch_size == 1 and check.top1_agrees
     assert check.max_abs_diff <= FP32_TOLERANCE * max(1, check.logit_scale)
     assert onnx_signature(result.path)["outputs"]["logits"][1] == ["batch", 1000]
-
-
-def test_gpu_tensorrt_config_round_trips_and_bad_options_are_refused(tmp_path):
-    config = build_config(
-        "m", image_size=224, num_classes=10, instance_kind="gpu", instance_count=2, accelerator="tensorrt", fp16=True
-    )
-    (tmp_path / "config.pbtxt").write_text(config_text(config))
-    parsed = read_config(tmp_path / "config.pbtxt")
-    assert parsed == config
-    assert [(g.kind, g.count) for g in parsed.instance_group] == [(parsed.instance_group[0].KIND_GPU, 2)]
-    trt = parsed.optimization.execution_accelerators.gpu_execution_accelerator[0]
-    assert (trt.name, trt.parameters["precision_mode"]) == ("tensorrt", "FP16")
-    with pytest.raises(TritonConfigError) as caught:
-        build_config("m", image_size=224, num_classes=10, max_batch_size=4, preferred_batch_sizes=(8,),
-                     instance_kind="cpu", accelerator="tensorrt")  # fmt: skip
-    assert len(caught.value.problems) == 2 and "needs GPU instances" in str(caught.value)
 
 
 def test_isolated_process_has_no_access_to_this_repository():

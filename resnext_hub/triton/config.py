@@ -1,12 +1,13 @@
-"""Triton model configuration: write ``config.pbtxt`` and check it as Triton would.
+"""Triton model configuration: generate every ``config.pbtxt`` from the contract, and check them as Triton would.
 
 The configs are built and parsed with Triton's own schema, the ``ModelConfig`` protobuf that the
 ``tritonclient`` package ships, so a field Triton does not know, or a value of the wrong type, is an
-error here rather than at server start. Three kinds of model are written: the ONNX classifier
-(:func:`build_config`), the Python-backend preprocessing model (:func:`build_preprocess_config`)
-and the ensemble that chains them from image bytes to labels (:func:`build_ensemble_config`).
+error here rather than at server start. :func:`repository_configs` generates the exported
+repository's models from a :class:`~.contract.Contract`: the contract's two public models as
+ensembles, and the models they run (the ONNX classifier, ending in top-k; the Python-backend
+preprocessing and postprocessing). :func:`contract_problems` checks configs against the contract.
 :func:`validate_model_dir` then checks what the schema cannot: the version folder and model file
-exist, names and dims agree with the ONNX graph, batch sizes are consistent and the labels file has
+exist, names and dims agree with the ONNX graph, batch sizes are consistent and a labels file has
 one line per class; :func:`validate_repository` also checks that every ensemble step's model exists
 and that the tensors passed between steps agree in type and dims.
 """
@@ -14,20 +15,20 @@ and that the tensors passed between steps agree in type and dims.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from .contract import ERROR, IMAGE, INDICES, INPUT, PROBABILITIES, Contract, ModelSpec, TensorSpec
 
 PLATFORM = "onnxruntime_onnx"
 MODEL_FILE = "model.onnx"
 PYTHON_MODEL_FILE = "model.py"
-LABELS_FILE = "labels.txt"
-INPUT_NAME = "input"
-OUTPUT_NAMES = ("logits", "probabilities")
-IMAGE_INPUT = "image"  # the preprocessing model's and the ensemble's input: encoded image bytes
-ENSEMBLE_OUTPUT = "probabilities"
-PREPROCESSED = "preprocessed"  # the ensemble's name for the tensor passed from preprocessing to the classifier
 INSTANCE_KINDS = ("cpu", "gpu")
 ACCELERATORS = ("tensorrt",)
+# The models each public model runs, named after it.
+CLASSIFIER_SUFFIX, PREPROCESS_SUFFIX, POSTPROCESS_SUFFIX = "_classifier", "_preprocess", "_postprocess"
+# Triton's datatype names (the contract's) -> the config schema's enum names.
+CONFIG_TYPES = {"FP32": "TYPE_FP32", "INT64": "TYPE_INT64", "BYTES": "TYPE_STRING"}
 
 
 class TritonConfigError(ValueError):
@@ -70,11 +71,32 @@ def _batching_problems(max_batch_size: int, preferred_batch_sizes: Sequence[int]
     return problems
 
 
-def build_config(
-    name: str,
+def _add(entries, specs: Sequence[TensorSpec], pb) -> None:
+    for spec in specs:
+        entries.add(name=spec.name, data_type=pb.DataType.Value(CONFIG_TYPES[spec.datatype]), dims=list(spec.dims))
+
+
+def _model(pb, name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch_size: int, **kind):
+    config = pb.ModelConfig(name=name, max_batch_size=max_batch_size, **kind)
+    _add(config.input, inputs, pb)
+    _add(config.output, outputs, pb)
+    return config
+
+
+def _batched(config, preferred_batch_sizes: Sequence[int], queue_delay_us: int):
+    config.dynamic_batching.preferred_batch_size.extend(sorted(set(preferred_batch_sizes)))
+    config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
+    return config
+
+
+def classifier_outputs(contract: Contract) -> tuple[TensorSpec, TensorSpec]:
+    """What the ONNX classifier answers: the contract's top-k ``probabilities`` and ``indices``."""
+    return contract.output(PROBABILITIES), contract.output(INDICES)
+
+
+def build_classifier_config(
+    contract: Contract,
     *,
-    image_size: int,
-    num_classes: int,
     max_batch_size: int = 32,
     preferred_batch_sizes: Sequence[int] = (8, 16),
     queue_delay_us: int = 2000,
@@ -82,9 +104,9 @@ def build_config(
     instance_count: int = 1,
     accelerator: str | None = None,
     fp16: bool = False,
-    labels: bool = True,
 ):
-    """The ``ModelConfig`` message of an exported classifier (see docs/triton.md for each field).
+    """The ``ModelConfig`` of the ONNX classifier ``<name>_classifier`` (see docs/triton.md for each field):
+    the contract's ``input`` in, its top-k ``probabilities`` and ``indices`` out.
 
     Inputs and outputs are FP32 even for an fp16 export (the graph casts inside). ``instance_kind``
     ``None`` leaves the choice to Triton (GPU where present). ``accelerator="tensorrt"`` asks
@@ -102,15 +124,9 @@ def build_config(
         problems.append("the TensorRT accelerator needs GPU instances; drop --instance-kind cpu or the accelerator")
     if problems:
         raise TritonConfigError("Triton config", problems)
-
-    config = pb.ModelConfig(name=name, platform=PLATFORM, max_batch_size=max_batch_size)
-    config.input.add(name=INPUT_NAME, data_type=pb.TYPE_FP32, dims=[3, image_size, image_size])
-    for output in OUTPUT_NAMES:
-        added = config.output.add(name=output, data_type=pb.TYPE_FP32, dims=[num_classes])
-        if labels:
-            added.label_filename = LABELS_FILE
-    config.dynamic_batching.preferred_batch_size.extend(sorted(set(preferred_batch_sizes)))
-    config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
+    name = contract.name + CLASSIFIER_SUFFIX
+    config = _model(pb, name, (contract.tensor_input,), classifier_outputs(contract), max_batch_size, platform=PLATFORM)
+    _batched(config, preferred_batch_sizes, queue_delay_us)
     if instance_kind is not None:
         kind = pb.ModelInstanceGroup.KIND_GPU if instance_kind == "gpu" else pb.ModelInstanceGroup.KIND_CPU
         config.instance_group.add(kind=kind, count=instance_count)
@@ -121,51 +137,155 @@ def build_config(
     return config
 
 
-def build_preprocess_config(
+def build_python_config(
     name: str,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
     *,
-    image_size: int,
     max_batch_size: int = 32,
     preferred_batch_sizes: Sequence[int] = (8, 16),
     queue_delay_us: int = 2000,
     instance_count: int = 1,
 ):
-    """The Python-backend preprocessing model: ``image`` (BYTES ``(1,)``, the encoded file) in,
-    ``input`` (FP32 ``(3, S, S)``, what the classifier takes) out; dynamic batching, CPU instances."""
+    """A Python-backend model: dynamic batching, ``instance_count`` CPU instances."""
     pb = _pb()
     problems = _batching_problems(max_batch_size, preferred_batch_sizes, queue_delay_us)
     if instance_count < 1:
         problems.append(f"instance count must be at least 1, got {instance_count}")
     if problems:
-        raise TritonConfigError("Triton preprocessing config", problems)
-    config = pb.ModelConfig(name=name, backend="python", max_batch_size=max_batch_size)
-    config.input.add(name=IMAGE_INPUT, data_type=pb.TYPE_STRING, dims=[1])
-    config.output.add(name=INPUT_NAME, data_type=pb.TYPE_FP32, dims=[3, image_size, image_size])
-    config.dynamic_batching.preferred_batch_size.extend(sorted(set(preferred_batch_sizes)))
-    config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
+        raise TritonConfigError(f"Triton config of {name}", problems)
+    config = _model(pb, name, inputs, outputs, max_batch_size, backend="python")
+    _batched(config, preferred_batch_sizes, queue_delay_us)
     config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=instance_count)
     return config
 
 
-def build_ensemble_config(
-    name: str, *, preprocess: str, classifier: str, num_classes: int, max_batch_size: int = 32, labels: bool = True
-):
-    """The ensemble from image bytes to class probabilities: ``image`` (BYTES ``(1,)``) through
-    ``preprocess`` and ``classifier`` to ``probabilities`` (FP32 ``(classes,)``, with the labels file
-    for Triton's classification extension). It has no scheduler of its own: its models batch."""
+def build_ensemble_config(model: ModelSpec, steps: Sequence[tuple[str, dict, dict]], *, max_batch_size: int = 32):
+    """The ensemble publishing ``model``: ``steps`` are ``(model name, input_map, output_map)``, run in order.
+    It has no scheduler of its own: its models batch."""
     pb = _pb()
-    config = pb.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch_size)
-    config.input.add(name=IMAGE_INPUT, data_type=pb.TYPE_STRING, dims=[1])
-    output = config.output.add(name=ENSEMBLE_OUTPUT, data_type=pb.TYPE_FP32, dims=[num_classes])
-    if labels:
-        output.label_filename = LABELS_FILE
-    first = config.ensemble_scheduling.step.add(model_name=preprocess, model_version=-1)
-    first.input_map[IMAGE_INPUT] = IMAGE_INPUT
-    first.output_map[INPUT_NAME] = PREPROCESSED
-    second = config.ensemble_scheduling.step.add(model_name=classifier, model_version=-1)
-    second.input_map[INPUT_NAME] = PREPROCESSED
-    second.output_map[ENSEMBLE_OUTPUT] = ENSEMBLE_OUTPUT
+    config = _model(pb, model.name, model.inputs, model.outputs, max_batch_size, platform="ensemble")
+    for step_model, input_map, output_map in steps:
+        step = config.ensemble_scheduling.step.add(model_name=step_model, model_version=-1)
+        step.input_map.update(input_map)
+        step.output_map.update(output_map)
     return config
+
+
+def model_roles(contract: Contract) -> dict[str, str]:
+    """Each model of the exported repository by role: the contract's ``tensor`` and ``image`` models and
+    the models they run (``classifier``, ``postprocess``; ``preprocess``, ``image_postprocess``)."""
+    tensor, image = contract.tensor_model.name, contract.image_model.name
+    return {
+        "tensor": tensor,
+        "classifier": tensor + CLASSIFIER_SUFFIX,
+        "postprocess": tensor + POSTPROCESS_SUFFIX,
+        "image": image,
+        "preprocess": tensor + PREPROCESS_SUFFIX,
+        "image_postprocess": image + POSTPROCESS_SUFFIX,
+    }
+
+
+def repository_configs(
+    contract: Contract,
+    *,
+    image_ensemble: bool = True,
+    max_batch_size: int = 32,
+    preferred_batch_sizes: Sequence[int] = (8, 16),
+    queue_delay_us: int = 2000,
+    instance_kind: str | None = None,
+    instance_count: int = 1,
+    accelerator: str | None = None,
+    fp16: bool = False,
+) -> dict[str, object]:
+    """Every model of the exported repository, ``{name: ModelConfig}``, generated from ``contract``.
+
+    ``<name>`` (ensemble): ``input`` -> ``<name>_classifier`` (ONNX: softmax, top-k) ->
+    ``<name>_postprocess`` (Python: labels; blanks a sample whose scores are not finite).
+    ``<name>_image`` (ensemble): ``image`` -> ``<name>_preprocess`` (Python: the hardened loader and
+    the preset; a placeholder tensor and the reason for a bad image) -> the same classifier ->
+    ``<name>_image_postprocess`` (Python: labels, and a blank top-k where preprocessing gave a reason).
+    ``image_ensemble=False`` leaves out the image model and the models only it runs.
+    """
+    roles = model_roles(contract)
+    batching = dict(
+        max_batch_size=max_batch_size, preferred_batch_sizes=preferred_batch_sizes, queue_delay_us=queue_delay_us
+    )
+    top_k = classifier_outputs(contract)
+    classified = {spec.name: f"classifier_{spec.name}" for spec in top_k}  # the ensembles' names for them
+    answered = {spec.name: spec.name for spec in contract.outputs}
+    configs = {
+        roles["classifier"]: build_classifier_config(
+            contract,
+            instance_kind=instance_kind,
+            instance_count=instance_count,
+            accelerator=accelerator,
+            fp16=fp16,
+            **batching,
+        ),
+        roles["postprocess"]: build_python_config(
+            roles["postprocess"], top_k, contract.outputs, instance_count=instance_count, **batching
+        ),
+        roles["tensor"]: build_ensemble_config(
+            contract.tensor_model,
+            [
+                (roles["classifier"], {INPUT: INPUT}, classified),
+                (roles["postprocess"], classified, answered),
+            ],
+            max_batch_size=max_batch_size,
+        ),
+    }
+    if image_ensemble:
+        error = contract.output(ERROR)
+        configs[roles["preprocess"]] = build_python_config(
+            roles["preprocess"],
+            (contract.image_input,),
+            (contract.tensor_input, error),
+            instance_count=instance_count,
+            **batching,
+        )
+        configs[roles["image_postprocess"]] = build_python_config(
+            roles["image_postprocess"], (*top_k, error), contract.outputs, instance_count=instance_count, **batching
+        )
+        preprocessed = {INPUT: "preprocessed", ERROR: "preprocess_error"}
+        configs[roles["image"]] = build_ensemble_config(
+            contract.image_model,
+            [
+                (roles["preprocess"], {IMAGE: IMAGE}, preprocessed),
+                (roles["classifier"], {INPUT: preprocessed[INPUT]}, classified),
+                (roles["image_postprocess"], {**classified, ERROR: preprocessed[ERROR]}, answered),
+            ],
+            max_batch_size=max_batch_size,
+        )
+    return configs
+
+
+def tensors(entries) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{name: (datatype, dims)}`` of a config's inputs or outputs, datatypes as the contract spells them."""
+    pb = _pb()
+    names = {value: key for key, value in CONFIG_TYPES.items()}
+    found = {}
+    for entry in entries:
+        config_type = pb.DataType.Name(entry.data_type)
+        found[entry.name] = (names.get(config_type, config_type), tuple(entry.dims))
+    return found
+
+
+def contract_problems(configs: Mapping[str, object], contract: Contract, *, image_model: bool = True) -> list[str]:
+    """How ``configs`` (``{name: ModelConfig}``) differ from the contract's public models (empty: they agree)."""
+    problems = []
+    for model in contract.models if image_model else (contract.tensor_model,):
+        config = configs.get(model.name)
+        if config is None:
+            problems.append(f"no model {model.name!r} (the contract's)")
+            continue
+        sides = (("inputs", config.input, model.inputs), ("outputs", config.output, model.outputs))
+        for kind, declared, specs in sides:
+            found = tensors(declared)
+            expected = {spec.name: (spec.datatype, spec.dims) for spec in specs}
+            if found != expected:
+                problems.append(f"{model.name}: {kind} {found} in the config, the contract's are {expected}")
+    return problems
 
 
 def config_text(config) -> str:
@@ -316,14 +436,10 @@ def validate_model_dir(model_dir: str | Path, *, version: str = "1"):
     return config
 
 
-def _tensors(entries, pb) -> dict[str, tuple[str, list[int]]]:
-    return {entry.name: (pb.DataType.Name(entry.data_type), list(entry.dims)) for entry in entries}
-
-
-def _ensemble_problems(config, configs: dict, pb) -> list[str]:
+def _ensemble_problems(config, configs: dict) -> list[str]:
     """Steps name models of the repository; every tensor passed is produced once and read with its type and dims."""
     problems = []
-    ensemble_inputs = _tensors(config.input, pb)
+    ensemble_inputs = tensors(config.input)
     produced = {name: (*spec, "the ensemble's input") for name, spec in ensemble_inputs.items()}
     steps = []
     for number, step in enumerate(config.ensemble_scheduling.step, 1):
@@ -334,7 +450,7 @@ def _ensemble_problems(config, configs: dict, pb) -> list[str]:
             continue
         if config.max_batch_size > 0 and not 0 < config.max_batch_size <= model.max_batch_size:
             problems.append(f"{where}: max_batch_size {model.max_batch_size} < the ensemble's {config.max_batch_size}")
-        outputs = _tensors(model.output, pb)
+        outputs = tensors(model.output)
         for key, tensor in step.output_map.items():
             if key not in outputs:
                 problems.append(f"{where}: output_map names {key!r}; the model's outputs are {sorted(outputs)}")
@@ -342,7 +458,7 @@ def _ensemble_problems(config, configs: dict, pb) -> list[str]:
                 problems.append(f"{where}: {tensor!r} is already produced by {produced[tensor][2]}")
             else:
                 produced[tensor] = (*outputs[key], where)
-        steps.append((where, step, _tensors(model.input, pb)))
+        steps.append((where, step, tensors(model.input)))
     consumed = set()
     for where, step, inputs in steps:
         unmapped = sorted(set(inputs) - set(step.input_map))
@@ -357,7 +473,7 @@ def _ensemble_problems(config, configs: dict, pb) -> list[str]:
             elif tuple(produced[tensor][:2]) != inputs[key]:
                 found = produced[tensor]
                 problems.append(f"{where}: input {key!r} is {inputs[key]}, {tensor!r} from {found[2]} is {found[:2]}")
-    for name, spec in _tensors(config.output, pb).items():
+    for name, spec in tensors(config.output).items():
         if name not in produced:
             problems.append(f"output {name!r}: no step produces it")
         elif tuple(produced[name][:2]) != spec:
@@ -373,7 +489,6 @@ def validate_repository(repository: str | Path, *, version: str = "1") -> dict:
 
     Returns ``{name: config}``; raises :class:`TritonConfigError` naming every problem found.
     """
-    pb = _pb()
     repository = Path(repository)
     configs, problems = {}, []
     for folder in sorted(p for p in repository.iterdir() if (p / "config.pbtxt").is_file()):
@@ -386,7 +501,7 @@ def validate_repository(repository: str | Path, *, version: str = "1") -> dict:
         problems.append("no model folders (none has a config.pbtxt)")
     for name, config in configs.items():
         if model_kind(config) == "ensemble":
-            problems += [f"{name}: {problem}" for problem in _ensemble_problems(config, configs, pb)]
+            problems += [f"{name}: {problem}" for problem in _ensemble_problems(config, configs)]
     if problems:
         raise TritonConfigError(repository, problems)
     return configs

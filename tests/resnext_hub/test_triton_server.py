@@ -1,14 +1,12 @@
-"""A real Triton Inference Server (PyTriton) on 127.0.0.1, driven by tritonclient over HTTP and gRPC."""
+"""``serve``: a real Triton Inference Server (PyTriton) on 127.0.0.1, driven by tritonclient over HTTP and gRPC."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -17,6 +15,7 @@ import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from conftest import RGB_PHOTOS, ROOT
+from triton_servers import TOKEN, ServeProcess
 from tritonclient.utils import InferenceServerException
 
 from resnext_hub import cli
@@ -24,68 +23,13 @@ from resnext_hub.engine import Engine
 from resnext_hub.models import build_model
 from resnext_hub.options import InferenceOptions
 from resnext_hub.processing import InvalidImageError, load_image
-from resnext_hub.serve import TOKEN_ENV, ServeUnavailableError, check_interpreter
+from resnext_hub.triton.bundle import ServeUnavailableError, check_interpreter
+from resnext_hub.triton.server import TOKEN_ENV
+
+pytestmark = pytest.mark.slow  # every test here starts a server or a subprocess
 
 ARCH = "seresnext26d_32x4d"
-TOKEN = "test-token-for-admin-endpoints"
 TOP_K = 3
-START_TIMEOUT_S = 180
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Server:
-    """``python -m resnext_hub serve`` in a subprocess, as a user starts it."""
-
-    def __init__(self, checkpoint, log_path, *, top_k: int = TOP_K, launcher: tuple[str, ...] = ("-m", "resnext_hub")):
-        self.http_port, self.grpc_port = _free_port(), _free_port()
-        argv = [sys.executable, *launcher, "serve", "--model", ARCH, "--checkpoint", str(checkpoint)]
-        argv += ["--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), "--metrics-port", "0"]
-        # A long queue delay makes batching certain however slowly this machine runs the requests.
-        argv += ["--max-batch-size", "8", "--preferred-batch-sizes", "4,8", "--queue-delay-us", "200000"]
-        # Exact fp32 on both sides: bf16 may swap near-tied classes of random weights.
-        argv += ["--top-k", str(top_k), "--device", "cpu", "--precision", "fp32"]
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        env = {**os.environ, TOKEN_ENV: TOKEN}
-        self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.http = httpclient.InferenceServerClient(f"127.0.0.1:{self.http_port}", concurrency=8)
-        self.wait_ready()
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                log = self.log_path.read_text()[-3000:]
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{log}")
-            try:
-                if self.http.is_model_ready(ARCH) and self.http.is_model_ready(f"{ARCH}_image"):
-                    return
-            except Exception:  # not listening yet
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"server not ready after {START_TIMEOUT_S} s:\n{self.log_path.read_text()[-3000:]}")
-
-    def statistics(self, model: str) -> dict:
-        return self.http.get_inference_statistics(model, headers={"triton-access-token": TOKEN})["model_stats"][0]
-
-    def stop(self) -> int:
-        self.http.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-            return -9
-        finally:
-            self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +44,7 @@ def classifier(checkpoint):
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    server = Server(checkpoint, tmp_path_factory.mktemp("serve-log") / "server.log")
+    server = ServeProcess(ARCH, checkpoint, tmp_path_factory.mktemp("serve-log") / "server.log", top_k=TOP_K)
     yield server
     server.stop()
 
@@ -138,12 +82,13 @@ def test_concurrent_http_and_grpc_requests_match_local_inference_and_are_batched
             client = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}", network_timeout=120)
             result = client.infer(ARCH, _tensor_request("http", x))
         client.close()
-        return {name: result.as_numpy(name)[0] for name in ("labels", "probabilities", "indices")}
+        return {name: result.as_numpy(name)[0] for name in ("labels", "probabilities", "indices", "error")}
 
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(send, range(len(inputs))))
     expected = classifier.top_k(torch.from_numpy(inputs), TOP_K)
     for answer, local in zip(answers, expected):
+        assert answer["error"].tolist() == [b""]  # the contract's error output: empty, the sample was answered
         assert answer["indices"].tolist() == [p.index for p in local]
         assert [label.decode() for label in answer["labels"]] == [p.label for p in local]
         np.testing.assert_allclose(answer["probabilities"], [p.probability for p in local], rtol=1e-4, atol=1e-6)
@@ -186,9 +131,10 @@ def test_wrong_input_shape_is_refused_by_the_server(server):
 
 
 def test_load_script_reports_throughput_and_latency(server):
-    argv = [sys.executable, str(ROOT / "benchmarks" / "triton_load.py"), "--model", ARCH, "--json"]
+    argv = [sys.executable, "-m", "benchmarks.triton_load", "--model", ARCH, "--json"]
     argv += ["--url", f"127.0.0.1:{server.http_port}", "--concurrency", "1,4", "--requests", "8"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**os.environ, TOKEN_ENV: TOKEN})
+    env = {**os.environ, TOKEN_ENV: TOKEN}
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     levels = [json.loads(line) for line in done.stdout.splitlines()]
     assert [level["concurrency"] for level in levels] == [1, 4]
@@ -236,7 +182,7 @@ def _png(size) -> bytes:
 def faulty_server(checkpoint, tmp_path_factory):
     """A server with the faulty preset and --top-k 2000 (above the 1000 classes: all of them)."""
     log = tmp_path_factory.mktemp("faulty-serve-log") / "server.log"
-    server = Server(checkpoint, log, top_k=2000, launcher=("-c", FAULTY_PRESET))
+    server = ServeProcess(ARCH, checkpoint, log, top_k=2000, launcher=("-c", FAULTY_PRESET))
     yield server
     assert server.stop() == 0
     assert "Traceback" not in log.read_text()

@@ -1,9 +1,9 @@
 """Run the ``tritonserver`` that PyTriton ships on a model repository of your own.
 
 PyTriton bundles the server binary, its libraries and Python-backend stubs per Python version, and
-normally starts them for the models it binds in-process (:mod:`resnext_hub.serve`). This starts the
-same binary on any repository, set up the way PyTriton sets it up: the stub that matches this
-interpreter (checked by :func:`resnext_hub.serve.check_interpreter`) beside the Python backend's
+normally starts them for the models it binds in-process (:mod:`.server`). This starts the same
+binary on any repository, set up the way PyTriton sets it up (:mod:`.bundle`): the stub that
+matches this interpreter (checked by :func:`.bundle.check_interpreter`) beside the Python backend's
 library in a backend folder, PyTriton's libraries on ``LD_LIBRARY_PATH``, and this environment's
 ``bin`` first on ``PATH`` so the embedded interpreter finds this environment's packages.
 
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-from .serve import _stub_path, check_interpreter
+from .bundle import bundle_path, check_interpreter, server_environment, stub_path
 
 START_TIMEOUT_S = 180
 
@@ -39,32 +39,22 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _bundle() -> Path:
-    """PyTriton's ``tritonserver`` folder: ``bin/``, ``backends/``, ``python_backend_stubs/``."""
-    import pytriton
-
-    return Path(pytriton.__file__).parent / "tritonserver"
-
-
 def backend_folder(destination: Path) -> Path:
     """Fill ``destination/python/`` with the Python backend and this interpreter's stub; return ``destination``."""
     check_interpreter()
-    bundled = _bundle() / "backends" / "python"
+    bundled = bundle_path() / "backends" / "python"
     folder = destination / "python"
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
         shutil.copy2(bundled / name, folder / name)
     major_minor = ".".join(platform.python_version().split(".")[:2])
-    shutil.copy2(_stub_path(major_minor), folder / "triton_python_backend_stub")
+    shutil.copy2(stub_path(major_minor), folder / "triton_python_backend_stub")
     return destination
 
 
-def server_environment() -> dict[str, str]:
-    """This process's environment with PyTriton's libraries and this environment's interpreter found first."""
-    from pytriton.utils.distribution import get_libs_path
-
-    env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = ":".join(filter(None, [env.get("LD_LIBRARY_PATH"), str(get_libs_path())]))
+def _environment() -> dict[str, str]:
+    """PyTriton's environment for the server, with this environment's interpreter found first on ``PATH``."""
+    env = server_environment()
     env["PATH"] = f"{Path(sys.exec_prefix) / 'bin'}:{env.get('PATH', '')}"
     return env
 
@@ -90,7 +80,7 @@ class LocalTritonServer:
         """The server's command line, with the backend folder :func:`backend_folder` made."""
         shm_prefix = f"resnexthub{os.getpid()}-{secrets.token_hex(4)}"  # unique: servers may run side by side
         return [
-            str(_bundle() / "bin" / "tritonserver"),
+            str(bundle_path() / "bin" / "tritonserver"),
             f"--model-repository={self.repository}",
             f"--backend-directory={backends}",
             f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
@@ -113,7 +103,7 @@ class LocalTritonServer:
         self.process = subprocess.Popen(
             self.argv(backend_folder(workdir / "backends")),
             cwd=workdir,
-            env=server_environment(),
+            env=_environment(),
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

@@ -2,7 +2,7 @@
 
 A Python-backend model with the exported classifier's config (platform swapped for ``backend:
 "python"``) that runs the same ``1/model.onnx`` with the onnxruntime package: the ensemble around
-it is then Triton's own, end to end. Copied in as ``<name>/1/model.py`` by test_triton_image.py.
+it is then Triton's own, end to end. Copied in as ``<name>_classifier/1/model.py`` by triton_servers.py.
 """
 
 from __future__ import annotations

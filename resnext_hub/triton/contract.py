@@ -1,0 +1,161 @@
+"""The Triton contract: what resnext-hub's Triton models take and answer, declared once.
+
+Both Triton servers are generated from it: ``serve`` (PyTriton's tensor specs, :mod:`.server`) and
+the exported model repository (every ``config.pbtxt`` and the ensembles' wiring, :mod:`.config`).
+A model name means the same inputs and outputs in both, so one client works against either.
+
+A classifier served as ``<name>`` publishes two models (dims are per sample; the batch axis comes
+first and is not counted):
+
+- ``<name>``: input ``input`` FP32 ``(3, S, S)``, the preprocessed image;
+- ``<name>_image``: input ``image`` BYTES ``(1,)``, the encoded file (JPEG, PNG, WebP, ...);
+- both answer ``labels`` BYTES ``(k,)``, ``probabilities`` FP32 ``(k,)``, ``indices`` INT64 ``(k,)``
+  and ``error`` BYTES ``(1,)``.
+
+``S`` is the weights' crop size; ``k`` the served top-k, at most the class count (callers clamp it,
+:func:`resnext_hub.engine.clamp_top_k`). Each sample's top-k is best first; ``labels`` are the
+model's own class names (a fine-tuned checkpoint's), UTF-8.
+
+The per-sample error rule: ``error`` is empty for a sample that was answered. Otherwise it holds
+the reason on one line of UTF-8, and that sample's top-k is blank (``labels`` ``b""``,
+``probabilities`` 0.0, ``indices`` -1); the other samples of the batch and of the request are
+answered as usual. On ``<name>_image`` a sample fails when its bytes are not a usable image (the
+hardened loader's reason) or decoding or preprocessing raises anything else (its type and
+message). The tensor model has the same ``error`` output, so one client reads both models; there a
+sample fails only when its scores are not finite (:data:`NON_FINITE`: NaN or infinity in the
+input, or an overflow), which both servers detect in :func:`answer`.
+
+This module imports only the standard library and numpy: it is shipped verbatim into the exported
+repository's Python-backend models (:mod:`.repository`), which answer with :func:`answer`, as
+``serve`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+IMAGE_SUFFIX = "_image"  # <name>_image: the model that takes encoded images
+INPUT, IMAGE = "input", "image"
+LABELS, PROBABILITIES, INDICES, ERROR = "labels", "probabilities", "indices", "error"
+BLANK_LABEL, BLANK_PROBABILITY, BLANK_INDEX = b"", 0.0, -1
+NON_FINITE = "the scores are not finite (NaN or infinity in the input, or an overflow)"
+# Triton's datatype names (as clients and model metadata spell them) -> numpy dtypes.
+NUMPY_TYPES = {"FP32": np.float32, "INT64": np.int64, "BYTES": np.object_}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: its name, Triton datatype and per-sample dims."""
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One public model: its name, inputs and outputs."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True)
+class Contract:
+    """The contract of one classifier served as ``name``: crop size ``image_size``, top-``k`` of ``num_classes``."""
+
+    name: str
+    image_size: int
+    num_classes: int
+    k: int
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1:
+            raise ValueError(f"image size must be at least 1, got {self.image_size}")
+        if not 1 <= self.k <= self.num_classes:
+            raise ValueError(f"k must be in 1..{self.num_classes} (the top-k clamped to the classes), got {self.k}")
+
+    @property
+    def tensor_input(self) -> TensorSpec:
+        return TensorSpec(INPUT, "FP32", (3, self.image_size, self.image_size))
+
+    @property
+    def image_input(self) -> TensorSpec:
+        return TensorSpec(IMAGE, "BYTES", (1,))
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        """What both models answer, per sample."""
+        k = (self.k,)
+        return (
+            TensorSpec(LABELS, "BYTES", k),
+            TensorSpec(PROBABILITIES, "FP32", k),
+            TensorSpec(INDICES, "INT64", k),
+            TensorSpec(ERROR, "BYTES", (1,)),
+        )
+
+    def output(self, name: str) -> TensorSpec:
+        """The output called ``name``."""
+        (spec,) = [spec for spec in self.outputs if spec.name == name]
+        return spec
+
+    @property
+    def tensor_model(self) -> ModelSpec:
+        return ModelSpec(self.name, (self.tensor_input,), self.outputs)
+
+    @property
+    def image_model(self) -> ModelSpec:
+        return ModelSpec(self.name + IMAGE_SUFFIX, (self.image_input,), self.outputs)
+
+    @property
+    def models(self) -> tuple[ModelSpec, ModelSpec]:
+        return self.tensor_model, self.image_model
+
+
+def encode_labels(names: Sequence[str]) -> np.ndarray:
+    """Class names as ``labels`` carries them: UTF-8 bytes in an object array indexed by class."""
+    labels = np.empty(len(names), dtype=object)
+    labels[:] = [name.encode("utf-8", "backslashreplace") for name in names]
+    return labels
+
+
+def error_bytes(reason: str) -> bytes:
+    """``error``'s value for a reason: one line of UTF-8 (line breaks written as ``\\n``)."""
+    return "\\n".join(reason.splitlines()).encode("utf-8", "backslashreplace")
+
+
+def answer(
+    probabilities: np.ndarray, indices: np.ndarray, labels: np.ndarray, errors: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+    """The contract's outputs for a batch, by name.
+
+    ``probabilities`` and ``indices`` are each sample's top-k ``(n, k)``, best first (any values
+    for a failed sample); ``labels`` come from :func:`encode_labels`; ``errors`` has one reason per
+    sample, empty for a sample that was answered (None: none failed). Samples with a reason, or
+    with scores that are not finite, get a blank top-k (see the module's docstring).
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    indices = np.asarray(indices, dtype=np.int64)
+    if probabilities.ndim != 2 or indices.shape != probabilities.shape:
+        raise ValueError(f"expected top-k arrays (n, k) of one shape, got {probabilities.shape} and {indices.shape}")
+    reasons = [""] * len(probabilities) if errors is None else list(errors)
+    if len(reasons) != len(probabilities):
+        raise ValueError(f"{len(reasons)} error reasons for {len(probabilities)} samples")
+    finite = np.isfinite(probabilities).all(axis=1)
+    reasons = [reason or ("" if ok else NON_FINITE) for reason, ok in zip(reasons, finite)]
+    failed = np.array([bool(reason) for reason in reasons], dtype=bool).reshape(-1, 1)
+    indices = np.where(failed, np.int64(BLANK_INDEX), indices)
+    named = labels[np.where(failed, 0, indices)]
+    named[failed[:, 0]] = BLANK_LABEL
+    error = np.empty((len(reasons), 1), dtype=object)
+    error[:, 0] = [error_bytes(reason) for reason in reasons]
+    return {
+        LABELS: named,
+        PROBABILITIES: np.where(failed, np.float32(BLANK_PROBABILITY), probabilities),
+        INDICES: indices,
+        ERROR: error,
+    }
