@@ -296,7 +296,7 @@ def test_a_subset_of_the_classes_in_another_letter_case_is_scored_against_the_mo
     val = tmp_path / "val"
     shutil.copytree(finetuned["data"] / "val" / "triangle", val / "Triangle")
     model = build_model(ARCH, pretrained_from_file=finetuned["checkpoint"])
-    summary = evaluate(model, val, precision="fp32", workers=0, batch_size=4)
+    summary = evaluate(model, val, InferenceOptions(device="cpu", precision="fp32", workers=0, batch_size=4))
     paths = sorted((val / "Triangle").iterdir())
     with torch.inference_mode():
         logits = model(torch.stack([model.preprocessing(load_image(p)) for p in paths]))
