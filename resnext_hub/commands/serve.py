@@ -29,6 +29,7 @@ from ..arguments import (
     precision_from_args,
 )
 from ..engine import Engine
+from ..results import printable
 from ..serve import TOKEN_ENV, ServeUnavailableError, build_server, check_interpreter
 from ..triton import parse_batch_sizes
 
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         library = check_interpreter()
     except ServeUnavailableError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {printable(error, backslashes=False, lines=True)}", file=sys.stderr)
         return exit_codes.SOME_FAILED
     if args.check:
         print(f"PyTriton can serve with this interpreter: Python {platform.python_version()}, {library}")

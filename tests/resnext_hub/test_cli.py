@@ -16,8 +16,10 @@ from conftest import IMAGES, ROOT
 from servers import FileServer
 from unprivileged import public_dir, run_unprivileged
 
-from resnext_hub import processing
+from resnext_hub import exit_codes, processing
+from resnext_hub.cli import main
 from resnext_hub.models import build_model
+from resnext_hub.models.download import MIRROR_ENV
 
 ARCH = "seresnext26d_32x4d"
 
@@ -124,8 +126,18 @@ def test_bad_usage_is_explained(args, message):
 
 def test_missing_checkpoint_is_a_clear_error():
     result = classify(str(IMAGES / "chelsea.jpg"), "--model", ARCH, "--checkpoint", "/nonexistent.pth")
-    assert result.returncode == 2 and "error: checkpoint /nonexistent.pth does not exist" in result.stderr
+    assert result.returncode == exit_codes.WEIGHTS_UNAVAILABLE, result.stderr
+    assert "error: checkpoint /nonexistent.pth does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_unavailable_weights_are_explained_on_their_lines_with_their_own_status(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv(MIRROR_ENV, "http://user:s3cret@127.0.0.1:1/weights")  # nothing listens on port 1
+    assert main(["classify", str(IMAGES / "chelsea.jpg"), "--model", ARCH]) == exit_codes.WEIGHTS_UNAVAILABLE
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "error: no source of these weights could be used:" and lines[1].startswith("  - "), lines
+    assert lines[-1].startswith("Cache folder: ") and "\\n" not in "".join(lines) and "s3cret" not in "".join(lines)
 
 
 def test_models_command_lists_the_manifest():
