@@ -1,4 +1,12 @@
-"""Every checkpoint layout in FACTS.md loads; anything else is refused with a precise error."""
+"""Every checkpoint layout the publishers write loads; anything else is refused with a precise error.
+
+The layouts, from NVIDIA DeepLearningExamples (PyTorch/Classification/ConvNets): the NGC 20.06.0 files
+(a plain state dict with ``layerN`` stages and ``nn.Linear`` SE weights, image_classification/resnet.py);
+its training checkpoints (``state_dict``, ``optimizer``, ``epoch``, ``best_prec1``, EMA weights beside them:
+image_classification/training.py; DDP's ``module.`` prefix, which checkpoint2model.py strips); the later
+code's ``layers.N`` stages with 1x1-convolution SE (image_classification/models/resnet.py and common.py);
+and timm's own names (timm/models/resnet.py).
+"""
 
 from __future__ import annotations
 
