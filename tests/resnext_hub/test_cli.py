@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -138,6 +139,24 @@ def test_unavailable_weights_are_explained_on_their_lines_with_their_own_status(
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "error: no source of these weights could be used:" and lines[1].startswith("  - "), lines
     assert lines[-1].startswith("Cache folder: ") and "\\n" not in "".join(lines) and "s3cret" not in "".join(lines)
+
+
+@pytest.mark.slow
+def test_a_normal_run_shows_no_library_warnings(checkpoint, tmp_path):
+    """What the user's terminal gets: our own lines, no library's Python warning or logged warning."""
+    model = ["--model", ARCH, "--checkpoint", str(checkpoint)]
+    runs = [
+        ["classify", str(IMAGES / "chelsea.jpg"), *model],
+        ["export", *model, "--format", "onnx", "--image-size", "64", "-o", str(tmp_path / "m.onnx")],
+    ]
+    for argv in runs:
+        result = subprocess.run(
+            [sys.executable, "-m", "resnext_hub", *argv], capture_output=True, text=True, timeout=600, cwd=ROOT
+        )
+        assert result.returncode == 0, result.stderr
+        # "UserWarning: ..." and torch's logged "W1204 17:10:15.398000 123 torch/...] ..." lines.
+        foreign = [line for line in result.stderr.splitlines() if "Warning" in line or re.match(r"[WE]\d{4} ", line)]
+        assert not foreign, f"{argv[0]}: {foreign}"
 
 
 def test_models_command_lists_the_manifest():
