@@ -27,6 +27,8 @@ import hubconf
 from resnext_hub.models import MIRROR_ENV, get_weights
 from tools import model_table
 
+pytestmark = pytest.mark.slow  # timm and our models side by side, seconds per case
+
 TOLERANCE = 1e-4
 # timm's parameter counts (``timm.create_model(name).parameters()``, timm/models/resnet.py; its results table,
 # results/results-imagenet.csv, and model cards on huggingface.co/timm list them rounded to 16.81 / 16.81 /

@@ -20,6 +20,7 @@ def _noise(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PRESETS))
 @pytest.mark.parametrize("size", [(4, 1500), (1500, 4), (1, 900), (30, 1500), (1200, 200)])
 def test_extreme_shapes_give_the_full_transform_result(name, size):
@@ -43,6 +44,7 @@ def test_ordinary_photos_take_the_plain_transform(size):
     assert torch.equal(preset(image), preset.transform()(image))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(1, 60_000_000), (60_000_000, 1), (3, 20_000_000)])
 def test_a_tiny_png_of_an_extreme_shape_costs_only_its_output(size):
     """A few-KB PNG, 1 pixel high and 60 M wide, once needed a 256 x 15 G resize (OverflowError or GBs)."""

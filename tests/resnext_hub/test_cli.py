@@ -22,6 +22,8 @@ from resnext_hub.cli import main
 from resnext_hub.models import build_model
 from resnext_hub.models.download import MIRROR_ENV
 
+pytestmark = pytest.mark.slow  # the command line in subprocesses
+
 ARCH = "seresnext26d_32x4d"
 
 

@@ -63,6 +63,7 @@ def _eager(model: nn.Module, x: torch.Tensor) -> np.ndarray:
         return model(x).numpy()
 
 
+@pytest.mark.slow
 def test_triton_repository_layout_and_config(triton_repo):
     model_dir = triton_repo / ARCH
     # The classifier, the preprocessing model and the ensemble; no staging leftovers.
@@ -98,6 +99,7 @@ def test_triton_repository_layout_and_config(triton_repo):
     assert list((triton_repo / f"{ARCH}_image" / "1").iterdir()) == []  # the version folder Triton needs
 
 
+@pytest.mark.slow
 def test_triton_onnx_has_dynamic_batch_and_matches_eager(triton_repo, model):
     path = triton_repo / ARCH / "1" / "model.onnx"
     graph = onnx.load(str(path))
@@ -115,6 +117,7 @@ def test_triton_onnx_has_dynamic_batch_and_matches_eager(triton_repo, model):
         np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_validation_catches_what_triton_would_refuse(triton_repo, tmp_path):
     source = triton_repo / ARCH
     config_text = (source / "config.pbtxt").read_text()
@@ -141,6 +144,7 @@ def test_validation_catches_what_triton_would_refuse(triton_repo, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_repository_validation_checks_the_ensemble_wiring(triton_repo, tmp_path):
     ensemble = f"{ARCH}_image"
     text = (triton_repo / ensemble / "config.pbtxt").read_text()
@@ -180,6 +184,7 @@ def test_repository_validation_checks_the_ensemble_wiring(triton_repo, tmp_path)
     assert "max_batch_size 16 < the ensemble's 32" in problems(bigger)
 
 
+@pytest.mark.slow
 def test_fp16_onnx_within_stated_bound(model, tmp_path):
     result = export_onnx(model, tmp_path / "m16.onnx", image_size=SIZE, fp16=True)
     graph = onnx.load(str(result.path))
@@ -195,6 +200,7 @@ def test_fp16_onnx_within_stated_bound(model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m16.onnx"]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript_traced_frozen_and_verified(model, tmp_path):
     result = export_torchscript(model, tmp_path / "m.pt", image_size=SIZE)
@@ -221,6 +227,7 @@ def test_an_export_that_does_not_generalise_is_refused_and_removed(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_export_command_reports_errors(tmp_path, capsys, checkpoint):
     assert cli.main(["export", "--model", ARCH, "--random-weights", "--format", "torchscript", "--fp16",
                      "-o", str(tmp_path / "m.pt")]) == 2  # fmt: skip
@@ -244,6 +251,7 @@ def test_export_command_reports_errors(tmp_path, capsys, checkpoint):
     assert "already exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_nvidia_model_exports_to_onnx(tmp_path):
     """One 101-layer NVIDIA model, from its NGC-layout file, through the whole ONNX path."""
     ngc = write_ngc_file(tmp_path / "ngc", "se_resnext101_32x4d", seed=1)
@@ -271,6 +279,7 @@ def test_gpu_tensorrt_config_round_trips_and_bad_options_are_refused(tmp_path):
     assert len(caught.value.problems) == 2 and "needs GPU instances" in str(caught.value)
 
 
+@pytest.mark.slow
 def test_isolated_process_has_no_access_to_this_repository():
     probe = """
 import json, sys, torch
@@ -300,6 +309,7 @@ def pt2_fp32(checkpoint, tmp_path_factory):
     return folder / "m.pt2"
 
 
+@pytest.mark.slow
 def test_pt2_package_runs_without_the_repository_and_matches_eager(pt2_fp32, model, tmp_path):
     assert sorted(p.name for p in pt2_fp32.parent.iterdir()) == ["m.pt2"]  # no staging leftovers
     x = torch.randn(5, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(11))
@@ -317,6 +327,7 @@ with torch.inference_mode():
     np.testing.assert_allclose(logits, expected, rtol=0, atol=FP32_TOLERANCE * max(1, np.abs(expected).max()))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="bf16 pt2 packages are for CPUs with native bf16")
 def test_pt2_bf16_package_within_its_bound(model, pt2_fp32, tmp_path):
     result = export_pt2(model, tmp_path / "b.pt2", image_size=SIZE, precision="bf16")
@@ -327,6 +338,7 @@ def test_pt2_bf16_package_within_its_bound(model, pt2_fp32, tmp_path):
     assert {"export_s", "compile_s", "load_s", "first_call_s"} <= set(result.timings)
 
 
+@pytest.mark.slow
 def test_pt2_refuses_what_it_cannot_build(model, tmp_path):
     with pytest.raises(ValueError, match="fp16 pt2 packages are for CUDA"):
         export_pt2(model, tmp_path / "h.pt2", precision="fp16")

@@ -63,6 +63,7 @@ def _expected(model, data: bytes) -> np.ndarray:
     return model.preprocessing(load_image(data)).numpy()
 
 
+@pytest.mark.slow
 def test_transform_equals_the_presets():
     """The shipped torch-free transform against the project's presets: every preset, photos and odd shapes."""
     assert transform.MAX_STRETCH == project_presets._MAX_STRETCH
@@ -78,6 +79,7 @@ def test_transform_equals_the_presets():
             np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6, err_msg=f"{name} {image.size}")
 
 
+@pytest.mark.slow
 def test_preprocessing_model_ships_the_projects_code(triton_repo, model):
     version = triton_repo / PREPROCESS / "1"
     shipped = version / "resnext_hub_image"
@@ -135,6 +137,7 @@ def _statistics(url: str) -> tuple[int, int]:
     return int(stats["inference_count"]), int(stats["execution_count"])
 
 
+@pytest.mark.slow
 def test_preprocessing_in_triton_equals_the_projects(server, model):
     encoded = [path.read_bytes() for path in PHOTOS]
     expected = np.stack([_expected(model, data) for data in encoded])
@@ -150,6 +153,7 @@ def test_preprocessing_in_triton_equals_the_projects(server, model):
     print(f"preprocessing in Triton vs the project's: max |diff| {np.abs(served - expected).max():.2e}")
 
 
+@pytest.mark.slow
 def test_bad_images_fail_alone_inside_a_batch(server, model):
     good = [path.read_bytes() for path in RGB_PHOTOS]
     bad = _bad_inputs()
@@ -169,6 +173,7 @@ def test_bad_images_fail_alone_inside_a_batch(server, model):
     print(f"{len(requests)} requests ({len(bad)} bad) in {executions} model execution(s)")
 
 
+@pytest.mark.slow
 def test_ensemble_answers_top_k_labels_from_image_bytes(server, model):
     encoded = [path.read_bytes() for path in PHOTOS]
     x = torch.from_numpy(np.stack([_expected(model, data) for data in encoded]))
@@ -195,6 +200,7 @@ def test_ensemble_answers_top_k_labels_from_image_bytes(server, model):
         client.close()
 
 
+@pytest.mark.slow
 def test_a_preprocessing_model_that_disagrees_with_its_preset_does_not_load(server):
     broken = server.repository / f"{PREPROCESS}_broken"
     shutil.copytree(server.repository / PREPROCESS, broken)
