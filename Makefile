@@ -1,4 +1,4 @@
-# Everything a fresh clone needs: `make demo`, `make test`.
+# Everything a fresh clone needs: `make demo`, `make test` (`make test-fast` while working).
 # Debian's python3.11 where present: PyTriton's server stub needs the shared libpython of the
 # exact interpreter version, which pyenv-style builds do not match (see docs).
 PYTHON ?= $(shell test -x /usr/bin/python3.11 && echo /usr/bin/python3.11 || echo python3)
@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: setup demo test lint format clean chromium
+.PHONY: setup demo test test-fast lint format clean chromium
 
 setup: $(STAMP)
 
@@ -40,12 +40,15 @@ chromium:
 	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive DEBCONF_NOWARNINGS=yes \
 		apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
-test: setup chromium
+# `test`: the whole suite (what CI runs). `test-fast`: the same less the tests marked slow (processes,
+# servers, compiles, the browser, seconds-long forward passes: see pyproject.toml's markers).
+test-fast: MARKERS := -m "not slow"
+test test-fast: setup chromium
 	$(BIN)/ruff check .
 	# The int8 tests load OpenVINO, whose thread pool crashed a later fork() (DataLoader workers) in the same
 	# process: they run in a pytest process of their own.
-	$(BIN)/python -m pytest tests --ignore=tests/models/test_quantize.py
-	$(BIN)/python -m pytest tests/models/test_quantize.py
+	$(BIN)/python -m pytest $(MARKERS) tests --ignore=tests/models/test_quantize.py
+	$(BIN)/python -m pytest $(MARKERS) tests/models/test_quantize.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

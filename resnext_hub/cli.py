@@ -44,9 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     try:
         return args.func(args)
-    except (WeightsUnavailableError, CheckpointError, ValueError) as error:
-        # One line, and no password of a URL the message may quote (names in it may be escaped already).
-        print(f"error: {printable(error, backslashes=False)}", file=sys.stderr)
+    except (WeightsUnavailableError, CheckpointError) as error:  # before ValueError: CheckpointError is one
+        print_error(error)
+        return exit_codes.WEIGHTS_UNAVAILABLE
+    except ValueError as error:
+        print_error(error)
         return exit_codes.USAGE
     except KeyboardInterrupt:
         return exit_codes.INTERRUPTED
@@ -57,3 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
         print("error: standard output was closed before all results were written", file=sys.stderr)
         return exit_codes.SOME_FAILED
+
+
+def print_error(error: BaseException) -> None:
+    """``error:`` and the message, each of its lines made safe (names in it may be escaped already)."""
+    print(f"error: {printable(error, backslashes=False, lines=True)}", file=sys.stderr)

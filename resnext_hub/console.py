@@ -15,10 +15,11 @@ from .processing.fetch import redact
 _SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-def printable(text: object, *, backslashes: bool = True) -> str:
+def printable(text: object, *, backslashes: bool = True, lines: bool = False) -> str:
     """``text`` safe on one line of a terminal or a text file (see the module docstring); never raises.
 
     ``backslashes=False`` leaves backslashes alone: for a message that may quote names already escaped.
+    ``lines=True`` keeps its newlines: a message of several lines, each made safe.
     """
     text = redact(str(text))
     if text.isprintable() and (not backslashes or "\\" not in text):
@@ -26,7 +27,7 @@ def printable(text: object, *, backslashes: bool = True) -> str:
     shown = []
     for char in text:
         code = ord(char)
-        if char == "\\" and not backslashes:
+        if (char == "\\" and not backslashes) or (char == "\n" and lines):
             shown.append(char)
         elif char in _SHORT_ESCAPES:
             shown.append(_SHORT_ESCAPES[char])

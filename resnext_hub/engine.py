@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
-from PIL import Image
 
 from .data import Batch, ImageListDataset, collate, make_loader
 from .models import ResNet
@@ -116,10 +115,6 @@ class Engine:
     def rank(self, logits: torch.Tensor, k: int = 5) -> list[list[Prediction]]:
         """Logits -> the ``k`` best classes of each row."""
         return top_k(logits, k, logits=True, labels=self.classes)
-
-    def predict_images(self, images: Sequence[Image.Image], k: int = 5) -> list[list[Prediction]]:
-        """The top-``k`` of decoded RGB images (the caller loaded them, e.g. with its own limits)."""
-        return self.top_k(torch.stack([self.preprocessing(image) for image in images]), k)
 
     # -- inputs in (paths, URLs, encoded bytes) -----------------------------------------------------
 

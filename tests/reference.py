@@ -1,7 +1,11 @@
 """An independent reference for NVIDIA's two models: timm's ResNet configured the same way.
 
-NVIDIA's SE block has a fixed hidden width of 16 (FACTS.md), so timm's SEModule is given
-``rd_channels=16``. NVIDIA checkpoint keys are renamed to timm's by the rules in FACTS.md.
+NVIDIA's SE block has a fixed hidden width of 16 (``SEBottleneck`` passes ``se_squeeze=16`` to
+``SqueezeAndExcitation``, in NVIDIA DeepLearningExamples, PyTorch/Classification/ConvNets/
+image_classification/models/resnet.py), so timm's SEModule is given ``rd_channels=16``. NVIDIA checkpoint
+keys are renamed to timm's from that code's names: ``layers.N`` stages (``ngc_checkpoint_remap`` there maps the
+20.06.0 files' ``layerN``) and ``<block>.squeeze.squeeze`` / ``.squeeze.expand`` SE layers, ``nn.Linear``
+(2-D) in image_classification/resnet.py, which wrote the 20.06.0 files, and 1x1 convolutions in models/common.py.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ def run_python(code: str, cwd=None) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_import_is_silent_and_lists_entry_points(tmp_path):
     # What torch.hub.list does: the public callables of hubconf.
     result = run_python(
@@ -75,6 +76,7 @@ def _fake_repo(tmp_path):
     return repo
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ["theirs_first", "ours_first"])
 def test_other_hub_repo_with_models_package(tmp_path, ngc_dir, order):
     other = _fake_repo(tmp_path)

@@ -1,7 +1,9 @@
 """Checkpoint files with random weights in the publishers' real key layouts.
 
-The renaming here is written from FACTS.md independently of ``resnext_hub.models.checkpoint``: it
-turns a state dict in timm's names (our model's) into NVIDIA's.
+The renaming here is written from NVIDIA's own model code, independently of ``resnext_hub.models.checkpoint``:
+it turns a state dict in timm's names (our model's) into NVIDIA's (DeepLearningExamples,
+PyTorch/Classification/ConvNets: ``layerN`` stages and ``nn.Linear`` SE in image_classification/resnet.py,
+which wrote the NGC 20.06.0 files; ``layers.N`` and 1x1-convolution SE in image_classification/models/).
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = _export(args)
     except (ExportError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {printable(error, backslashes=False, lines=True)}", file=sys.stderr)
         return exit_codes.SOME_FAILED
     print(result.summary())
     return exit_codes.OK

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .. import exit_codes
 from ..arguments import add_inference_options, add_model_options, inference_options, model_from_args
+from ..console import printable
 from ..engine import Engine
 from ..triton import server as serving
 from ..triton.bundle import ServeUnavailableError, check_interpreter
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         library = check_interpreter()
     except ServeUnavailableError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {printable(error, backslashes=False, lines=True)}", file=sys.stderr)
         return exit_codes.SOME_FAILED
     if args.check:
         print(f"PyTriton can serve with this interpreter: Python {platform.python_version()}, {library}")

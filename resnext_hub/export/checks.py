@@ -75,11 +75,11 @@ class ExportResult:
 
 
 @contextmanager
-def quiet(names: Sequence[str]) -> Iterator[None]:
-    """Raise these loggers to WARNING for the block: the exporters log every graph pass at INFO."""
+def quiet(names: Sequence[str], level: int = logging.WARNING) -> Iterator[None]:
+    """Raise these loggers to ``level`` for the block: the exporters log every graph pass at INFO."""
     levels = {name: logging.getLogger(name).level for name in names}
     for name in names:
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(level)
     try:
         yield
     finally:

@@ -12,6 +12,7 @@ to the rule of :mod:`.checks` against the eager fp32 model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import subprocess
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 ISOLATED_TIMEOUT_S = 600
+# Inductor imports torch.utils.cpp_extension, which warns when it finds a CUDA toolkit (nvcc) but no CUDA
+# runtime: nothing a CPU package needs, so it is silenced for CPU exports (at ERROR, for that block only).
+CPU_SILENCED_LOGGERS = ("torch.utils.cpp_extension",)
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 
 # Run first in every isolated process: no path into this repository, and no `resnext_hub` from anywhere
@@ -190,7 +194,8 @@ def export_pt2(
     timings = {}
     log.info("exporting pt2 (%s, %s) to %s; AOTInductor compiles for a minute or more", precision, device, path)
     with staged(path, f"pt2 export of {type(model).__name__}") as staging:
-        with warnings.catch_warnings(), quiet(EXPORTER_LOGGERS), torch.no_grad():
+        cpu_only = quiet(CPU_SILENCED_LOGGERS, logging.ERROR) if device.type == "cpu" else contextlib.nullcontext()
+        with warnings.catch_warnings(), quiet(EXPORTER_LOGGERS), cpu_only, torch.no_grad():
             warnings.simplefilter("ignore", FutureWarning)
             start = time.perf_counter()
             program = torch.export.export(

@@ -150,6 +150,7 @@ print(digest.hexdigest())
 """
 
 
+@pytest.mark.slow
 def test_a_read_only_cache_filled_by_an_admin_is_used(other_user_can_run, shared):
     """The air-gapped case: a read-only $TORCH_HOME/hub/checkpoints volume holding a copied-in checkpoint."""
     home = shared / "torch_home"
@@ -169,6 +170,7 @@ def test_a_read_only_cache_filled_by_an_admin_is_used(other_user_can_run, shared
     assert _listing(cache) == [SAFETENSORS]
 
 
+@pytest.mark.slow
 def test_a_damaged_file_in_a_read_only_cache_is_a_clear_error(other_user_can_run, shared):
     home = shared / "torch_home"
     cache = home / "hub" / "checkpoints"
@@ -184,6 +186,7 @@ def test_a_damaged_file_in_a_read_only_cache_is_a_clear_error(other_user_can_run
     assert _listing(cache) == [SMALL]
 
 
+@pytest.mark.slow
 def test_a_wrong_file_in_a_read_only_cache_is_named_for_the_admin(other_user_can_run, shared):
     """Pre-filled with another model's file: it cannot be forgotten, so the error says what to do by hand."""
     home = shared / "torch_home"
@@ -208,6 +211,7 @@ except Exception as error:
     assert _listing(cache) == [name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["torch-home-cannot-be-created", "cache-folder-is-read-only"])
 def test_an_unwritable_cache_is_a_clear_error(where, other_user_can_run, shared):
     torch.save({"w": torch.randn(256)}, shared / SMALL)
@@ -231,6 +235,7 @@ def test_an_unwritable_cache_is_a_clear_error(where, other_user_can_run, shared)
 # --- full disks ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_stamp_that_cannot_be_written_leaves_nothing_behind(tmp_path, torch_home):
     """The file fits, its stamp does not: neither stays (no file without its stamp), nor any temporary file."""
     (tmp_path / TINY).write_bytes(TINY_BYTES)
@@ -245,6 +250,7 @@ def test_a_stamp_that_cannot_be_written_leaves_nothing_behind(tmp_path, torch_ho
     assert _listing(cache_dir()) == [TINY, f"{TINY}.sha256.json"]
 
 
+@pytest.mark.slow
 def test_a_verified_cached_file_is_used_when_its_stamp_cannot_be_written(torch_home):
     cache_dir().mkdir(parents=True)
     (cache_dir() / TINY).write_bytes(TINY_BYTES)  # copied in by hand: no stamp yet
@@ -304,6 +310,7 @@ def test_a_stamp_of_the_wrong_shape_is_ignored_not_trusted(stamp, cached_small):
     assert again == path and json.loads(stamp_path.read_text())["sha256"] == sha256_of(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", ["stamp-is-a-fifo", "file-is-a-fifo"])
 def test_a_fifo_in_the_cache_never_hangs_a_load(entry, cached_small):
     """Opening a FIFO waits for a writer that never comes: the load must not open one."""

@@ -1,4 +1,12 @@
-"""Every checkpoint layout in FACTS.md loads; anything else is refused with a precise error."""
+"""Every checkpoint layout the publishers write loads; anything else is refused with a precise error.
+
+The layouts, from NVIDIA DeepLearningExamples (PyTorch/Classification/ConvNets): the NGC 20.06.0 files
+(a plain state dict with ``layerN`` stages and ``nn.Linear`` SE weights, image_classification/resnet.py);
+its training checkpoints (``state_dict``, ``optimizer``, ``epoch``, ``best_prec1``, EMA weights beside them:
+image_classification/training.py; DDP's ``module.`` prefix, which checkpoint2model.py strips); the later
+code's ``layers.N`` stages with 1x1-convolution SE (image_classification/models/resnet.py and common.py);
+and timm's own names (timm/models/resnet.py).
+"""
 
 from __future__ import annotations
 
@@ -44,6 +52,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_loads_exactly(layout, canonical, tmp_path):
     path = tmp_path / "checkpoint.pth.tar"
@@ -51,6 +60,7 @@ def test_layout_loads_exactly(layout, canonical, tmp_path):
     _same_weights(build_model(ARCH, pretrained_from_file=path), canonical)
 
 
+@pytest.mark.slow
 def test_state_dict_wins_over_ema(canonical, tmp_path):
     other = {k: v + 1 if v.is_floating_point() else v for k, v in canonical.items()}
     path = tmp_path / "both.pth.tar"
@@ -58,6 +68,7 @@ def test_state_dict_wins_over_ema(canonical, tmp_path):
     _same_weights(build_model(ARCH, pretrained_from_file=path), canonical)
 
 
+@pytest.mark.slow
 def test_safetensors_file(canonical, tmp_path):
     path = tmp_path / "weights.safetensors"
     save_file({k: v.contiguous() for k, v in canonical.items()}, str(path))
@@ -87,6 +98,7 @@ def test_wrong_architecture_reports_shapes_and_counts(tmp_path, canonical):
         build_model("seresnext50_32x4d", pretrained_from_file=path)
 
 
+@pytest.mark.slow
 def test_state_dict_key_map_fn_runs_first(canonical, tmp_path):
     renamed = {f"backbone/{k}": v for k, v in to_nvidia_layout(canonical).items()}
     path = tmp_path / "renamed.pth"
@@ -95,6 +107,7 @@ def test_state_dict_key_map_fn_runs_first(canonical, tmp_path):
     _same_weights(model, canonical)
 
 
+@pytest.mark.slow
 def test_missing_batchnorm_counters_are_tolerated(canonical, tmp_path):
     path = tmp_path / "no_counters.pth"
     torch.save({k: v for k, v in canonical.items() if not k.endswith("num_batches_tracked")}, path)
@@ -128,6 +141,7 @@ def test_not_a_state_dict(tmp_path):
 SMALL = "seresnext26d_32x4d"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("where", ["layer3.1.conv2.weight", "bn1.running_var", "fc.bias"])
 def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, value, where):

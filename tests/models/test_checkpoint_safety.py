@@ -102,6 +102,7 @@ def test_a_hostile_download_is_refused_too(tmp_path, torch_home, monkeypatch):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_refused_in_a_fresh_interpreter_started_with_the_variable(tmp_path):
     """The variable set before Python starts (as a user's shell would) changes nothing."""
     marker = tmp_path / "marker"

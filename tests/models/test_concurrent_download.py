@@ -7,6 +7,7 @@ import hashlib
 import multiprocessing
 import time
 
+import pytest
 import torch
 from rawserver import RawServer
 from safetensors.torch import save_file
@@ -15,6 +16,8 @@ from resnext_hub.models import MIRROR_ENV, build_model
 from resnext_hub.models.download import cache_dir
 from resnext_hub.models.integrity import sha256_of
 from tools.fake_checkpoints import random_state_dict
+
+pytestmark = pytest.mark.slow  # processes racing for one download
 
 ARCH = "seresnext26d_32x4d"
 SAFETENSORS = "seresnext26d_32x4d.bt_in1k.safetensors"  # the manifest's alternative source

@@ -20,6 +20,7 @@ ARCH = "resnext101_32x4d"
 FILE = NGC_FILES[ARCH]
 
 
+@pytest.mark.slow
 def test_download_into_torch_hub_cache_then_no_request(ngc_dir, torch_home, monkeypatch, capfd):
     with FileServer(ngc_dir) as server:
         monkeypatch.setenv(MIRROR_ENV, server.url)
@@ -37,6 +38,7 @@ def test_download_into_torch_hub_cache_then_no_request(ngc_dir, torch_home, monk
     assert not list(cached.parent.glob("*.partial"))
 
 
+@pytest.mark.slow
 def test_mirror_folder_is_used_in_place(ngc_dir, torch_home, monkeypatch):
     monkeypatch.setenv(MIRROR_ENV, str(ngc_dir))
     model = build_model(ARCH)
@@ -73,6 +75,7 @@ def test_http_404_from_mirror(tmp_path, torch_home, monkeypatch):
             build_model(ARCH)
 
 
+@pytest.mark.slow
 def test_hash_prefix_in_file_name_is_checked(ngc_dir, tmp_path, torch_home, monkeypatch):
     digest = sha256_of(ngc_dir / FILE)
     good, bad = f"weights-{digest[:8]}.pth", "weights-00000000.pth"
@@ -86,6 +89,7 @@ def test_hash_prefix_in_file_name_is_checked(ngc_dir, tmp_path, torch_home, monk
     assert not (cache_dir() / bad).exists()
 
 
+@pytest.mark.slow
 def test_manifest_sha256_and_size_are_checked(ngc_dir, torch_home):
     real = sha256_of(ngc_dir / FILE)
     with FileServer(ngc_dir) as server:

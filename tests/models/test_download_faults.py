@@ -131,6 +131,7 @@ def test_the_raw_server_serves_good_files(served, torch_home):
     assert _cache_listing() == [f"{SMALL}.sha256.json"]
 
 
+@pytest.mark.slow
 def test_a_killed_download_leaves_a_partial_that_the_next_fetch_removes(served, torch_home):
     good = (served / SMALL).read_bytes()
     code = (
@@ -239,6 +240,7 @@ TIMM_ARCH = "seresnext26d_32x4d"
 SAFETENSORS = "seresnext26d_32x4d.bt_in1k.safetensors"  # the manifest's alternative source
 
 
+@pytest.mark.slow
 def test_build_model_refetches_a_corrupted_safetensors_file(tmp_path, torch_home, monkeypatch):
     served = tmp_path / "mirror"
     served.mkdir()
@@ -311,6 +313,7 @@ def test_manifest_tool_refuses_a_file_that_contradicts_its_published_prefix(serv
     assert copy.read_bytes() == MANIFEST_PATH.read_bytes()
 
 
+@pytest.mark.slow
 def test_manifest_tool_runs_as_a_module(served, tmp_path):
     from resnext_hub.models.weights import MANIFEST_PATH
 

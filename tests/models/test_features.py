@@ -23,6 +23,7 @@ def checkpoints(tmp_path_factory):
     return paths
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TIMM_FAMILY)
 @pytest.mark.parametrize("out_indices", [None, (1, 3), (0, 4), (2,)])
 def test_features_only_equals_timm(checkpoints, name, out_indices):
@@ -53,6 +54,7 @@ def test_features_keep_only_the_modules_they_need(checkpoints):
     assert names == {"conv1", "bn1", "act1", "maxpool", "layer1", "layer2"}
 
 
+@pytest.mark.slow
 def test_forward_intermediates_of_the_nvidia_models():
     """The 101-layer models have no timm features_only twin: check against their own forward."""
     model = build_model("se_resnext101_32x4d", pretrained=False)
@@ -86,6 +88,7 @@ def test_bad_feature_arguments_are_refused_before_building(kwargs, message):
         build_model("se_resnext101_32x4d", pretrained=True, **kwargs)
 
 
+@pytest.mark.slow
 def test_backbone_of_a_torchvision_faster_rcnn(checkpoints):
     """The README's recipe: the pretrained network under torchvision's FPN and Faster R-CNN (forward only)."""
     from torchvision.models.detection import FasterRCNN

@@ -6,7 +6,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # a fresh interpreter
 
 # What only export, int8, the web demo or the processing utilities' extras need.
 HEAVY = ("torchvision", "onnx", "onnxruntime", "onnxscript", "openvino", "nncf", "torchao", "timm", "triton")

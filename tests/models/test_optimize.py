@@ -72,6 +72,7 @@ def assert_faithful(reference: torch.Tensor, got: torch.Tensor) -> None:
     assert same.float().mean().item() >= 0.9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", sorted(VARIANTS))
 def test_fp32_is_exact(architecture):
     model = model_of(architecture)
@@ -88,6 +89,7 @@ def test_fp32_is_exact(architecture):
     assert (want[0] - want[1]).abs().max().item() > 1e-2
 
 
+@pytest.mark.slow
 def test_fp32_without_channels_last_is_exact():
     model = model_of(SMALL)
     x = inputs(n_random=2)
@@ -97,6 +99,7 @@ def test_fp32_without_channels_last_is_exact():
         assert (fast(x) - model(x)).abs().max().item() <= 1e-3
 
 
+@pytest.mark.slow
 def test_original_model_is_untouched_and_attributes_are_kept():
     model = build_model(SMALL, pretrained=False)
     model.load_state_dict(state_of(SMALL))
@@ -119,6 +122,7 @@ def test_original_model_is_untouched_and_attributes_are_kept():
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", [SMALL, "se_resnext101_32x4d"])
 def test_bf16_is_faithful(architecture):
     model = model_of(architecture)
@@ -139,6 +143,7 @@ def test_bf16_spatial_mean_matches_mean():
     assert torch.equal(_spatial_mean(x.float()), x.float().mean((2, 3)))
 
 
+@pytest.mark.slow
 def test_auto_picks_bf16_exactly_where_the_cpu_has_it():
     fast = model_of(SMALL).optimize_for_inference()
     native = bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
@@ -148,6 +153,7 @@ def test_auto_picks_bf16_exactly_where_the_cpu_has_it():
         assert_faithful(model_of(SMALL)(x), fast(x))
 
 
+@pytest.mark.slow
 def test_auto_falls_back_to_fp32_when_reduced_precision_is_not_faithful():
     # Logits of 10000 + small: bf16 (and fp16) cannot tell the classes apart, fp32 can.
     model = copy.deepcopy(model_of(SMALL))
@@ -176,6 +182,7 @@ def test_bad_arguments_are_explained():
         optimize_for_inference(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")
 def test_fp32_copy_can_be_traced():
     model = model_of(SMALL)
@@ -199,6 +206,7 @@ def test_compile_keeps_the_function():
         assert_faithful(model(x), fast(x))
 
 
+@pytest.mark.slow
 def test_classifier_uses_the_fast_path_and_exact_fp32_on_request(tmp_path, capsys):
     checkpoint = tmp_path / "small.pth"
     torch.save(state_of(SMALL), checkpoint)

@@ -44,6 +44,7 @@ def calibration_set() -> torch.Tensor:
 # -- calibration data ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_calibration_images_go_through_the_models_preset():
     model = build_model(SMALL, pretrained=False)
     batches = calibration_batches([str(p) for p in PHOTOS], model.preprocessing, batch_size=2)
@@ -94,6 +95,7 @@ def test_int8_rules_are_explained(monkeypatch):
         model.optimize_for_inference("int8", calibration=torch.zeros(1, 3, 64, 64), int8_backend="openvino")
 
 
+@pytest.mark.slow
 def test_auto_never_picks_int8_without_calibration_or_without_the_instructions(monkeypatch, caplog):
     model = model_of(SMALL)
     assert model.optimize_for_inference().precision != "int8"

@@ -35,6 +35,7 @@ def loaded_pair(request, ngc_dir):
     return architecture, ours, reference_from_ngc_file(path, architecture)
 
 
+@pytest.mark.slow
 def test_logits_match_reference(loaded_pair):
     architecture, ours, reference = loaded_pair
     torch.manual_seed(1)
@@ -46,6 +47,7 @@ def test_logits_match_reference(loaded_pair):
     assert (got - expected).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 def test_channels_last_and_unfused_se_give_same_logits(loaded_pair, ngc_dir):
     architecture, ours, _ = loaded_pair
     path = ngc_dir / NGC_FILES[architecture]
@@ -58,6 +60,7 @@ def test_channels_last_and_unfused_se_give_same_logits(loaded_pair, ngc_dir):
     assert (got - expected).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 def test_extract_features_matches_forward(loaded_pair):
     _, ours, _ = loaded_pair
     x = torch.randn(1, 3, 64, 64)
@@ -78,6 +81,7 @@ def test_extract_features_matches_forward(loaded_pair):
         ours.extract_features(x, layers=["layer5"])
 
 
+@pytest.mark.slow
 def test_new_num_classes_keeps_backbone_and_logs(ngc_dir, caplog):
     path = ngc_dir / NGC_FILES["resnext101_32x4d"]
     with caplog.at_level(logging.INFO):

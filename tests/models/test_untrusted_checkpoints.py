@@ -22,6 +22,8 @@ from resnext_hub.models.download import cache_dir
 from resnext_hub.models.weights import Source
 from tools.fake_checkpoints import random_state_dict
 
+pytestmark = pytest.mark.slow  # downloads and loads of real-size checkpoints
+
 ARCH = "seresnext26d_32x4d"
 SAFETENSORS = "seresnext26d_32x4d.bt_in1k.safetensors"  # the manifest's alternative source: no published hash
 STAMP = SAFETENSORS + ".sha256.json"

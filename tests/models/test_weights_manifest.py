@@ -21,6 +21,7 @@ def test_every_architecture_has_default_weights():
     assert {w.architecture for w in RECORDS if w.default} == set(models.VARIANTS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("record", RECORDS, ids=lambda w: w.name)
 def test_record_matches_model(record: Weights):
     with torch.device("meta"):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import nbformat
+import pytest
 from conftest import ROOT
 from nbclient import NotebookClient
+
+pytestmark = pytest.mark.slow  # runs the notebook
 
 NOTEBOOK = ROOT / "notebooks" / "demo.ipynb"
 

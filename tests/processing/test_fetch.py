@@ -478,6 +478,7 @@ def https_server(tmp_path_factory):
     httpd.server_close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variable", ["REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"])
 def test_a_corporate_ca_bundle_is_trusted_when_named_and_only_then(https_server, monkeypatch, variable) -> None:
     base, cert = https_server

@@ -115,12 +115,14 @@ def test_seeds_decode():
     assert {name: _check(data) for name, data in SEEDS.items()} == dict.fromkeys(SEEDS, "decoded")
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.binary(max_size=4096))
 def test_random_bytes(data):
     _check(data)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     magic=st.sampled_from([b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"BM", b"II*\x00", b"RIFF"]),
@@ -130,6 +132,7 @@ def test_random_bytes_behind_a_real_magic_number(magic, rest):
     _check(magic + rest)
 
 
+@pytest.mark.slow
 @FUZZ_MUTATED
 @given(data=mutated())
 def test_mutated_images(data):

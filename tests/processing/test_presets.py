@@ -14,6 +14,7 @@ from PIL import Image
 from resnext_hub.processing import ImageClassification, as_preset, load_image
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(1, 60_000_000), (60_000_000, 1), (3, 20_000_000)])
 def test_a_tiny_png_of_an_extreme_shape_costs_only_its_output(size):
     """A few-KB PNG, 1 pixel high and 60 M wide, once needed a 256 x 15 G resize (OverflowError or GBs)."""

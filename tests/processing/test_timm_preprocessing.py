@@ -56,6 +56,7 @@ def test_photos_cover_modes_and_aspect_ratios():
     assert square == {True, False}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_model_preprocessing_equals_timm_at_224(models, name):
     timm_model, ours = models[name]
@@ -71,6 +72,7 @@ def test_model_preprocessing_equals_timm_at_224(models, name):
     assert (nvidia - expected).abs().max().item() > 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_weights_test_size_preprocessing_equals_timm_at_288(models, name):
     timm_model, _ = models[name]

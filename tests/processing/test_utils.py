@@ -113,6 +113,7 @@ def test_top_k_records():
         processing.top_k(torch.tensor([[0.2, 0.8]]), labels=["a", "b", "c"])
 
 
+@pytest.mark.slow
 def test_prepare_batch_mixes_sources_and_matches_single_calls():
     photo = RGB_PHOTOS[0]
     pil = Image.open(photo)

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,10 +17,13 @@ from conftest import IMAGES, ROOT
 from servers import FileServer
 from unprivileged import public_dir, run_unprivileged
 
-from resnext_hub import processing
+from resnext_hub import exit_codes, processing
 from resnext_hub.arguments import check_options, inference_options
-from resnext_hub.cli import build_parser
+from resnext_hub.cli import build_parser, main
 from resnext_hub.models import build_model
+from resnext_hub.models.download import MIRROR_ENV
+
+pytestmark = pytest.mark.slow  # the command line in subprocesses
 
 ARCH = "seresnext26d_32x4d"
 
@@ -136,8 +140,36 @@ def test_bad_usage_is_explained(args, message):
 
 def test_missing_checkpoint_is_a_clear_error():
     result = classify(str(IMAGES / "chelsea.jpg"), "--model", ARCH, "--checkpoint", "/nonexistent.pth")
-    assert result.returncode == 2 and "error: checkpoint /nonexistent.pth does not exist" in result.stderr
+    assert result.returncode == exit_codes.WEIGHTS_UNAVAILABLE, result.stderr
+    assert "error: checkpoint /nonexistent.pth does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_unavailable_weights_are_explained_on_their_lines_with_their_own_status(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv(MIRROR_ENV, "http://user:s3cret@127.0.0.1:1/weights")  # nothing listens on port 1
+    assert main(["classify", str(IMAGES / "chelsea.jpg"), "--model", ARCH]) == exit_codes.WEIGHTS_UNAVAILABLE
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "error: no source of these weights could be used:" and lines[1].startswith("  - "), lines
+    assert lines[-1].startswith("Cache folder: ") and "\\n" not in "".join(lines) and "s3cret" not in "".join(lines)
+
+
+@pytest.mark.slow
+def test_a_normal_run_shows_no_library_warnings(checkpoint, tmp_path):
+    """What the user's terminal gets: our own lines, no library's Python warning or logged warning."""
+    model = ["--model", ARCH, "--checkpoint", str(checkpoint)]
+    runs = [
+        ["classify", str(IMAGES / "chelsea.jpg"), *model],
+        ["export", *model, "--format", "onnx", "--image-size", "64", "-o", str(tmp_path / "m.onnx")],
+    ]
+    for argv in runs:
+        result = subprocess.run(
+            [sys.executable, "-m", "resnext_hub", *argv], capture_output=True, text=True, timeout=600, cwd=ROOT
+        )
+        assert result.returncode == 0, result.stderr
+        # "UserWarning: ..." and torch's logged "W1204 17:10:15.398000 123 torch/...] ..." lines.
+        foreign = [line for line in result.stderr.splitlines() if "Warning" in line or re.match(r"[WE]\d{4} ", line)]
+        assert not foreign, f"{argv[0]}: {foreign}"
 
 
 def test_models_command_lists_the_manifest():

@@ -157,6 +157,7 @@ print(json.dumps({"found": found, "skipped": skipped, "samples": samples, "sampl
 """
 
 
+@pytest.mark.slow
 def test_a_folder_that_cannot_be_read_is_reported_never_passed_over():
     wnids = imagenet_wnids()
     with public_dir() as base:

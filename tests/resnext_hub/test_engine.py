@@ -29,6 +29,7 @@ def test_devices():
             resolve_device("cuda")
 
 
+@pytest.mark.slow
 def test_every_input_gets_a_result_in_order_and_bad_ones_an_error(engine, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"<html>404</html>")
@@ -42,6 +43,7 @@ def test_every_input_gets_a_result_in_order_and_bad_ones_an_error(engine, tmp_pa
         assert all(p.label == str(p.index) and p.wnid is None for p in result.predictions)  # the model's own classes
 
 
+@pytest.mark.slow
 def test_loader_processes_and_threads_give_the_same_results(engine):
     items = [str(p) for p in RGB_PHOTOS[:3]]
     batches = [[0, 1], [2]]
@@ -64,6 +66,7 @@ def test_a_device_that_cannot_run_is_a_value_error_that_says_so(device, message)
         resolve_device(device)
 
 
+@pytest.mark.slow
 def test_an_input_that_raises_anything_gets_a_result_and_the_rest_are_classified(engine):
     items = [str(RGB_PHOTOS[0]), "~no-such-user-h13/photo.jpg", str(RGB_PHOTOS[1])]
     for threads in (True, False):

@@ -169,6 +169,7 @@ def test_a_folder_without_class_folders_is_refused_before_the_model_loads(tmp_pa
     assert "no images" in err and "<class>/" in err and "nonexistent" not in err
 
 
+@pytest.mark.slow
 def test_one_process_counts_every_image_once_and_scores_it_right(dataset, single):
     run, summary = single["run"], single["summary"]
     assert run.returncode == 1, run.stderr  # 1: one file could not be read
@@ -183,6 +184,7 @@ def test_one_process_counts_every_image_once_and_scores_it_right(dataset, single
     assert summary["model"] == ARCH and summary["preprocessing"]["interpolation"] == "bicubic"  # timm's weights
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_give_identical_counts_and_accuracy(dataset, single):
     out = dataset["base"] / "two.json"
     args = ["evaluate", str(dataset["root"]), "--model", ARCH, "--checkpoint", str(dataset["checkpoint"])]
@@ -201,6 +203,7 @@ def test_torchrun_two_processes_give_identical_counts_and_accuracy(dataset, sing
     assert run.stderr.count("top-1 33.333%") == 1 and run.stderr.count("broken.jpg: ERROR") == 1
 
 
+@pytest.mark.slow
 def test_api_with_loader_workers_and_the_fast_path(dataset):
     summary = evaluate(dataset["model"], dataset["root"], InferenceOptions(device="cpu", batch_size=5, workers=2))
     assert summary["evaluated"] + summary["failed"] == summary["images"] == 13
@@ -216,6 +219,7 @@ def test_api_with_loader_workers_and_the_fast_path(dataset):
 # -- issue 13: the summary survives its output; unreadable folders; any exception per image ---------------------
 
 
+@pytest.mark.slow
 def test_an_unwritable_output_fails_before_the_model_loads(dataset, tmp_path):
     (tmp_path / "file").write_text("x")
     args = ["evaluate", str(dataset["root"]), "--model", ARCH, "--checkpoint", "/nonexistent.pth"]
@@ -223,6 +227,7 @@ def test_an_unwritable_output_fails_before_the_model_loads(dataset, tmp_path):
     assert run.returncode == 2 and run.stderr.startswith("error: --output") and "checkpoint" not in run.stderr
 
 
+@pytest.mark.slow
 def test_an_output_that_fails_while_written_leaves_the_summary_on_stdout(dataset):
     args = ["evaluate", str(dataset["root"]), "--model", ARCH, "--checkpoint", str(dataset["checkpoint"])]
     run = run_cli(
@@ -235,6 +240,7 @@ def test_an_output_that_fails_while_written_leaves_the_summary_on_stdout(dataset
     assert "Traceback" not in run.stderr
 
 
+@pytest.mark.slow
 def test_a_class_folder_that_cannot_be_read_is_reported_and_fails_the_run(dataset):
     with public_dir() as base:
         root = base / "val"
@@ -264,6 +270,7 @@ def test_a_class_folder_that_cannot_be_read_is_reported_and_fails_the_run(datase
     assert "the numbers are of the" in run.stderr
 
 
+@pytest.mark.slow
 def test_images_whose_loading_raises_anything_are_counted_as_failures(dataset, tmp_path):
     # A dataset folder given as "~no-such-user-h13": the loader expands "~user", and pathlib raises RuntimeError.
     shutil.copytree(dataset["root"], tmp_path / "~no-such-user-h13")

@@ -68,6 +68,7 @@ def test_fp16_onnx_within_stated_bound(model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m16.onnx"]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript_traced_frozen_and_verified(model, tmp_path):
     result = export_torchscript(model, tmp_path / "m.pt", image_size=SIZE)
@@ -119,6 +120,7 @@ def test_an_export_that_does_not_generalise_is_refused_and_removed(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_export_command_reports_errors(tmp_path, capsys, checkpoint):
     assert cli.main(["export", "--model", ARCH, "--random-weights", "--format", "torchscript", "--precision", "fp16",
                      "-o", str(tmp_path / "m.pt")]) == 2  # fmt: skip
@@ -147,6 +149,7 @@ def test_export_command_reports_errors(tmp_path, capsys, checkpoint):
     assert "already exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_nvidia_model_exports_to_onnx(tmp_path):
     """One 101-layer NVIDIA model, from its NGC-layout file, through the whole ONNX path."""
     ngc = write_ngc_file(tmp_path / "ngc", "se_resnext101_32x4d", seed=1)
@@ -213,6 +216,7 @@ with torch.inference_mode():
     np.testing.assert_allclose(logits, expected, rtol=0, atol=FP32_TOLERANCE * max(1, np.abs(expected).max()))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="bf16 pt2 packages are for CPUs with native bf16")
 def test_pt2_bf16_package_within_its_bound(model, pt2_fp32, tmp_path):
     result = export_pt2(model, tmp_path / "b.pt2", image_size=SIZE, precision="bf16")
@@ -223,6 +227,7 @@ def test_pt2_bf16_package_within_its_bound(model, pt2_fp32, tmp_path):
     assert {"export_s", "compile_s", "load_s", "first_call_s"} <= set(result.timings)
 
 
+@pytest.mark.slow
 def test_pt2_refuses_what_it_cannot_build(model, tmp_path):
     with pytest.raises(ValueError, match="fp16 pt2 packages are for CUDA"):
         export_pt2(model, tmp_path / "h.pt2", precision="fp16")

@@ -32,6 +32,7 @@ def at_64(images: torch.Tensor) -> torch.Tensor:
     return F.interpolate(images, size=(64, 64), mode="bilinear", antialias=True)
 
 
+@pytest.mark.slow
 def test_int8_onnx_runs_in_onnx_runtime_and_is_faithful(model, tmp_path):
     photos = at_64(processing.prepare_batch(PHOTOS, preprocessing=model))
     noise = torch.randn(11, 3, 64, 64, generator=torch.Generator().manual_seed(2))
@@ -51,6 +52,7 @@ def test_int8_onnx_runs_in_onnx_runtime_and_is_faithful(model, tmp_path):
     assert np.allclose(probabilities, torch.from_numpy(logits).softmax(1).numpy(), atol=1e-6)  # fp32 softmax
 
 
+@pytest.mark.slow
 def test_unfaithful_int8_is_refused_and_leaves_nothing(model, tmp_path):
     # Calibrated on blank images, checked on photos: the activation ranges are far too narrow.
     photos = at_64(processing.prepare_batch(PHOTOS, preprocessing=model))

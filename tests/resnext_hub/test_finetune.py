@@ -76,6 +76,7 @@ def runs(shapes, tmp_path_factory) -> dict:
 # -- learning, outputs, bad data -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_short_run_learns_shapes_and_skips_the_corrupt_file(runs, shapes):
     run, out = runs["reference"], runs["base"] / "ref"
     assert run.returncode == 0, run.stderr[-3000:]
@@ -99,6 +100,7 @@ def test_a_short_run_learns_shapes_and_skips_the_corrupt_file(runs, shapes):
     assert "optimizer" not in best and {"optimizer", "scheduler", "rng", "settings", "history"} <= last.keys()
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_weights_and_metrics(runs):
     assert runs["resumed"].returncode == 0, runs["resumed"].stderr[-3000:]
     assert runs["killed_after"] < EPOCHS, "the run finished before it was killed"
@@ -111,6 +113,7 @@ def test_a_killed_run_resumes_to_the_same_weights_and_metrics(runs):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+@pytest.mark.slow
 def test_the_checkpoint_comes_back_through_the_hub_with_the_users_labels(runs, shapes, capsys):
     best = runs["base"] / "ref" / "best.pth"
     model = torch.hub.load(str(ROOT), ARCH, source="local", pretrained_from_file=str(best))
@@ -127,6 +130,7 @@ def test_the_checkpoint_comes_back_through_the_hub_with_the_users_labels(runs, s
     assert all(name in printed for name in CLASSES) and "tench" not in printed
 
 
+@pytest.mark.slow
 def test_two_processes_train_to_a_comparable_result(runs):
     run, out = runs["two"], runs["base"] / "two"
     assert run.returncode == 0, run.stderr[-3000:]
@@ -189,6 +193,7 @@ def test_bad_data_layouts_are_refused_clearly(tmp_path, capsys):
         finetune(root / "train", tmp_path / "out", model=ARCH)
 
 
+@pytest.mark.slow
 def test_a_global_batch_must_split_evenly_and_a_resume_must_match(runs, shapes, tmp_path):
     with pytest.raises(ValueError, match="batch_size 9 .global. is not divisible by the 2 processes"):
         finetune(shapes, tmp_path / "out", model=ARCH, batch_size=9, ctx=DistContext(world_size=2))

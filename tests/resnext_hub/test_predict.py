@@ -80,6 +80,7 @@ def photos(tmp_path_factory) -> dict:
     return {"base": base, "tree": tree, "common": common, "single": single, "one": base / "one.jsonl"}
 
 
+@pytest.mark.slow
 def test_one_process_classifies_every_input_once_in_order(photos):
     run = photos["single"]
     assert run.returncode == 1, run.stderr  # 1: one input could not be read
@@ -97,6 +98,7 @@ def test_one_process_classifies_every_input_once_in_order(photos):
         assert predictions[0]["wnid"].startswith("n") and predictions[0]["label"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_write_exactly_the_one_process_output(photos):
     two = photos["base"] / "two.jsonl"
     run = run_cli(["predict", str(photos["tree"]), "-o", str(two), *photos["common"]], photos["base"], nproc=2)
@@ -109,6 +111,7 @@ def _part_records(output: Path) -> list[dict]:
     return open_job(output).done if parts_dir(output).is_dir() else []
 
 
+@pytest.mark.slow
 def test_sigterm_mid_run_then_resume_loses_nothing_and_repeats_nothing(photos):
     base, tree = photos["base"], photos["tree"]
     one = read_records(photos["one"], "jsonl")
@@ -180,6 +183,7 @@ def test_an_input_without_a_result_is_reported_and_its_parts_kept(tmp_path):
     assert (parts_dir(output) / "1-rank00000.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_resuming_with_another_top_k_is_refused(photos, capsys):
     args = ["predict", str(photos["tree"]), "-o", str(photos["one"]), "--top-k", "3", "--checkpoint", "/nonexistent"]
     assert main(args) == 2
@@ -210,6 +214,7 @@ def _options(checkpoint) -> list[str]:
     return options + (["--checkpoint", str(checkpoint)] if checkpoint else [])
 
 
+@pytest.mark.slow
 def test_a_csv_job_with_awkward_names_completes_and_resumes(small_job):
     base, tree = small_job["base"], small_job["tree"]
     output = base / "names.csv"
@@ -228,6 +233,7 @@ def test_a_csv_job_with_awkward_names_completes_and_resumes(small_job):
     assert read_records(output, "csv") == records
 
 
+@pytest.mark.slow
 def test_resuming_with_other_weights_is_refused_before_the_model_loads(small_job):
     base, tree = small_job["base"], small_job["tree"]
     output = base / "job.jsonl"
@@ -249,6 +255,7 @@ def test_resuming_with_other_weights_is_refused_before_the_model_loads(small_job
     assert job["model"] == ARCH and job["top_k"] == 5 and len(job["checkpoint_sha256"]) == 64
 
 
+@pytest.mark.slow
 def test_top_k_above_the_class_count_resumes(small_job, capsys):
     base, tree = small_job["base"], small_job["tree"]
     output = base / "all.jsonl"
@@ -262,6 +269,7 @@ def test_top_k_above_the_class_count_resumes(small_job, capsys):
     assert "top-1000 results but --top-k is 999" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["folder", "fifo", "below a file"])
 def test_an_output_that_cannot_be_replaced_is_refused_before_the_model_loads(tmp_path, kind, capsys):
     output = tmp_path / "out.jsonl"
@@ -318,6 +326,7 @@ def test_predict_with_default_options_prints_no_library_warning(small_job, tmp_p
     assert "Warning" not in err and "warning" not in err and "1 inputs: 1 classified" in err
 
 
+@pytest.mark.slow
 def test_a_folder_that_cannot_be_read_is_reported_and_fails_the_run(small_job):
     with public_dir() as base:
         tree = base / "photos"

@@ -93,6 +93,13 @@ def test_text_puts_every_name_on_one_line_and_escapes_what_would_forge_or_hide_l
     # A message quoting an escaped name is made one line again without escaping it twice.
     once = printable("a\\b\n" + UNDECODABLE)
     assert once == "a\\\\b\\ncaf\\xe9.jpg" and printable(f"x: {once}", backslashes=False) == f"x: {once}"
+    # A message of several lines keeps its lines; each is still made safe.
+    message = "no source:\n  - http://user:s3cret@host/w.pth: \x1b[31mrefused\r\n" + UNDECODABLE
+    assert printable(message, lines=True).split("\n") == [
+        "no source:",
+        "  - http://***@host/w.pth: \\u001b[31mrefused\\r",
+        "caf\\xe9.jpg",
+    ]
 
 
 def test_every_name_round_trips_through_json_lines_and_csv_files(tmp_path):

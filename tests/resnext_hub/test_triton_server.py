@@ -69,6 +69,7 @@ def _tensor_request(protocol, x: np.ndarray):
     return [tensor]
 
 
+@pytest.mark.slow
 def test_concurrent_http_and_grpc_requests_match_local_inference_and_are_batched(server, classifier):
     before = server.statistics(ARCH)
     inputs = torch.randn(16, 3, 224, 224, generator=torch.Generator().manual_seed(0)).numpy()
@@ -99,6 +100,7 @@ def test_concurrent_http_and_grpc_requests_match_local_inference_and_are_batched
     assert executions < requests  # the dynamic batcher put several requests into one model execution
 
 
+@pytest.mark.slow
 def test_encoded_images_are_decoded_with_the_hardened_loader(server, classifier):
     photos = RGB_PHOTOS[:2]
     bad = b"GIF89a but not really"
@@ -123,6 +125,7 @@ def test_encoded_images_are_decoded_with_the_hardened_loader(server, classifier)
         assert result.as_numpy("indices")[2].tolist() == [-1] * TOP_K
 
 
+@pytest.mark.slow
 def test_wrong_input_shape_is_refused_by_the_server(server):
     with pytest.raises(InferenceServerException, match="input"):
         server.http.infer(ARCH, _tensor_request("http", np.zeros((1, 3, 64, 64), np.float32)))
@@ -130,6 +133,7 @@ def test_wrong_input_shape_is_refused_by_the_server(server):
         server.http.get_inference_statistics(ARCH)  # admin endpoints need the token
 
 
+@pytest.mark.slow
 def test_load_script_reports_throughput_and_latency(server):
     argv = [sys.executable, "-m", "benchmarks.triton_load", "--model", ARCH, "--json"]
     argv += ["--url", f"127.0.0.1:{server.http_port}", "--concurrency", "1,4", "--requests", "8"]
@@ -143,6 +147,7 @@ def test_load_script_reports_throughput_and_latency(server):
     assert levels[1]["mean_batch"] > 1  # four clients at once are batched together
 
 
+@pytest.mark.slow
 def test_server_stops_cleanly(server):
     assert server.stop() == 0
     with socket.socket() as probe:
@@ -188,6 +193,7 @@ def faulty_server(checkpoint, tmp_path_factory):
     assert "Traceback" not in log.read_text()
 
 
+@pytest.mark.slow
 def test_a_sample_that_raises_anything_fails_alone_in_its_request_and_its_batch(faulty_server, classifier):
     good = [p.read_bytes() for p in RGB_PHOTOS[:2]]
     samples = [good[0], _png((37, 23)), b"", good[1]]
@@ -225,6 +231,7 @@ def test_a_sample_that_raises_anything_fails_alone_in_its_request_and_its_batch(
             check(rows, [i])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("options", "message"),
     [

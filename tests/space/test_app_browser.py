@@ -22,6 +22,8 @@ import torch
 
 from resnext_hub.processing import prepare_input_from_uri, top_k
 
+pytestmark = pytest.mark.slow  # a browser and the app's server
+
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "assets" / "images"
 CHROMIUM = "/usr/bin/chromium"

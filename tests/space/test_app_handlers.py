@@ -43,6 +43,7 @@ def _message(excinfo) -> str:
     return excinfo.value.message
 
 
+@pytest.mark.slow
 def test_every_model_entry_point_is_offered_once(demo) -> None:
     assert demo.entries == [
         "nvidia_resnext101_32x4d",
@@ -125,6 +126,7 @@ def test_duplicate_imagenet_names_stay_distinct(app) -> None:
     assert app.top5_dict(ranked) == {"crane": 0.5, "crane (#517)": 0.3}
 
 
+@pytest.mark.slow
 def test_the_space_bundle_runs_the_same_app(tmp_path) -> None:
     dest = tmp_path / "space"
     subprocess.run([sys.executable, str(SPACE / "bundle.py"), str(dest)], check=True, capture_output=True)

@@ -17,6 +17,7 @@ from tools import model_table
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_readme_table_is_in_sync():
     """The real command, as CI or a maintainer runs it."""
     result = subprocess.run(
@@ -30,6 +31,7 @@ def test_readme_table_is_in_sync():
     assert model_table.readme_table() == model_table.render()
 
 
+@pytest.mark.slow
 def test_table_has_one_row_per_manifest_record():
     table = model_table.render()
     manifest = load_manifest()
