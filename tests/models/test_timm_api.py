@@ -476,6 +476,17 @@ def test_optimized_copy_has_timms_inference_api(weights):
     assert fast.pretrained_cfg == model.pretrained_cfg and fast.pretrained_cfg["first_conv"] == "conv1.0"
 
 
+def test_auto_checks_a_copy_of_an_in_chans_model_on_its_channels(weights, monkeypatch):
+    """``"auto"`` checks bf16 against fp32 on a random batch with the model's own channel count (bf16 tried
+    as on a CPU with native bf16: here emulated, slower, the same numbers)."""
+    monkeypatch.setattr("resnext_hub.models.optimize.cpu_has_native_bf16", lambda: True)
+    model = build_model(SMALL, pretrained_from_file=weights, in_chans=1)
+    fast = model.optimize_for_inference("auto", reuse_memory=False)
+    assert fast.precision in ("bf16", "fp32")
+    with torch.no_grad():
+        assert fast(inputs(1)).shape == (2, 1000)
+
+
 # -- the options are checked -------------------------------------------------------------------------------
 
 
