@@ -14,7 +14,7 @@ from .checkpoint import CheckpointError, FinetunedMeta, load_weights, read_check
 from .download import fetch_checkpoint, forget
 from .features import ResNetFeatures
 from .meta import ModelMeta, default_classes
-from .resnet import ResNet, feature_indices
+from .resnet import ResNet, check_options, feature_indices
 from .variants import get_config
 from .weights import Weights, get_weights
 
@@ -34,6 +34,10 @@ def build_model(
     progress: bool = True,
     features_only: bool = False,
     out_indices: int | Sequence[int] | None = None,
+    in_chans: int = 3,
+    global_pool: str = "avg",
+    drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
 ) -> ResNet | ResNetFeatures:
     """Build ``architecture`` and load weights into it; returns the model in eval mode.
 
@@ -43,7 +47,8 @@ def build_model(
       without a file gives random weights.
     - ``weights``: a manifest tag or name (default: the architecture's default record). The
       record supplies the download sources, ``model.preprocessing`` and ``model.classes``.
-    - ``num_classes``: default the record's (1000); another N keeps the backbone, adds a fresh head.
+    - ``num_classes``: default the record's (1000); another N keeps the backbone, adds a fresh head;
+      0: no head (timm's meaning: the model returns the pooled features).
       A fine-tuned checkpoint (``python -m resnext_hub finetune``) sets the default to its own
       classes and gives the model its class names and preset; another N keeps its backbone only.
     - ``state_dict_key_map_fn``: renames each checkpoint key before loading (NVIDIA's option).
@@ -52,6 +57,10 @@ def build_model(
     - ``progress``: show a progress bar while downloading.
     - ``features_only``: return the network as a backbone (:class:`ResNetFeatures`: a list of
       feature maps ``out_indices``, 0 = stem ... 4 = last stage, with ``feature_info``), as timm's.
+    - timm's options, with timm's meanings: ``in_chans`` (input channels; loaded 3-channel weights are
+      adapted as timm adapts them, see :func:`~.resnet.adapt_input_conv`), ``global_pool`` (``"avg"``,
+      ``"max"``, ``"avgmax"``, ``"catavgmax"``, ``""`` with ``num_classes=0``), ``drop_rate`` (dropout
+      before ``fc``) and ``drop_path_rate`` (stochastic depth; both in training only).
     """
     if out_indices is not None and not features_only:
         raise ValueError("out_indices needs features_only=True")
@@ -60,10 +69,11 @@ def build_model(
     config = get_config(architecture)
     record = get_weights(architecture, weights)
     finetuned = _finetuned(pretrained_from_file, architecture)
+    default_head = record.num_classes if finetuned is None else len(finetuned.classes)
     if num_classes is None:
-        num_classes = record.num_classes if finetuned is None else len(finetuned.classes)
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        num_classes = default_head
+    timm_options = {"in_chans": in_chans, "global_pool": global_pool, "drop_rate": drop_rate}
+    check_options(num_classes=num_classes, drop_path_rate=drop_path_rate, **timm_options)
     loaded: Weights | None = None
     if pretrained_from_file is not None or pretrained:
         seen: os.stat_result | None = None
@@ -84,9 +94,17 @@ def build_model(
                 raise
             raise CheckpointError(f"{error}\n  {forget(path, seen)}") from error
         # Built on the meta device: the checkpoint's tensors are assigned, never initialised twice.
+        # A headless model (num_classes=0) and another in_chans are made from the loaded one (_as_asked).
+        head = num_classes or default_head
         with torch.device("meta"):
             model = ResNet(
-                config, num_classes, fused_se=fused_se, meta=_meta(architecture, record, num_classes, loaded, finetuned)
+                config,
+                head,
+                global_pool=global_pool if num_classes else "avg",
+                drop_rate=drop_rate,
+                drop_path_rate=drop_path_rate,
+                fused_se=fused_se,
+                meta=_meta(architecture, record, head, loaded, finetuned),
             )
         try:
             load_weights(model, state_dict, key_map_fn=state_dict_key_map_fn, source=where)
@@ -95,12 +113,23 @@ def build_model(
                 raise
             raise CheckpointError(f"{error}\n  {forget(path, seen)}") from error
         if model.fc.weight.is_meta:
-            model.reset_classifier(num_classes)
+            model.reset_classifier(head)
+        _as_asked(model, num_classes, in_chans, global_pool)
     else:
-        model = ResNet(config, num_classes, fused_se=fused_se, meta=_meta(architecture, record, num_classes, None))
+        meta = _meta(architecture, record, num_classes or default_head, None)
+        model = ResNet(config, num_classes, drop_path_rate=drop_path_rate, fused_se=fused_se, meta=meta, **timm_options)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return (ResNetFeatures(model, out_indices) if features_only else model).eval()
+
+
+def _as_asked(model: ResNet, num_classes: int, in_chans: int, global_pool: str) -> None:
+    """timm's options that loaded weights do not have, applied to the loaded model: a 3-channel first conv
+    adapted to ``in_chans`` (timm's rule), no head for ``num_classes=0`` (with its ``global_pool``)."""
+    if in_chans != 3:
+        model.adapt_input_channels(in_chans)
+    if not num_classes:
+        model.reset_classifier(0, global_pool)
 
 
 def _meta(
@@ -110,7 +139,7 @@ def _meta(
         classes = finetuned.classes if num_classes == len(finetuned.classes) else default_classes(num_classes)
         return ModelMeta(architecture, finetuned.preprocessing, classes)
     classes = record.class_list if num_classes == record.num_classes else default_classes(num_classes)
-    return ModelMeta(architecture, record.preprocessing, classes, weights=loaded)
+    return ModelMeta(architecture, record.preprocessing, classes, weights=loaded, record=record)
 
 
 def _finetuned(path: str | Path | None, architecture: str) -> FinetunedMeta | None:

@@ -66,6 +66,7 @@ class ResNetFeatures(Described, nn.Module):
         super().__init__()
         indices = feature_indices(out_indices)
         self.meta = model.meta
+        self.first_conv = model.first_conv
         self.feature_info = FeatureInfo.of(model, indices)
         for name in ("conv1", "bn1", "act1", "maxpool", *(f"layer{i}" for i in range(1, max(indices) + 1))):
             self.add_module(name, getattr(model, name))

@@ -13,7 +13,7 @@ keeps the numbers:
 - 1x1 convolutions on small maps (batch 1 in the last stages) run as one matmul, which oneDNN
   does faster there than its convolution (see :class:`PointwiseConv`).
 - The head is the model's own module (``fc``, copied as it is: a Linear, a replaced head, an
-  ``Identity``), on the pooled features.
+  ``Identity``), on the features pooled as the model pools them (``global_pool``).
 
 :class:`CompiledResNet` adds ``torch.compile``. Which copy to build is :mod:`.optimize`'s choice.
 """
@@ -167,9 +167,11 @@ class OptimizedResNet(Headed, nn.Module):
     """Inference-only ResNet: folded BN, fused SE, a fixed memory format and compute dtype.
 
     ``model``: a :class:`~.resnet.ResNet` (this module reads its ``conv1``, ``bn1``, ``maxpool``,
-    ``layer1``..``layer4`` of :class:`~.blocks.Bottleneck` blocks, ``fc``, ``num_features`` and ``meta``).
-    ``forward`` takes the same fp32 NCHW (or NHWC) batch as the original model and returns
-    fp32 outputs; the conversion to the compute layout and dtype happens inside.
+    ``layer1``..``layer4`` of :class:`~.blocks.Bottleneck` blocks, ``global_pool``, ``fc``, ``num_features``,
+    ``first_conv`` and ``meta``). ``forward`` takes the same fp32 NCHW (or NHWC) batch as the original model
+    and returns fp32 outputs; the conversion to the compute layout and dtype happens inside. timm's inference
+    API: ``forward_features`` (in the compute dtype and layout), ``forward_head``, ``get_classifier``,
+    ``pretrained_cfg``.
     """
 
     def __init__(self, model: nn.Module, *, dtype: torch.dtype, channels_last: bool) -> None:
@@ -177,10 +179,12 @@ class OptimizedResNet(Headed, nn.Module):
         # The class names travel resolved against the head (index names for a resized one), as model.classes.
         self.meta = model.meta.with_classes(model.classes) if head_size(model.fc) else model.meta
         self.num_features = model.num_features
+        self.first_conv = model.first_conv
         self.stem = _fold_stem(model.conv1, model.bn1)
         self.maxpool = copy.deepcopy(model.maxpool)
         stages = [getattr(model, name) for name in ("layer1", "layer2", "layer3", "layer4")]
         self.stages = nn.Sequential(*(nn.Sequential(*map(FusedBottleneck, stage)) for stage in stages))
+        self.global_pool = copy.deepcopy(model.global_pool)
         self.fc = copy.deepcopy(model.fc)  # the user's head as it is (a replaced one included)
         self.dtype = dtype
         self.channels_last = channels_last
@@ -191,6 +195,7 @@ class OptimizedResNet(Headed, nn.Module):
         self.eval()
 
     def forward_features(self, x: Tensor) -> Tensor:
+        """The last stage's maps, unpooled, in the compute dtype and memory format."""
         x = x.to(self.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -202,8 +207,12 @@ class OptimizedResNet(Headed, nn.Module):
             # for this call only: the process-wide setting stays the caller's.
             with _cudnn_benchmark():
                 return self.forward(x)
-        pooled = self.forward_features(x).mean((2, 3))
-        return self.fc(pooled).float()
+        return self.forward_head(self.forward_features(x))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """timm's: the pooled features (``pre_logits``) or ``fc``'s output on them, as fp32."""
+        x = self.global_pool(x)
+        return (x if pre_logits else self.fc(x)).float()
 
 
 @contextlib.contextmanager
@@ -231,6 +240,7 @@ class CompiledResNet(Headed, nn.Module):
         self.meta = module.meta
         self.precision = module.precision
         self.num_features = module.num_features
+        self.first_conv = module.first_conv
         # Freezing turns the weights into constants, so inductor can pre-pack them for oneDNN and
         # fuse bias + ReLU (+ add) into the convolutions; it is only valid without autograd.
         options = {"freezing": True} if device.type == "cpu" else {}

@@ -91,3 +91,7 @@ class Headed(Described):
             )
         names = self.meta.classes
         return names if len(names) == size else default_classes(size)
+
+    def get_classifier(self, name_only: bool = False) -> nn.Module | str:
+        """timm's: the head module (``fc``), or its name."""
+        return "fc" if name_only else self.fc

@@ -1,4 +1,7 @@
-"""torch.hub entry points, registered in :mod:`.registry` (``hubconf.py`` exports what is registered)."""
+"""torch.hub entry points, registered in :mod:`.registry` (``hubconf.py`` exports what is registered).
+
+Every entry takes :func:`~.builder.build_model`'s keywords, timm's model options included.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ def nvidia_resnext101_32x4d(*, pretrained: bool = True, **kwargs: Any) -> ResNet
 
     Keyword-only: pretrained (bool, default True), pretrained_from_file (str), a local checkpoint in any NVIDIA
     or timm layout (no pretrained=False needed), weights (str, default "ngc_20.06"), num_classes (int),
-    state_dict_key_map_fn, channels_last, fused_se, progress. ``build_model`` documents each.
+    state_dict_key_map_fn, channels_last, fused_se, progress, and timm's in_chans, global_pool, drop_rate,
+    drop_path_rate (num_classes=0: no head). ``build_model`` documents each.
     """
     return build_model("resnext101_32x4d", pretrained=pretrained, **kwargs)
 
@@ -33,7 +37,8 @@ def nvidia_resneXt(*, pretrained: bool = True, **kwargs: Any) -> ResNet:
 
     Keyword-only: pretrained (bool, default True), pretrained_from_file (str), a local checkpoint (no
     pretrained=False needed), weights (str, default "ngc_20.06"), num_classes (int), state_dict_key_map_fn,
-    channels_last, fused_se, progress. ``build_model`` documents each. Returns the model in eval mode.
+    channels_last, fused_se, progress, and timm's in_chans, global_pool, drop_rate, drop_path_rate
+    (num_classes=0: no head). ``build_model`` documents each. Returns the model in eval mode.
     """
     return build_model("resnext101_32x4d", pretrained=pretrained, **kwargs)
 
@@ -50,7 +55,8 @@ def nvidia_se_resnext101_32x4d(*, pretrained: bool = True, **kwargs: Any) -> Res
         utils.pick_n_best(torch.softmax(model(batch), 1), n=5)
 
     Keyword-only: pretrained (bool), pretrained_from_file (str), weights (default "ngc_20.06"), num_classes,
-    state_dict_key_map_fn, channels_last, fused_se, progress; see ``build_model``.
+    state_dict_key_map_fn, channels_last, fused_se, progress,
+    and timm's in_chans, global_pool, drop_rate, drop_path_rate (num_classes=0: no head); see ``build_model``.
     """
     return build_model("se_resnext101_32x4d", pretrained=pretrained, **kwargs)
 
@@ -61,7 +67,8 @@ def seresnext26d_32x4d(*, pretrained: bool = True, **kwargs: Any) -> ResNet:
 
     Its weights expect timm's preprocessing (bicubic): pass the model to the utilities
     (``preprocessing=model``). Keyword-only: pretrained (bool), pretrained_from_file (str), weights (default
-    "bt_in1k"), num_classes, state_dict_key_map_fn, channels_last, fused_se, progress; see ``build_model``.
+    "bt_in1k"), num_classes, state_dict_key_map_fn, channels_last, fused_se, progress,
+    and timm's in_chans, global_pool, drop_rate, drop_path_rate (num_classes=0: no head); see ``build_model``.
     """
     return build_model("seresnext26d_32x4d", pretrained=pretrained, **kwargs)
 
@@ -71,7 +78,8 @@ def seresnext26t_32x4d(*, pretrained: bool = True, **kwargs: Any) -> ResNet:
     """timm's SE-ResNeXt26t-32x4d (tiered deep stem, avg-pool shortcuts; 16,806,976 parameters, top-1 77.98%).
 
     Keyword-only: pretrained (bool), pretrained_from_file (str), weights (default "bt_in1k"), num_classes,
-    state_dict_key_map_fn, channels_last, fused_se, progress; see ``build_model``.
+    state_dict_key_map_fn, channels_last, fused_se, progress,
+    and timm's in_chans, global_pool, drop_rate, drop_path_rate (num_classes=0: no head); see ``build_model``.
     """
     return build_model("seresnext26t_32x4d", pretrained=pretrained, **kwargs)
 
@@ -81,6 +89,7 @@ def seresnext50_32x4d(*, pretrained: bool = True, **kwargs: Any) -> ResNet:
     """timm's SE-ResNeXt50-32x4d (27,559,896 parameters, top-1 81.27%).
 
     Keyword-only: pretrained (bool), pretrained_from_file (str), weights (default "racm_in1k"), num_classes,
-    state_dict_key_map_fn, channels_last, fused_se, progress; see ``build_model``.
+    state_dict_key_map_fn, channels_last, fused_se, progress,
+    and timm's in_chans, global_pool, drop_rate, drop_path_rate (num_classes=0: no head); see ``build_model``.
     """
     return build_model("seresnext50_32x4d", pretrained=pretrained, **kwargs)

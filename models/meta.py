@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from ..processing.labels import ClassList, imagenet_classes
 from ..processing.presets import ImageClassification, as_preset
+from .pretrained_cfg import pretrained_cfg
 from .weights import Weights
 
 
@@ -15,12 +17,15 @@ class ModelMeta:
 
     ``weights``: the manifest record its parameters came from (None: random, or a local file).
     ``preprocessing``: the preset its weights expect. ``classes``: the names of its outputs.
+    ``record``: the manifest record the model was built for (its preset and classes come from it),
+    loaded or not (``pretrained=False``); None for a fine-tuned checkpoint's model or a bare one.
     """
 
     architecture: str | None
     preprocessing: ImageClassification
     classes: ClassList
     weights: Weights | None = None
+    record: Weights | None = None
 
     @classmethod
     def default(cls, num_classes: int = 1000) -> ModelMeta:
@@ -37,9 +42,14 @@ def default_classes(num_classes: int) -> ClassList:
 
 
 class Described:
-    """Read access to a module's :class:`ModelMeta` (``self.meta``), shared by every model class here."""
+    """Read access to a module's :class:`ModelMeta` (``self.meta``), shared by every model class here.
+
+    ``pretrained_cfg`` (and its older name ``default_cfg``) is timm's form of it, which timm's data
+    pipeline reads. ``first_conv``: the name of the model's first convolution in its weights' layout.
+    """
 
     meta: ModelMeta
+    first_conv: str = "conv1"
 
     @property
     def architecture(self) -> str | None:
@@ -60,3 +70,25 @@ class Described:
     @property
     def num_classes(self) -> int:
         return len(self.meta.classes)
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """timm's ``pretrained_cfg``, generated from the weights record and preset (a new dict on each access).
+
+        ``timm.data.resolve_model_data_config(model)`` then gives the transform these weights expect;
+        see :func:`~.pretrained_cfg.pretrained_cfg` for the keys.
+        """
+        meta = self.meta
+        count = meta.record.num_classes if meta.record is not None else len(meta.classes)
+        return pretrained_cfg(
+            meta.preprocessing,
+            architecture=meta.architecture,
+            num_classes=count,
+            first_conv=self.first_conv,
+            record=meta.record,
+        )
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """timm's older name of :attr:`pretrained_cfg`."""
+        return self.pretrained_cfg

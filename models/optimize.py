@@ -101,9 +101,9 @@ def _candidates(device: torch.device, calibrated: bool, backend: str = "auto", c
 
 
 @functools.cache
-def _check_input(device: str) -> Tensor:
+def _check_input(device: str, channels: int = 3) -> Tensor:
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(2, 3, 64, 64, generator=generator).to(device)
+    return torch.randn(2, channels, 64, 64, generator=generator).to(device)
 
 
 def _faithful(reference: nn.Module, candidate: nn.Module, x: Tensor | None = None) -> tuple[bool, float]:
@@ -113,7 +113,10 @@ def _faithful(reference: nn.Module, candidate: nn.Module, x: Tensor | None = Non
     outputs' spread; a flip between near-equal logits is rounding, not a change of answer.
     A single output (a one-class head) has no top-1 to compare.
     """
-    x = _check_input(str(_device_of(reference))) if x is None else x
+    if x is None:
+        # As many channels as the network takes (timm's in_chans): its first convolution's.
+        channels = next(m.in_channels for m in reference.modules() if isinstance(m, nn.Conv2d))
+        x = _check_input(str(_device_of(reference)), channels)
     with torch.inference_mode():
         want, got = reference(x).double(), candidate(x).double()
     cosine = F.cosine_similarity(want, got, dim=1).min().item()

@@ -145,10 +145,17 @@ class QuantizedResNet(Described, nn.Module):
     precision = "int8"
 
     def __init__(
-        self, meta: Any, backend: str, run: Callable[[Tensor], Tensor], image_size: tuple[int, int] | None
+        self,
+        meta: Any,
+        backend: str,
+        run: Callable[[Tensor], Tensor],
+        image_size: tuple[int, int] | None,
+        *,
+        first_conv: str = "conv1",
     ) -> None:
         super().__init__()
         self.meta = meta
+        self.first_conv = first_conv
         self.backend = backend
         self.image_size = image_size
         self._run = run
@@ -186,9 +193,9 @@ def quantize(
     with torch.no_grad():
         if backend == "openvino":
             run = _openvino(exact_nchw or exact, batches)
-            return QuantizedResNet(exact.meta, backend, run, None)
+            return QuantizedResNet(exact.meta, backend, run, None, first_conv=exact.first_conv)
         run = _torchao(exact, batches)
-    return QuantizedResNet(exact.meta, backend, run, tuple(batches[0].shape[2:]))
+    return QuantizedResNet(exact.meta, backend, run, tuple(batches[0].shape[2:]), first_conv=exact.first_conv)
 
 
 def _example(batches: list[Tensor]) -> Tensor:

@@ -10,21 +10,31 @@ here too: :mod:`.features` builds its backbone on them.
 The class composes what it shares with its fast copies: the head rules (:class:`~.head.Headed`:
 ``classes`` and ``num_classes`` follow ``fc``) and the optimizer's method
 (:class:`~.optimize.Optimizable`); those modules never import this one.
+
+It has timm's model API with timm's meanings (``forward_features``, ``forward_head``, ``reset_classifier``,
+``set_grad_checkpointing``, ``group_matcher``, ...; ``pretrained_cfg`` comes from :class:`~.meta.Described`),
+and timm's constructor options ``in_chans``, ``global_pool``, ``drop_rate`` and ``drop_path_rate``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..processing.labels import ClassList
 from .blocks import Bottleneck
 from .head import Headed
 from .meta import ModelMeta, default_classes
 from .optimize import Optimizable
+from .pooling import GlobalPool, check_pool_type
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 FEATURES = (*STAGES, "classifier")
@@ -79,14 +89,14 @@ def _downsample(in_channels: int, out_channels: int, stride: int, avg_down: bool
     return nn.Sequential(conv, nn.BatchNorm2d(out_channels))
 
 
-def _stem_conv(stem: str) -> nn.Module:
+def _stem_conv(stem: str, in_chans: int = 3) -> nn.Module:
     if stem == "7x7":
-        return nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        return nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False)
     if stem not in STEM_WIDTHS:
         raise ValueError(f"stem must be one of '7x7', {', '.join(map(repr, STEM_WIDTHS))}; got {stem!r}")
     w0, w1 = STEM_WIDTHS[stem]
     return nn.Sequential(
-        nn.Conv2d(3, w0, 3, stride=2, padding=1, bias=False),
+        nn.Conv2d(in_chans, w0, 3, stride=2, padding=1, bias=False),
         nn.BatchNorm2d(w0),
         nn.ReLU(inplace=True),
         nn.Conv2d(w0, w1, 3, padding=1, bias=False),
@@ -96,31 +106,77 @@ def _stem_conv(stem: str) -> nn.Module:
     )
 
 
+def check_options(
+    *,
+    num_classes: object,
+    global_pool: object,
+    in_chans: object = 3,
+    drop_rate: object = 0.0,
+    drop_path_rate: object = 0.0,
+) -> None:
+    """timm's model options, checked: a ``ValueError`` saying what is expected."""
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+        raise ValueError(f"num_classes must be an int >= 0 (0: no classifier, pooled features), got {num_classes!r}")
+    if not isinstance(in_chans, int) or isinstance(in_chans, bool) or in_chans < 1:
+        raise ValueError(f"in_chans must be a positive int (input channels; 3 for RGB), got {in_chans!r}")
+    if check_pool_type(global_pool) == "" and num_classes:
+        raise ValueError(
+            f"global_pool='' (no pooling) needs num_classes=0: a {num_classes}-class Linear head takes pooled features"
+        )
+    for name, rate in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
+        if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 <= rate < 1.0:
+            raise ValueError(f"{name} must be a probability in [0, 1), got {rate!r}")
+
+
 class ResNet(Optimizable, Headed, nn.Module):
     """ResNet v1.5 with grouped bottlenecks; see :class:`ResNetConfig` for the options.
 
-    ``forward(x)`` takes a normalized float batch ``(N, 3, H, W)`` (any H, W >= 32) and
+    ``forward(x)`` takes a normalized float batch ``(N, in_chans, H, W)`` (any H, W >= 32) and
     returns ``fc``'s output on the pooled features: logits ``(N, num_classes)``, or what a replaced
-    head gives (``nn.Identity()``: the ``num_features`` pooled features). ``extract_features``
+    head gives (``nn.Identity()``: the pooled features). ``extract_features``
     returns intermediate maps. ``meta`` (:class:`ModelMeta`) says what it is: ``architecture``,
     ``weights_record`` and ``preprocessing`` read from it; ``classes`` are its names for the head
     the model has (:class:`~.head.Headed`).
+
+    timm's options: ``num_classes=0`` (no classifier: ``fc`` is ``nn.Identity()``), ``in_chans`` (input
+    channels), ``global_pool`` (``"avg"``, ``"max"``, ``"avgmax"``, ``"catavgmax"``, or ``""``: unpooled,
+    with ``num_classes=0``), ``drop_rate`` (dropout before ``fc``, in training) and ``drop_path_rate``
+    (stochastic depth of the residual branches, rising linearly from 0 at the first block to this at the last).
     """
 
     def __init__(
-        self, config: ResNetConfig, num_classes: int = 1000, *, fused_se: bool = True, meta: ModelMeta | None = None
+        self,
+        config: ResNetConfig,
+        num_classes: int = 1000,
+        *,
+        in_chans: int = 3,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        fused_se: bool = True,
+        meta: ModelMeta | None = None,
     ) -> None:
         super().__init__()
+        check_options(
+            num_classes=num_classes,
+            in_chans=in_chans,
+            global_pool=global_pool,
+            drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate,
+        )
         self.config = config
-        meta = meta or ModelMeta.default(num_classes)
-        if len(meta.classes) != num_classes:
+        meta = meta or ModelMeta.default(num_classes or 1000)
+        if num_classes and len(meta.classes) != num_classes:
             raise ValueError(f"{len(meta.classes)} class names for a {num_classes}-class head")
         self.meta = meta
-        self.conv1 = _stem_conv(config.stem)
+        self.drop_rate = float(drop_rate)
+        self.grad_checkpointing = False
+        self.conv1 = _stem_conv(config.stem, in_chans)
         self.bn1 = nn.BatchNorm2d(64)
         self.act1 = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         in_channels = 64
+        total, block_index = sum(config.layers), 0
         for index, (blocks, width) in enumerate(zip(config.layers, config.widths)):
             out_channels = width * config.expansion
             stride = 1 if index == 0 else 2
@@ -138,12 +194,16 @@ class ResNet(Optimizable, Headed, nn.Module):
                         if block == 0
                         else None,
                         fused_se=fused_se,
+                        # timm's linear rule: 0 at the first block, drop_path_rate at the last
+                        drop_path=drop_path_rate * block_index / max(total - 1, 1),
                     )
                 )
                 in_channels = out_channels
+                block_index += 1
             self.add_module(STAGES[index], nn.Sequential(*stage))
         self.num_features = in_channels
-        self.fc = nn.Linear(in_channels, num_classes)
+        self.global_pool = GlobalPool(global_pool)
+        self.fc = self._classifier(num_classes)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -151,15 +211,79 @@ class ResNet(Optimizable, Headed, nn.Module):
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
-    def reset_classifier(self, num_classes: int, classes: ClassList | None = None) -> None:
-        """Replace the head by a freshly initialised ``Linear(num_features, num_classes)``."""
-        classes = classes or default_classes(num_classes)
-        if len(classes) != num_classes:
+    def _classifier(self, num_classes: int, device: torch.device | str | None = None) -> nn.Module:
+        if not num_classes:
+            return nn.Identity()
+        return nn.Linear(self.head_hidden_size, num_classes, device=device)
+
+    @property
+    def head_hidden_size(self) -> int:
+        """Width of the pooled features ``fc`` takes: ``num_features``, twice that for ``"catavgmax"`` (timm's)."""
+        return self.num_features * self.global_pool.feat_mult()
+
+    @property
+    def first_conv(self) -> str:
+        """The first convolution's name (timm's ``pretrained_cfg["first_conv"]``)."""
+        return "conv1" if isinstance(self.conv1, nn.Conv2d) else "conv1.0"
+
+    def reset_classifier(
+        self, num_classes: int, global_pool: str | None = None, *, classes: ClassList | None = None
+    ) -> None:
+        """timm's: a freshly initialised head ``Linear(head_hidden_size, num_classes)``; 0: none (``nn.Identity()``).
+
+        ``global_pool``: a new pool type (default: keep the current one). ``classes``: the new head's
+        names (default: ImageNet's for 1000, else the indices); a head of 0 keeps the model's names.
+        """
+        pool = self.global_pool.pool_type if global_pool is None else global_pool
+        check_options(num_classes=num_classes, global_pool=pool)
+        if classes is not None and len(classes) != num_classes:
             raise ValueError(f"{len(classes)} class names for a {num_classes}-class head")
         # On the head's device (any head's, an Identity's too); a head still on the meta device goes to the CPU.
         weight = next(self.fc.parameters(), self.bn1.weight)
-        self.fc = nn.Linear(self.num_features, num_classes, device="cpu" if weight.is_meta else weight.device)
-        self.meta = self.meta.with_classes(classes)
+        self.global_pool = GlobalPool(pool).train(self.training)
+        self.fc = self._classifier(num_classes, device="cpu" if weight.is_meta else weight.device).train(self.training)
+        if num_classes:
+            self.meta = self.meta.with_classes(classes or default_classes(num_classes))
+
+    def adapt_input_channels(self, in_chans: int) -> None:
+        """Take ``in_chans`` input channels: the first conv's weights derived from its current ones by
+        :func:`adapt_input_conv` (timm's rule for loading 3-channel weights into such a model)."""
+        conv = self.conv1 if isinstance(self.conv1, nn.Conv2d) else self.conv1[0]
+        adapted = nn.Conv2d(
+            in_chans,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            bias=False,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        with torch.no_grad():
+            adapted.weight.copy_(adapt_input_conv(in_chans, conv.weight))
+        if isinstance(self.conv1, nn.Conv2d):
+            self.conv1 = adapted
+        else:
+            self.conv1[0] = adapted
+
+    # -- timm's training API ---------------------------------------------------------------------------
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's: recompute each block's activations in the backward pass instead of keeping them.
+
+        Same loss and gradients, less activation memory, one more forward pass of each block. The recomputation
+        does not update BatchNorm's running statistics a second time (timm's does), so the
+        statistics after a step are also those of a run without checkpointing.
+        """
+        self.grad_checkpointing = bool(enable)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """timm's parameter groups (for layer-wise learning-rate decay): the stem, then each block (stage if coarse)."""
+        return {"stem": r"^conv1|bn1|maxpool", "blocks": r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)"}
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters to exempt from weight decay by name: none (timm exempts biases and norms by their shape)."""
+        return set()
 
     @property
     def conv1_channels(self) -> int:
@@ -181,19 +305,32 @@ class ResNet(Optimizable, Headed, nn.Module):
         logits), or the last computed map with ``stop_early``; ``intermediates_only`` returns the maps.
         """
         wanted = feature_indices(indices)
-        x, maps = stage_outputs(self, x, wanted, last=None if stop_early or intermediates_only else len(STAGES))
+        last = None if stop_early or intermediates_only else len(STAGES)
+        x, maps = stage_outputs(self, x, wanted, last=last, checkpointed=self.grad_checkpointing)
         return maps if intermediates_only else (x, maps)
 
     def forward_stem(self, x: Tensor) -> Tensor:
         return self.maxpool(self.act1(self.bn1(self.conv1(x))))
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.fc(torch.flatten(x.mean((2, 3), keepdim=True), 1))
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last stage's maps ``(N, num_features, H/32, W/32)``, unpooled (timm's)."""
+        x = self.forward_stem(x)
+        for name in STAGES:
+            x = run_stage(getattr(self, name), x, self.grad_checkpointing)
+        return x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """timm's: pool ``forward_features``' maps, dropout (``drop_rate``, in training), ``fc``.
+
+        ``pre_logits``: the pooled features (``(N, head_hidden_size)``), before ``fc``.
+        """
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.fc(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.forward_stem(x)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.forward_head(x)
+        return self.forward_head(self.forward_features(x))
 
     def extract_features(self, x: Tensor, layers: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Outputs of the requested ``layer1``..``layer4`` and/or ``classifier`` (logits).
@@ -240,11 +377,12 @@ def feature_indices(indices: int | Sequence[int] | None) -> list[int]:
 
 
 def stage_outputs(
-    model: nn.Module, x: Tensor, indices: Sequence[int], last: int | None = None
+    model: nn.Module, x: Tensor, indices: Sequence[int], last: int | None = None, *, checkpointed: bool = False
 ) -> tuple[Tensor, list[Tensor]]:
     """Run the stem and the stages through ``last`` (default: the last wanted); (its output, the wanted maps).
 
     ``model``: a :class:`ResNet`, or a module holding its stem and stages under the same names.
+    ``checkpointed``: with gradient checkpointing (see :func:`run_stage`).
     """
     features = []
     x = model.act1(model.bn1(model.conv1(x)))
@@ -252,7 +390,64 @@ def stage_outputs(
         features.append(x)
     x = model.maxpool(x)
     for index in range(1, (max(indices, default=0) if last is None else last) + 1):
-        x = getattr(model, f"layer{index}")(x)
+        x = run_stage(getattr(model, f"layer{index}"), x, checkpointed)
         if index in indices:
             features.append(x)
     return x, features
+
+
+def run_stage(stage: nn.Sequential, x: Tensor, checkpointed: bool = False) -> Tensor:
+    """``stage(x)``; ``checkpointed`` (and autograd recording): each block's activations are recomputed in the
+    backward pass instead of kept (``torch.utils.checkpoint``, with the RNG state kept for dropout/drop path)."""
+    if not checkpointed or not torch.is_grad_enabled():
+        return stage(x)
+    for block in stage:
+        x = checkpoint(block, x, use_reentrant=False, context_fn=lambda block=block: _recompute_context(block))
+    return x
+
+
+def _recompute_context(block: nn.Module) -> tuple[Any, Any]:
+    # (forward context, recomputation context): torch.utils.checkpoint's context_fn.
+    return nullcontext(), _batchnorm_stats_frozen(block)
+
+
+@contextmanager
+def _batchnorm_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """Recomputing a block in training mode must normalize with the batch's statistics as the forward pass
+    did (the same ops, saving the same tensors), but not fold them into the running statistics a second
+    time: momentum 0 keeps them as they are, and the step counter is put back afterwards."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    kept = [(norm.momentum, norm.num_batches_tracked.clone()) for norm in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for norm, (momentum, steps) in zip(norms, kept):
+                norm.momentum = momentum
+                norm.num_batches_tracked.copy_(steps)
+
+
+def adapt_input_conv(in_chans: int, weight: Tensor) -> Tensor:
+    """A first conv's weight ``(O, I, kH, kW)`` for ``in_chans`` input channels, as timm's ``adapt_input_conv``:
+
+    1 channel sums the filters of the input channels (for I > 3, of each group of 3); another count repeats
+    the 3 RGB filters and scales them by ``3 / in_chans``. Rules of timm 1.0 (``timm.models._manipulate``).
+    """
+    dtype = weight.dtype
+    weight = weight.float()  # half weights: sum on the CPU in float
+    out_chans, channels, height, width = weight.shape
+    if in_chans == 1:
+        if channels > 3:
+            if channels % 3:
+                raise ValueError(f"cannot adapt a first conv of {channels} input channels (not RGB groups) to 1")
+            weight = weight.reshape(out_chans, channels // 3, 3, height, width).sum(dim=2)
+        else:
+            weight = weight.sum(dim=1, keepdim=True)
+    elif in_chans != 3:
+        if channels != 3:
+            raise ValueError(f"cannot adapt a first conv of {channels} input channels to {in_chans}: it needs RGB (3)")
+        repeat = math.ceil(in_chans / 3)
+        weight = weight.repeat(1, repeat, 1, 1)[:, :in_chans] * (3 / float(in_chans))
+    return weight.to(dtype)

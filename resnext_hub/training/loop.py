@@ -151,7 +151,7 @@ def _model(settings: FinetuneSettings, classes: ClassList, ctx: DistContext, sav
             if isinstance(block, Bottleneck):
                 nn.init.zeros_(block.bn3.weight)
     if model.classes.names != classes.names:
-        model.reset_classifier(len(classes), classes)
+        model.reset_classifier(len(classes), classes=classes)
     return model
 
 

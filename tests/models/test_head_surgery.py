@@ -98,7 +98,7 @@ def test_a_replaced_head_gives_its_class_count_and_index_names(head, count):
 def test_the_models_own_names_stay_when_the_count_matches():
     model = small_model()
     assert model.num_classes == 1000 and model.classes == model.meta.classes
-    model.reset_classifier(3, ClassList.of(["cat", "dog", "fox"]))
+    model.reset_classifier(3, classes=ClassList.of(["cat", "dog", "fox"]))
     model.fc = nn.Sequential(nn.Linear(WIDTH, 3), nn.Softmax(dim=1))
     assert model.classes.names == ("cat", "dog", "fox")
     model.fc = nn.Linear(WIDTH, 4)  # another count: the names no longer fit it
