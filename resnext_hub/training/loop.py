@@ -92,8 +92,10 @@ def finetune(
     ``sync_bn``, ``precision``, ...). ``resume=True`` continues the run in ``out`` with its saved
     settings; a setting given that differs from the run's is refused. ``workers``: data-loading
     processes per rank; ``device``: auto, cpu or cuda. Under ``torchrun`` (or with ``ctx``) the
-    processes train together. Returns the summary (the same on every rank); ``ValueError`` for bad
-    options or data, before any training.
+    processes train together. Returns the summary (the same on every rank). ``ValueError`` for bad
+    options, data, output folder or saved state (``CheckpointError``), before any training, raised on
+    every rank; ``state.OutputWriteError`` (an ``OSError``) when a file of the run could not be written
+    (a full disk): the files of the epochs before are complete. ``out`` is locked while the run writes it.
     """
     unknown = sorted(set(settings) - set(FIELDS))
     if unknown:
