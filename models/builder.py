@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, FinetunedMeta, load_weights, read_checkpoint, read_finetuned_meta
+from .checkpoint import (
+    CheckpointError,
+    FinetunedMeta,
+    canonical_keys,
+    load_weights,
+    read_checkpoint,
+    read_finetuned_meta,
+)
 from .download import fetch_checkpoint, forget
 from .features import ResNetFeatures
 from .meta import ModelMeta, default_classes
 from .resnet import ResNet, check_options, feature_indices
-from .variants import get_config
+from .variants import VARIANTS, get_config
 from .weights import Weights, get_weights
 
 log = logging.getLogger(__name__)
@@ -51,6 +58,8 @@ def build_model(
       0: no head (timm's meaning: the model returns the pooled features).
       A fine-tuned checkpoint (``python -m resnext_hub finetune``) sets the default to its own
       classes and gives the model its class names and preset; another N keeps its backbone only.
+      Left unset, a file whose head has another class count is refused (``CheckpointError``),
+      never given a random head; so is a fine-tuned file whose head disagrees with its class names.
     - ``state_dict_key_map_fn``: renames each checkpoint key before loading (NVIDIA's option).
     - ``channels_last``: return the model in channels-last memory format.
     - ``fused_se``: NVIDIA's option; both settings compute the same function.
@@ -69,9 +78,12 @@ def build_model(
     config = get_config(architecture)
     record = get_weights(architecture, weights)
     finetuned = _finetuned(pretrained_from_file, architecture)
-    default_head = record.num_classes if finetuned is None else len(finetuned.classes)
+    claimed = record.num_classes if finetuned is None else len(finetuned.classes)
+    # Only a count asked for that differs from the names' own may leave the head fresh (keep the backbone
+    # only); otherwise the model would name classes that its random head does not predict.
+    new_head = num_classes is not None and num_classes != claimed
     if num_classes is None:
-        num_classes = default_head
+        num_classes = claimed
     timm_options = {"in_chans": in_chans, "global_pool": global_pool, "drop_rate": drop_rate}
     check_options(num_classes=num_classes, drop_path_rate=drop_path_rate, **timm_options)
     loaded: Weights | None = None
@@ -95,7 +107,7 @@ def build_model(
             raise CheckpointError(f"{error}\n  {forget(path, seen)}") from error
         # Built on the meta device: the checkpoint's tensors are assigned, never initialised twice.
         # A headless model (num_classes=0) and another in_chans are made from the loaded one (_as_asked).
-        head = num_classes or default_head
+        head = num_classes or claimed
         with torch.device("meta"):
             model = ResNet(
                 config,
@@ -106,17 +118,34 @@ def build_model(
                 fused_se=fused_se,
                 meta=_meta(architecture, record, head, loaded, finetuned),
             )
+        if finetuned is not None:
+            claim = f"the {len(finetuned.classes)} classes the file names"
+        else:
+            claim = f"the {record.num_classes} classes ({record.classes}) of {record.name}"
         try:
-            load_weights(model, state_dict, key_map_fn=state_dict_key_map_fn, source=where)
+            load_weights(
+                model,
+                state_dict,
+                key_map_fn=state_dict_key_map_fn,
+                source=where,
+                new_head=new_head,
+                expected_classes=claim,
+            )
         except CheckpointError as error:
+            other = architecture_of_weights(state_dict, state_dict_key_map_fn, other_than=architecture)
+            if other is not None:
+                error = CheckpointError(
+                    f"{where} holds the weights of {other}, not {architecture}: load it as {other} "
+                    f"(--model {other} on the command line)\n  {error}"
+                )
             if loaded is None or state_dict_key_map_fn is not None:
-                raise
+                raise error
             raise CheckpointError(f"{error}\n  {forget(path, seen)}") from error
         if model.fc.weight.is_meta:
             model.reset_classifier(head)
         _as_asked(model, num_classes, in_chans, global_pool)
     else:
-        meta = _meta(architecture, record, num_classes or default_head, None)
+        meta = _meta(architecture, record, num_classes or claimed, None)
         model = ResNet(config, num_classes, drop_path_rate=drop_path_rate, fused_se=fused_se, meta=meta, **timm_options)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -140,6 +169,31 @@ def _meta(
         return ModelMeta(architecture, finetuned.preprocessing, classes)
     classes = record.class_list if num_classes == record.num_classes else default_classes(num_classes)
     return ModelMeta(architecture, record.preprocessing, classes, weights=loaded, record=record)
+
+
+def architecture_of_weights(
+    state_dict: Mapping[str, torch.Tensor], key_map_fn: Callable[[str], str] | None = None, *, other_than: str
+) -> str | None:
+    """The architecture, other than ``other_than``, whose every parameter (the head aside) ``state_dict``
+    fits, if one does: for a refusal that names what the file is."""
+    if key_map_fn is not None:
+        state_dict = {key_map_fn(k): v for k, v in state_dict.items()}
+    shapes = _body_shapes(canonical_keys(state_dict))
+    for name, config in VARIANTS.items():
+        if name != other_than:
+            with torch.device("meta"):
+                candidate = ResNet(config, 1)
+            if _body_shapes(candidate.state_dict()) == shapes:
+                return name
+    return None
+
+
+def _body_shapes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {
+        k: tuple(v.shape)
+        for k, v in state_dict.items()
+        if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    }
 
 
 def _finetuned(path: str | Path | None, architecture: str) -> FinetunedMeta | None:

@@ -92,6 +92,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
             return load_file(str(path))
         except Exception as error:  # safetensors raises its own SafetensorError
             raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
+    return unwrap(load_torch_file(path), str(path))
+
+
+def load_torch_file(path: Path, *, mmap: bool = False) -> Any:
+    """What a ``torch.save`` file holds, read with ``weights_only=True`` (plain values and tensors only);
+    ``CheckpointError`` saying why not (never torch's advice to load it unsafely)."""
     if _is_zip(path):
         problem = torch_zip_problem(path)
         if problem is not None:
@@ -99,7 +105,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     try:
         # Always weights_only, passed explicitly: a checkpoint from a stranger must not run code
         # when loaded. TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 only changes calls that leave it unset.
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:
         # torch raises UnpicklingError both for a refused object and for bytes that are no pickle
         # at all (an HTML page): only the first is a "refused" checkpoint.
@@ -111,10 +117,23 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
                 "torch.save(model.state_dict(), path) or as .safetensors."
             ) from error
         raise CheckpointError(
-            f"{path} could not be loaded with torch.load(weights_only=True): {error}. "
+            f"{path} could not be loaded with torch.load(weights_only=True): {_load_failure(error, path)}. "
             "Only files of tensors (a state dict, or a training checkpoint holding one) are accepted."
         ) from error
-    return unwrap(data, str(path))
+
+
+def _load_failure(error: Exception, path: Path) -> str:
+    """Why torch.load failed, in a few words: never torch's advice to load with ``weights_only=False``
+    (which would run whatever code the file holds)."""
+    message = str(error)
+    if "weights_only" in message or "WeightsUnpickler" in message:
+        return f"unsupported content ({_refusal_detail(message)}); it is not a file of tensors"
+    try:
+        if path.stat().st_size == 0:
+            return "the file is empty"
+    except OSError:
+        pass
+    return f"{type(error).__name__}: {message}".rstrip(": ")[:300]
 
 
 def unwrap(data: object, where: str = "checkpoint") -> dict[str, Tensor]:
@@ -162,12 +181,16 @@ def load_weights(
     *,
     key_map_fn: Callable[[str], str] | None = None,
     source: str = "checkpoint",
+    new_head: bool = False,
+    expected_classes: str = "",
 ) -> None:
     """Load ``state_dict`` into ``model`` strictly (keys and shapes), after renaming.
 
-    ``key_map_fn`` (NVIDIA's ``state_dict_key_map_fn``) is applied to every key first. If
-    the model's head has another number of classes than the checkpoint's, the head is
-    left as initialised and a log line says so.
+    ``key_map_fn`` (NVIDIA's ``state_dict_key_map_fn``) is applied to every key first. A head
+    (``fc``) for another number of classes than the model's is refused (``CheckpointError``: a
+    random head would give confident, meaningless labels), unless ``new_head`` (the caller asked
+    for another class count): the head is then left as initialised and a log line says so.
+    ``expected_classes`` says where the model's class count comes from, for the refusal.
     """
     if key_map_fn is not None:
         state_dict = {key_map_fn(k): v for k, v in state_dict.items()}
@@ -184,17 +207,13 @@ def load_weights(
     state_dict = canonical_keys(state_dict)
     expected = model.state_dict()
     head_keys = [k for k in ("fc.weight", "fc.bias") if k in expected]
+    head = None  # (checkpoint's, model's) class counts when the heads differ: the body is compared first
     if (
         head_keys
         and all(k in state_dict for k in head_keys)
         and state_dict["fc.weight"].shape != expected["fc.weight"].shape
     ):
-        log.info(
-            "%s: head has %d classes, the model %d: loading the backbone only, fc is freshly initialised",
-            source,
-            state_dict["fc.weight"].shape[0],
-            expected["fc.weight"].shape[0],
-        )
+        head = (tuple(state_dict["fc.weight"].shape), expected["fc.weight"].shape[0])
         state_dict = {k: v for k, v in state_dict.items() if k not in head_keys}
         expected = {k: v for k, v in expected.items() if k not in head_keys}
     for key in expected:
@@ -218,6 +237,22 @@ def load_weights(
             parts.append(f"shape mismatches ({len(wrong_shape)}): {_listed(wrong_shape)}")
         parts.append("Is it a checkpoint of this architecture? A state_dict_key_map_fn can rename keys.")
         raise CheckpointError("\n  ".join(parts))
+    if head is not None and not new_head:
+        found, wanted = head
+        raise CheckpointError(
+            f"{source}: its head fc.weight has shape {found}, {found[0]} classes, but the model expects "
+            f"{wanted}{f' ({expected_classes})' if expected_classes else ''}. A head for other classes is "
+            "not replaced by a random one: use the checkpoint its head belongs with (a fine-tuned best.pth "
+            f"names its classes), or in Python pass num_classes={found[0]} to keep its head (classes named "
+            "by index) or another num_classes to keep its backbone only"
+        )
+    if head is not None:
+        log.info(
+            "%s: head has %d classes, the model %d: loading the backbone only, fc is freshly initialised",
+            source,
+            head[0][0],
+            head[1],
+        )
     # Checked in float32, the model's type: isfinite has no kernel for some types (float8), and a
     # float64 value beyond float32's range would become infinite in the model.
     not_finite = [
@@ -285,8 +320,26 @@ def read_finetuned_meta(path: str | Path) -> FinetunedMeta | None:
             raise ValueError(f"classes must be a list of names, got {type(classes).__name__}")
         if not isinstance(data["architecture"], str):
             raise ValueError("architecture must be a name")
-        return FinetunedMeta(
+        meta = FinetunedMeta(
             data["architecture"], ClassList.of(classes), ImageClassification.from_dict(data["preprocessing"])
         )
-    except (KeyError, ValueError) as error:
+    except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: malformed fine-tuned checkpoint metadata ({error})") from error
+    head = _head_rows(data.get("state_dict"))
+    if head != len(classes):
+        found = "no head (fc.weight, fc.bias)" if head is None else f"a head for {head} classes (fc)"
+        raise CheckpointError(
+            f"{path} names {len(classes)} classes but holds {found}: the file contradicts itself (damaged or "
+            "edited); it is not used. Fine-tune again, or use the run's other checkpoint (best.pth / last.pth)"
+        )
+    return meta
+
+
+def _head_rows(state_dict: object) -> int | None:
+    """The number of classes of a state dict's ``fc`` head (weight and bias agreeing), or None."""
+    if not isinstance(state_dict, Mapping):
+        return None
+    weight, bias = state_dict.get("fc.weight"), state_dict.get("fc.bias")
+    if not isinstance(weight, Tensor) or not isinstance(bias, Tensor) or weight.dim() != 2 or bias.dim() != 1:
+        return None
+    return weight.shape[0] if bias.shape[0] == weight.shape[0] else None

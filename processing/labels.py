@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -24,6 +25,10 @@ class ClassList:
     def __post_init__(self) -> None:
         if not self.names or not all(isinstance(name, str) for name in self.names):
             raise ValueError("a class list needs at least one class name, all strings")
+        for name in self.names:
+            problem = name_problem(name)
+            if problem:
+                raise ValueError(f"class name {ascii(name)} {problem}")
         if self.wnids is not None and len(self.wnids) != len(self.names):
             raise ValueError(f"{len(self.wnids)} WordNet ids for {len(self.names)} class names")
 
@@ -37,6 +42,23 @@ class ClassList:
 
     def wnid(self, index: int) -> str | None:
         return self.wnids[index] if self.wnids is not None else None
+
+
+# Characters a class name may not hold: it is written to label files (one per line), JSON, CSV and HTTP
+# responses as text. Lone surrogates are bytes that were not UTF-8 (a file name's, via surrogateescape).
+_NOT_TEXT = {"Cs": "bytes that are not UTF-8", "Cc": "a control character", "Zl": "a line break", "Zp": "a line break"}
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a class name (it must be valid UTF-8 text on one line), or None.
+
+    Any other character is fine: accents, CJK, emoji (with their joiners), spaces, punctuation.
+    """
+    for char in name:
+        kind = _NOT_TEXT.get(unicodedata.category(char))
+        if kind:
+            return f"holds {kind} ({ascii(char)}): a class name must be valid UTF-8 text on one line"
+    return None
 
 
 @cache

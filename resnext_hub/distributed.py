@@ -68,6 +68,18 @@ class DistContext:
         dist.all_gather_object(gathered, obj)
         return gathered
 
+    def raise_together(self, error: Exception | None) -> None:
+        """Raise on every rank the error of the first rank (by rank) that had one; return if none had.
+
+        For checks that fail on some ranks only (rank 0's output folder, say): every rank then stops at
+        the same point with the same error, rank 0 reports it, and no rank waits in a collective for
+        one that has left. ``error`` must be picklable (a message-only exception is).
+        """
+        errors = self.all_gather_object(error)
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+
     @contextmanager
     def main_first(self) -> Iterator[None]:
         """Rank 0 runs the block first, then each node's local rank 0, then the rest.

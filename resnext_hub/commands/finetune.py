@@ -11,7 +11,10 @@ the loader reads; unreadable files are reported and skipped). OUT receives ``bes
 
 The recipe (AdamW, warmup + cosine, label smoothing, mixed precision) is described in
 ``resnext_hub/training/loop.py``. With ``--resume`` the run's own settings are used; options given
-must agree with them.
+must agree with them. OUT is checked before any work (a writable folder, holding no other run unless
+``--resume``) and locked while the run writes it (``OUT/.lock``). Exit status: 0; 1 when images or
+folders were skipped, or a file could not be written (a full disk: the epochs saved before are kept);
+2 for bad options, data or output folders; 130 interrupted (nothing half-written is left).
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ import sys
 
 from .. import exit_codes
 from ..arguments import add_progress_options
-from ..distributed import distributed, quiet_unless_main, sigterm_as_exit
+from ..console import printable
+from ..distributed import DistContext, distributed, quiet_unless_main, sigterm_as_exit
+from ..models import WeightsUnavailableError
 from ..models.registry import model_names
 from ..options import default_workers
 from ..training import FIELDS, MIN_IMAGE_SIZE, PRECISIONS, FinetuneSettings, finetune
+from ..training.state import OutputWriteError
 
 DEFAULTS = FinetuneSettings()
 
@@ -77,15 +83,30 @@ def run(args: argparse.Namespace) -> int:
                 ctx=ctx,
                 **_settings(args),
             )
-        except ValueError:
-            if ctx.is_main:
-                raise  # the CLI prints it once
-            return exit_codes.USAGE
-        if ctx.is_main:
-            print(json.dumps(summary, indent=2))
-            if summary["skipped"]:
-                print(f"{len(summary['skipped'])} unreadable image(s) skipped (listed above)", file=sys.stderr)
-        return exit_codes.OK
+        except (ValueError, WeightsUnavailableError) as error:  # refused before training, on every rank
+            return _stop(ctx, error, exit_codes.USAGE)
+        except OutputWriteError as error:  # a file could not be written (a full disk); every rank stopped
+            return _stop(ctx, error, exit_codes.SOME_FAILED)
+        if not ctx.is_main:
+            return exit_codes.OK  # rank 0 reports; a non-zero status here would make torchrun stop it first
+        print(json.dumps(summary, indent=2))
+        if summary["skipped"]:
+            print(f"{len(summary['skipped'])} unreadable image(s) skipped (listed above)", file=sys.stderr)
+        if summary["skipped_folders"]:
+            print(
+                f"warning: {len(summary['skipped_folders'])} folder(s) could not be read: their images were not used",
+                file=sys.stderr,
+            )
+        return exit_codes.SOME_FAILED if summary["skipped"] or summary["skipped_folders"] else exit_codes.OK
+
+
+def _stop(ctx: DistContext, error: Exception, status: int) -> int:
+    """Rank 0 prints the one ``error:`` line; every rank (all stopped at the same point) then exits with
+    ``status``, after rank 0 has printed: ``torchrun`` stops the others when the first one exits."""
+    if ctx.is_main:
+        print(f"error: {printable(error, backslashes=False)}", file=sys.stderr, flush=True)
+    ctx.barrier()
+    return status
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -10,6 +10,7 @@ are found once, before training, and left out.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,9 +18,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DistributedSampler
 
-from ..data import ImageListDataset, Sample, make_loader, quoted, read_class_folders
+from ..data import ImageListDataset, Sample, Skipped, make_loader, quoted, read_class_folders
 from ..distributed import DistContext, shard_batches
 from ..processing import ImageClassification
+from ..processing.labels import name_problem
+from ..results import printable
 
 log = logging.getLogger(__name__)
 
@@ -46,41 +49,78 @@ class Split:
 
 @dataclass(frozen=True)
 class FolderData:
-    """A fine-tuning folder: its class names (sorted) and its two splits."""
+    """A fine-tuning folder: its class names (sorted), its two splits, and the folders that could not be read."""
 
     root: Path
     classes: tuple[str, ...]
     train: Split
     val: Split
+    skipped: tuple[Skipped, ...] = ()
 
 
 def read_folder(root: str | Path) -> FolderData:
     """The classes and images of ``root`` (each split read by :func:`~resnext_hub.data.read_class_folders`);
-    ``ValueError`` saying what is wrong with the layout."""
+    ``ValueError`` saying what is wrong with the layout, the folder names or the permissions.
+
+    A folder below a class folder that cannot be read is left out and listed in ``skipped``; a class
+    with no training image (its folder unreadable, say) is an error.
+    """
     root = Path(root)
+    try:
+        return _read_folder(root)
+    except OSError as error:  # a folder on the way that cannot be entered (permissions, a lost mount)
+        where = printable(error.filename or root)
+        raise ValueError(
+            f"data folder {printable(root)} could not be read ({where}: {error.strerror or error}): "
+            "give a folder this user can read"
+        ) from error
+
+
+def _read_folder(root: Path) -> FolderData:
     if not root.is_dir():
-        raise ValueError(f"data folder {root} does not exist (or is not a folder)")
+        raise ValueError(f"data folder {printable(root)} does not exist (or is not a folder)")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise ValueError(f"data folder {printable(root)} could not be read (permission denied): give a readable folder")
     for split in SPLITS:
         if not (root / split).is_dir():
             raise ValueError(
-                f"{root / split} is missing: the data folder needs train/<class>/ and val/<class>/ sub-folders"
+                f"{printable(root / split)} is missing: the data folder needs train/<class>/ and val/<class>/ "
+                "sub-folders"
             )
-    train, val = (read_class_folders(root / split) for split in SPLITS)
+    skipped: list[Skipped] = []
+    train, val = (read_class_folders(root / split, skipped) for split in SPLITS)
+    for split, found in zip(SPLITS, (train, val)):
+        for name in found.names:
+            problem = name_problem(name)
+            if problem:
+                raise ValueError(
+                    f"class folder {printable(root / split / name)}: its name {problem} (it becomes the label in "
+                    "best.pth, label files and server responses); rename the folder"
+                )
     if train.names != val.names:
         only_train = [c for c in train.names if c not in val.names]
         only_val = [c for c in val.names if c not in train.names]
         raise ValueError(
-            f"{root}: train/ and val/ must have the same class folders; only in train/: [{quoted(only_train)}], "
-            f"only in val/: [{quoted(only_val)}]"
+            f"{printable(root)}: train/ and val/ must have the same class folders; only in train/: "
+            f"[{quoted(only_train)}], only in val/: [{quoted(only_val)}]"
         )
     if len(train.names) < 2:
-        raise ValueError(f"{root}/train needs at least 2 class folders, found {len(train.names)}")
+        raise ValueError(f"{printable(root)}/train needs at least 2 class folders, found {len(train.names)}")
     empty = [name for name, files in zip(train.names, train.files) if not files]
     if empty:
-        raise ValueError(f"{root}/train/{empty[0]} holds no images (.jpg, .png, .webp, ...)")
+        folder = root / "train" / empty[0]
+        unreadable = [entry for entry in skipped if Path(entry.path) == folder]
+        if unreadable:
+            raise ValueError(
+                f"class folder {printable(folder)} could not be read ({unreadable[0].reason}): every class needs "
+                "training images; make it readable"
+            )
+        raise ValueError(f"{printable(folder)} holds no images (.jpg, .png, .webp, ...)")
     indices = range(len(train.names))  # the sorted folder names are the class indices
     splits = [found.samples(indices) for found in (train, val)]
-    return FolderData(root, train.names, *(Split([p for p, _ in s], [t for _, t in s]) for s in splits))
+    return FolderData(
+        root, train.names, *(Split([p for p, _ in s], [t for _, t in s]) for s in splits), skipped=tuple(skipped)
+    )
 
 
 def _no_tensor(image: object) -> torch.Tensor:

@@ -38,19 +38,21 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..console import progress_bar
+from ..console import printable, progress_bar
 from ..data import ImageListDataset, make_loader
 from ..distributed import DistContext, agreed_precision, distributed, shard_batches
 from ..metrics import TopKMeter
-from ..models import ModelMeta, ResNet, build_model
+from ..models import CheckpointError, ModelMeta, ResNet, WeightsUnavailableError, build_model
 from ..models.blocks import Bottleneck
-from ..models.checkpoint import finetuned_checkpoint
+from ..models.builder import architecture_of_weights
+from ..models.checkpoint import finetuned_checkpoint, load_weights
 from ..models.cpu import cpu_has_native_bf16
 from ..models.registry import architecture_of
 from ..processing import ClassList, ImageClassification
@@ -90,8 +92,10 @@ def finetune(
     ``sync_bn``, ``precision``, ...). ``resume=True`` continues the run in ``out`` with its saved
     settings; a setting given that differs from the run's is refused. ``workers``: data-loading
     processes per rank; ``device``: auto, cpu or cuda. Under ``torchrun`` (or with ``ctx``) the
-    processes train together. Returns the summary (the same on every rank); ``ValueError`` for bad
-    options or data, before any training.
+    processes train together. Returns the summary (the same on every rank). ``ValueError`` for bad
+    options, data, output folder or saved state (``CheckpointError``), before any training, raised on
+    every rank; ``state.OutputWriteError`` (an ``OSError``) when a file of the run could not be written
+    (a full disk): the files of the epochs before are complete. ``out`` is locked while the run writes it.
     """
     unknown = sorted(set(settings) - set(FIELDS))
     if unknown:
@@ -101,49 +105,104 @@ def finetune(
     if ctx is None:
         with distributed(device) as ctx:
             return finetune(data, out, resume=resume, workers=workers, progress=progress, ctx=ctx, **settings)
-    given = {name: value for name, value in settings.items() if value is not None}
-    if "model" in given:
-        given["model"] = architecture_of(given["model"])
-    folder, out = read_folder(data), Path(out)
+    with ExitStack() as stack:
+        folder, out, chosen, saved = _prepare(data, Path(out), resume, settings, ctx, stack)
+        return Trainer(folder, out, chosen, ctx, workers=workers, progress=progress, saved=saved).run()
+
+
+def _prepare(
+    data: str | Path, out: Path, resume: bool, settings: Mapping[str, Any], ctx: DistContext, stack: ExitStack
+) -> tuple[FolderData, Path, FinetuneSettings, dict[str, Any] | None]:
+    """Every check before the model is built, in the same order on every rank; rank 0 also takes the
+    output folder (``stack`` releases it). A refusal is raised on every rank at the same point."""
+    error: Exception | None = None
+    try:
+        given = {name: value for name, value in settings.items() if value is not None}
+        if "model" in given:
+            given["model"] = architecture_of(given["model"])
+        folder = read_folder(data)
+        chosen = None if resume else FinetuneSettings(**given)
+        if chosen is not None and chosen.pretrained_from_file is not None:
+            if not Path(chosen.pretrained_from_file).expanduser().is_file():
+                raise ValueError(
+                    f"--pretrained-from-file {chosen.pretrained_from_file} does not exist (or is not a file)"
+                )
+        if ctx.is_main:  # only rank 0 writes: its output folder, checked and then held for the whole run
+            state.check_output_folder(out, folder.root)
+            stack.enter_context(state.output_lock(out))  # first: a run in progress is named as such
+            state.refuse_other_run(out, resume)
+    except ValueError as failed:
+        error = failed
+    except OSError as failed:  # a path on the way that cannot be looked at (permissions)
+        error = ValueError(f"{printable(failed.filename or data)} could not be read: {failed.strerror or failed}")
+    ctx.raise_together(error)
     saved = None
-    if resume:
-        saved = state.load_last(out)
-        state.check_same_run(saved["settings"], given, out / state.LAST)
-        state.check_same_run({"classes": saved["classes"]}, {"classes": list(folder.classes)}, out / state.LAST)
-        chosen = FinetuneSettings(**saved["settings"])
-    else:
-        if (out / state.LAST).exists():
+    if resume:  # every rank reads the run it continues
+        try:
+            saved = state.load_last(out)
+            chosen = state.check_resume(saved, out / state.LAST, folder.classes)
+            state.check_same_run(chosen.as_dict(), given, out / state.LAST)
+        except ValueError as failed:
+            error = failed
+        ctx.raise_together(error)
+    try:
+        if chosen.batch_size % ctx.world_size:
             raise ValueError(
-                f"{out} already holds a run ({state.LAST}): pass --resume to continue it, or choose another folder"
+                f"batch_size {chosen.batch_size} (global) is not divisible by the {ctx.world_size} processes"
             )
-        chosen = FinetuneSettings(**given)
-        if chosen.pretrained_from_file is not None and not Path(chosen.pretrained_from_file).expanduser().is_file():
-            raise ValueError(f"--pretrained-from-file {chosen.pretrained_from_file} does not exist (or is not a file)")
-    if chosen.batch_size % ctx.world_size:
-        raise ValueError(f"batch_size {chosen.batch_size} (global) is not divisible by the {ctx.world_size} processes")
-    if chosen.sync_bn and ctx.distributed and ctx.device.type != "cuda":
-        raise ValueError("sync_bn (--sync-bn) needs CUDA: torch's SyncBatchNorm does not run on CPU")
-    if chosen.precision == "fp16" and ctx.device.type != "cuda":
-        raise ValueError("precision fp16 needs CUDA (on CPU use bf16 or fp32)")
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    return Trainer(folder, out, chosen, ctx, workers=workers, progress=progress, saved=saved).run()
+        if chosen.sync_bn and ctx.distributed and ctx.device.type != "cuda":
+            raise ValueError("sync_bn (--sync-bn) needs CUDA: torch's SyncBatchNorm does not run on CPU")
+        if chosen.precision == "fp16" and ctx.device.type != "cuda":
+            raise ValueError("precision fp16 needs CUDA (on CPU use bf16 or fp32)")
+    except ValueError as failed:
+        error = failed
+    ctx.raise_together(error)
+    return folder, out, chosen, saved
 
 
-def _model(settings: FinetuneSettings, classes: ClassList, ctx: DistContext, saved: Mapping | None) -> ResNet:
-    """The architecture with its starting weights, a head for ``classes`` and their names."""
+def _model(
+    settings: FinetuneSettings, classes: ClassList, ctx: DistContext, saved: Mapping | None, where: Path
+) -> ResNet:
+    """The architecture with its starting weights (``saved``'s, from ``where``), a head for ``classes``
+    and their names."""
     torch.manual_seed(settings.seed)  # the same fresh head (or random network) on every rank and every run
     if saved is not None:  # the weights and preset come from last.pth: nothing to download or find again
         model = build_model(settings.model, pretrained=False, num_classes=len(classes))
-        model.meta = ModelMeta(settings.model, ImageClassification.from_dict(saved["preprocessing"]), classes)
+        error = None
+        try:
+            preset = ImageClassification.from_dict(saved["preprocessing"])
+        except (KeyError, TypeError, ValueError) as failed:
+            error = state.unusable(where, "preprocessing", f"is not a preset ({failed})")
+        else:
+            model.meta = ModelMeta(settings.model, preset, classes)
+            try:
+                load_weights(
+                    model,
+                    saved["state_dict"],
+                    source=f"--resume: {printable(where)}",
+                    expected_classes=f"the run's {len(classes)} classes",
+                )
+            except CheckpointError as failed:
+                other = architecture_of_weights(saved["state_dict"], other_than=settings.model)
+                why = f"holds the weights of {other}, not {settings.model}"
+                error = failed if other is None else state.unusable(where, "state_dict", why)
+        ctx.raise_together(error)
         return model
+    error = None
     with ctx.main_first():  # rank 0 downloads, the others then read the cache
-        model = build_model(
-            settings.model,
-            pretrained=settings.pretrained,
-            pretrained_from_file=settings.pretrained_from_file,
-            progress=ctx.is_main,
-        )
+        try:
+            model = build_model(
+                settings.model,
+                pretrained=settings.pretrained,
+                pretrained_from_file=settings.pretrained_from_file,
+                # From a file, any head: only the backbone is needed (a fine-tuned file's own head is kept
+                # when it has the same classes). A head that contradicts its own file is still refused.
+                num_classes=len(classes) if settings.pretrained_from_file is not None else None,
+                progress=ctx.is_main,
+            )
+        except (ValueError, WeightsUnavailableError) as failed:  # CheckpointError is a ValueError
+            error = failed
+    ctx.raise_together(error)  # rank 0's, if it failed: every rank stops with it
     if not settings.pretrained:
         # As timm's random init (zero_init_last): every residual block starts as the identity, which
         # trains from scratch far faster than BatchNorm's default gain of 1.
@@ -153,6 +212,29 @@ def _model(settings: FinetuneSettings, classes: ClassList, ctx: DistContext, sav
     if model.classes.names != classes.names:
         model.reset_classifier(len(classes), classes=classes)
     return model
+
+
+def _optimizer_problem(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> str | None:
+    """What makes ``saved`` (an optimizer's ``state_dict``) unusable for ``optimizer``: other parameter
+    groups or counts, or moments of other shapes than the parameters'; None if it fits."""
+    groups, states = saved.get("param_groups"), saved.get("state")
+    if not isinstance(groups, list) or not isinstance(states, Mapping):
+        return "is not an optimizer's state (param_groups, state)"
+    ours = optimizer.param_groups
+    if len(groups) != len(ours) or any(
+        not isinstance(g, Mapping) or len(g.get("params", ())) != len(o["params"]) for g, o in zip(groups, ours)
+    ):
+        counts = [len(g.get("params", ())) if isinstance(g, Mapping) else None for g in groups]
+        return f"has parameter groups of {counts} tensors, this model's optimizer {[len(o['params']) for o in ours]}"
+    parameters = {i: p for g, o in zip(groups, ours) for i, p in zip(g["params"], o["params"])}
+    for index, entry in states.items():
+        if index not in parameters or not isinstance(entry, Mapping):
+            return f"holds a state for parameter {index!r}, which the optimizer does not have"
+        shape = tuple(parameters[index].shape)
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != shape:
+                return f"has {name} of shape {tuple(value.shape)} for a parameter of shape {shape} (another model)"
+    return None
 
 
 def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -193,7 +275,7 @@ class Trainer:
         self.out, self.settings, self.ctx, self.workers, self.saved = out, settings, ctx, workers, saved
         self.progress = progress and ctx.is_main
         classes = ClassList.of(folder.classes)
-        model = _model(settings, classes, ctx, saved)
+        model = _model(settings, classes, ctx, saved, out / state.LAST)
         image_size = settings.image_size or model.preprocessing.crop_size
         preset = scaled_preset(model.preprocessing, image_size)
         model.meta = dataclasses.replace(model.meta, preprocessing=preset, weights=None)
@@ -205,9 +287,12 @@ class Trainer:
         if not len(val):
             raise ValueError(f"{folder.root}/val: none of its {len(folder.val)} images could be read")
         self.skipped = bad_train + bad_val
+        self.skipped_folders = list(folder.skipped)
         if ctx.is_main:
+            for entry in self.skipped_folders:
+                log.warning("warning: %s", entry)
             for path, reason in self.skipped:
-                log.warning("skipped unreadable image %s: %s", path, reason)
+                log.warning("skipped unreadable image %s: %s", printable(path), printable(reason))
         self.per_rank = settings.batch_size // ctx.world_size
         self.steps = steps_per_epoch(len(train), self.per_rank, ctx.world_size)
         if self.steps == 0:
@@ -246,17 +331,28 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best = {"val_top1": -1.0, "epoch": 0}
         self.epoch = 0
+        if saved is not None:
+            error = None
+            try:
+                self.load_state_dict(saved)
+            except CheckpointError as failed:
+                error = failed
+            ctx.raise_together(error)
 
     # -- the loop -----------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
         """Train the remaining epochs; returns the summary."""
         if self.saved is not None:
-            self.load_state_dict(self.saved)
-            self.saved = None  # free it
+            self.saved = None  # loaded: free it
+            failed = None
             if self.ctx.is_main:
-                state.write_metrics(self.out, self.history, append=False)  # drop lines of an epoch cut short
+                try:
+                    state.write_metrics(self.out, self.history, append=False)  # drop lines of an epoch cut short
+                except OSError as error:
+                    failed = state.write_failure(self.out / state.METRICS, error, self.out)
                 log.info("resuming %s after epoch %d of %d", self.out, self.epoch, self.settings.epochs)
+            self.ctx.raise_together(failed)
         started = time.perf_counter()
         while self.epoch < self.settings.epochs:
             # Every epoch starts from (seed, epoch), whatever ran before it in this process.
@@ -267,8 +363,9 @@ class Trainer:
             improved = record["val_top1"] > self.best["val_top1"]
             if improved:
                 self.best = {"val_top1": record["val_top1"], "epoch": record["epoch"]}
+            failed = self.save(record, improved) if self.ctx.is_main else None
+            self.ctx.raise_together(failed)  # every rank stops after a file could not be written
             if self.ctx.is_main:
-                self.save(record, improved)
                 log.info(
                     "epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.2f%%, top-5 %.2f%%, %.1f img/s, lr %.3g",
                     self.epoch, self.settings.epochs, record["train_loss"], record["val_loss"], record["val_top1"],
@@ -355,14 +452,29 @@ class Trainer:
             preprocessing=self.model.preprocessing,
         )
 
-    def save(self, record: dict[str, Any], improved: bool) -> None:
-        """Rank 0, after each epoch: best.pth if top-1 improved, last.pth, the metrics line and the curves."""
+    def save(self, record: dict[str, Any], improved: bool) -> state.OutputWriteError | None:
+        """Rank 0, after each epoch: best.pth if top-1 improved, last.pth, the metrics line and the curves.
+
+        Returns the error for a file that could not be written (a full disk); what was written before
+        is complete. Ctrl-C or SIGTERM while ``torch.save`` writes comes through as itself.
+        """
         weights = self.weights_file()
-        if improved:
-            state.atomic_save({**weights, "epoch": self.epoch, "metrics": record}, self.out / state.BEST)
-        state.atomic_save({**weights, **self.state_dict()}, self.out / state.LAST)
-        state.write_metrics(self.out, self.history, append=True)
-        state.plot_curves(self.history, self.out / state.CURVES)
+        path = self.out / state.BEST
+        try:
+            if improved:
+                state.atomic_save({**weights, "epoch": self.epoch, "metrics": record}, path)
+            path = self.out / state.LAST
+            state.atomic_save({**weights, **self.state_dict()}, path)
+            path = self.out / state.METRICS
+            state.write_metrics(self.out, self.history, append=True)
+            path = self.out / state.CURVES
+            state.plot_curves(self.history, path)
+        except (OSError, RuntimeError) as error:
+            interrupted = state.interruption(error)
+            if interrupted is not None:
+                raise interrupted from None
+            return state.write_failure(path, error, self.out)
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -378,12 +490,29 @@ class Trainer:
         }
 
     def load_state_dict(self, saved: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(saved["state_dict"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        if saved.get("scaler"):
-            self.scaler.load_state_dict(saved["scaler"])
-        state.set_rng_states(saved["rng"])
+        """The training state of ``saved`` (checked by :func:`state.check_resume`; the weights are loaded
+        already): ``CheckpointError`` naming a field this model, optimizer or schedule cannot take."""
+        where = self.out / state.LAST
+        try:
+            problem = _optimizer_problem(self.optimizer, saved["optimizer"])
+        except (TypeError, KeyError, AttributeError) as error:
+            problem = f"is malformed ({type(error).__name__}: {error})"
+        if problem:
+            raise state.unusable(where, "optimizer state", problem)
+        total = self.settings.epochs * self.steps
+        step = saved["scheduler"].get("last_epoch")
+        if not isinstance(step, int) or not 0 <= step <= total:
+            raise state.unusable(where, "scheduler", f"is at step {step!r}, outside this run's 0..{total} steps")
+        for field, load in (
+            ("optimizer state", lambda: self.optimizer.load_state_dict(saved["optimizer"])),
+            ("scheduler", lambda: self.scheduler.load_state_dict(saved["scheduler"])),
+            ("grad scaler", lambda: saved.get("scaler") and self.scaler.load_state_dict(saved["scaler"])),
+            ("rng", lambda: state.set_rng_states(saved["rng"])),
+        ):
+            try:
+                load()
+            except Exception as error:  # whatever torch raises for a state it cannot take: that field's fault
+                raise state.unusable(where, field, f"does not fit ({type(error).__name__}: {error})") from error
         self.epoch, self.history, self.best = saved["epoch"], list(saved["history"]), dict(saved["best"])
         if saved.get("world_size") != self.ctx.world_size and self.ctx.is_main:
             log.warning(
@@ -401,6 +530,7 @@ class Trainer:
             "best_val_top1": self.best["val_top1"],
             "last": self.history[-1] if self.history else None,
             "skipped": [{"input": path, "error": reason} for path, reason in self.skipped],
+            "skipped_folders": [entry._asdict() for entry in self.skipped_folders],
             **self.counts,
             "world_size": self.ctx.world_size,
             "precision": self.precision,
