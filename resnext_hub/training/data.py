@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DistributedSampler
 
+from ..console import printable
 from ..data import ImageListDataset, Sample, Skipped, make_loader, quoted, read_class_folders
 from ..distributed import DistContext, shard_batches
 from ..processing import ImageClassification
 from ..processing.labels import name_problem
-from ..results import printable
 
 log = logging.getLogger(__name__)
 
