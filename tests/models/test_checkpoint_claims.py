@@ -16,6 +16,7 @@ import torch
 from conftest import IMAGES
 from test_finetuned_checkpoint import NAMES, PRESET
 
+from resnext_hub import exit_codes
 from resnext_hub.cli import main
 from resnext_hub.models import CheckpointError, build_model, read_checkpoint
 from resnext_hub.models.checkpoint import finetuned_checkpoint
@@ -56,7 +57,7 @@ def test_a_head_for_other_classes_than_the_model_names_is_refused_unless_another
 def test_classify_with_a_checkpoint_whose_head_does_not_fit_is_one_error_line(ten_classes, capsys):
     path, _ = ten_classes
     photo = str(IMAGES / "chelsea.jpg")
-    assert main(["classify", photo, "--model", ARCH, "--checkpoint", str(path)]) == 2
+    assert main(["classify", photo, "--model", ARCH, "--checkpoint", str(path)]) == exit_codes.WEIGHTS_UNAVAILABLE
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and captured.err.startswith("error: ")
     assert str(path) in captured.err and "10 classes" in captured.err
