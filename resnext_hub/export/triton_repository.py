@@ -21,7 +21,7 @@ from ..models import ResNet
 from ..processing import ImageClassification
 from ..processing import fetch as loader_fetch
 from ..processing import images as loader_images
-from ..processing.atomic import staging_folder
+from ..processing.atomic import install_folders, staging_folder
 from .checks import VERIFY_BATCHES, ExportError, ExportResult, default_image_size
 from .onnx_file import DEFAULT_OPSET, export_onnx
 
@@ -108,7 +108,7 @@ def export_triton(
         raise ExportError(f"{len(labels)} labels for a model with {num_classes} classes")
     names = model_names(name) if image_ensemble else (name,)
     preset = _image_preset(model, size) if image_ensemble else None
-    existing = [repository / n for n in names if (repository / n).exists()]
+    existing = [repository / n for n in names if os.path.lexists(repository / n)]
     if existing and not overwrite:
         found = ", ".join(map(str, existing))
         raise ExportError(f"{found} already exists; pass overwrite=True (--overwrite) to replace it")
@@ -149,9 +149,6 @@ def export_triton(
         for folder in (name, *names[2:]):  # the classifier and the ensemble have labelled outputs
             (staging / folder / triton_config.LABELS_FILE).write_text("\n".join(labels) + "\n", encoding="utf-8")
         triton_config.validate_repository(staging)
-        for folder in names:
-            if (repository / folder).exists():
-                shutil.rmtree(repository / folder)
-            os.replace(staging / folder, repository / folder)
+        install_folders(staging, repository, names, replace=overwrite)  # each old folder kept until swapped
     log.info("Triton models %s written to %s and validated", ", ".join(names), repository)
     return ExportResult("triton", repository / name, result.dtype, size, result.checks)
