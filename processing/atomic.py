@@ -4,19 +4,24 @@ The one way the project writes a file atomically. A reader never sees half a fil
 (any exception, ``KeyboardInterrupt`` included) leaves the old file, if any, and nothing else.
 
 The file is written in a private temporary folder beside its target (the same file system, so the
-rename is atomic), under the target's own name: what records the name it writes (``torch.jit.save``'s
-archive folder, AOTInductor's package) records the final one, and messages naming ``staging.name``
+rename is atomic), under the target's own name: a writer that records the name it writes (an archive
+that names its folder after its file) records the final one, and messages naming ``staging.name``
 name the final file. Being created by a plain ``open()``, the file has the mode ``open()`` gives
 under the process's umask (``tempfile.mkstemp``'s files are 0600: unreadable to another user, such as
 a Triton container's).
+
+``replace=False`` never replaces: the file is linked into place only if nothing is there yet
+(``FileExistsError`` otherwise, the staged file removed). :func:`install_folders` moves staged
+folders into place the same way, each swapped in one rename with the old one kept until then.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -38,10 +43,13 @@ def staging_folder(beside: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
-def staged(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
+def staged(path: str | Path, *, fsync: bool = False, replace: bool = True) -> Iterator[Path]:
     """Where to write ``path``: ``<a private folder beside it>/<its name>``. If the block succeeds, what was
-    written there replaces ``path`` (flushed to disk first with ``fsync``); whatever happens, the folder
-    is gone afterwards. The folder is the caller's: scratch files may go beside the staged one."""
+    written there becomes ``path`` (flushed to disk first with ``fsync``); whatever happens, the folder
+    is gone afterwards. The folder is the caller's: scratch files may go beside the staged one.
+
+    ``replace=False``: an existing ``path`` (one made meanwhile too) is left as it is and
+    ``FileExistsError`` raised instead."""
     path = Path(path)
     with staging_folder(path) as folder:
         staging = folder / path.name
@@ -49,7 +57,52 @@ def staged(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
         if fsync:
             with open(staging, "rb+") as handle:
                 os.fsync(handle.fileno())
+        if replace:
+            os.replace(staging, path)
+        else:
+            _link_new(staging, path)
+
+
+def _link_new(staging: Path, path: Path) -> None:
+    """``staging`` at ``path`` too, unless something is there: a hard link is made only where no name exists."""
+    try:
+        os.link(staging, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "already exists", str(path)) from None
+    except OSError:  # a file system without hard links: check, then rename (a small window)
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "already exists", str(path)) from None
         os.replace(staging, path)
+
+
+def install_folders(staging: Path, destination: Path, names: Iterable[str], *, replace: bool = False) -> None:
+    """Move the folders ``staging/<name>`` to ``destination/<name>``, each in one rename.
+
+    An existing ``destination/<name>`` is refused (``FileExistsError``, nothing moved) unless
+    ``replace``; then it is first renamed into ``staging`` (removed with it), so that it stays whole
+    until its replacement is in place. Any failure or interruption on the way puts back every old
+    folder and takes out every new one: the destination is left as it was.
+    """
+    names = list(names)
+    taken = [name for name in names if os.path.lexists(destination / name)]
+    if taken and not replace:
+        raise FileExistsError(errno.EEXIST, "already exists", str(destination / taken[0]))
+    old = Path(tempfile.mkdtemp(prefix=".old.", dir=staging))
+    moved_aside: list[str] = []
+    installed: list[str] = []
+    try:
+        for name in names:
+            if os.path.lexists(destination / name):
+                os.replace(destination / name, old / name)
+                moved_aside.append(name)
+            os.replace(staging / name, destination / name)
+            installed.append(name)
+    except BaseException:
+        for name in installed:
+            os.replace(destination / name, staging / name)
+        for name in moved_aside:
+            os.replace(old / name, destination / name)
+        raise
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import exit_codes
 from .engine import resolve_device
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ def sigterm_as_exit() -> Iterator[None]:
         return
 
     def handler(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
+        raise SystemExit(exit_codes.TERMINATED)
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:

@@ -1,12 +1,14 @@
-"""Output files of records: checked before any work, written as the records come, never losing one.
+"""Output files: checked before any work, written as the records come, never losing one.
 
 :func:`check_output` says, before a model loads, whether a file can be written at a path;
 :func:`write_output` writes records to it (or to stdout) and, should the file fail midway, sends
-the rest to stdout. Files are encoded as :mod:`resnext_hub.results` describes.
+the rest to stdout. Files are encoded as :mod:`resnext_hub.results` describes. :func:`write_problem`
+says why a write failed when the file system is the cause (a full disk, no permission).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -45,6 +47,41 @@ def check_output(path: str | Path, what: str = "--output", *, replaced: bool = F
     if (replaced or not path.exists()) and not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {shown}: no permission to create files in {printable(folder)}: give another path")
     return path
+
+
+# errno values of a write that found no room: a full disk, a quota, a file-size limit (RLIMIT_FSIZE, FAT's 4 GiB).
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def os_error_in(error: BaseException) -> OSError | None:
+    """The ``OSError`` that ``error`` is or was raised from (its cause or context, however deep), or None."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def write_problem(error: BaseException, path: str | Path) -> str | None:
+    """Why writing ``path`` failed and what to do, when a file-system fault is behind ``error``; else None.
+
+    Names ``path`` (not the temporary file the fault may name), and says so when the disk is full.
+    """
+    fault = os_error_in(error)
+    if fault is None:
+        return None
+    shown, reason = printable(path), fault.strerror or str(fault)
+    if fault.errno in DISK_FULL:
+        return f"writing {shown} failed: the disk is full ({reason}): free some space there, or write to another disk"
+    if fault.errno in (errno.EACCES, errno.EPERM):
+        return f"writing {shown} failed: permission denied ({reason}): give a path this user may write to"
+    if fault.errno == errno.EROFS:
+        return f"writing {shown} failed: the file system is read-only: give a path on another one"
+    if fault.errno == errno.ENOTDIR:
+        return f"writing {shown} failed: a part of the path is a file, not a folder: give another path"
+    return f"writing {shown} failed: {reason}"
 
 
 def open_output(path: str | Path) -> TextIO:

@@ -2,10 +2,13 @@
 
 Runs locally (``python -m space.app`` from the repo root, then open http://127.0.0.1:7860) and as
 a Hugging Face Space unchanged (``python space/bundle.py DIR`` lays out the Space, whose root
-``app.py`` runs this module). Built for the public internet: uploads are size-capped, the queue is
-bounded, one inference runs at a time per model pool, each request has a time limit, URLs are
-fetched only from public addresses (``processing.fetch``), and visitors see a short message for every
-failure, never a traceback.
+``app.py`` runs this module). Built for the public internet: every request body is size-capped
+before it is read (:mod:`space.limits`), uploads before they are decoded, the queue is bounded,
+at most :data:`CONCURRENCY` inferences run at once, each request has a time limit, URLs are fetched
+only from public addresses (``processing.fetch``) and outside the inference slots (a slow image
+server cannot hold them), class names reach the page escaped, and visitors see a short message for
+every failure, never a traceback. SIGTERM or Ctrl-C stops it gracefully: new requests get a short
+message, those in flight finish, then the server and every process it started end.
 
 ``--checkpoint FILE`` serves one model with a local checkpoint instead (``finetune``'s ``best.pth``: its
 architecture and class names come from the file; ``--model`` names the architecture of other files)::
@@ -21,12 +24,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
 import re
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +41,19 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
 
 from resnext_hub import processing  # noqa: E402
+from resnext_hub.console import printable  # noqa: E402
 from resnext_hub.models import CheckpointError, list_models  # noqa: E402
 from resnext_hub.models.checkpoint import read_finetuned_meta  # noqa: E402
 from resnext_hub.models.optimize import PRECISIONS  # noqa: E402
 from resnext_hub.models.registry import architecture_of  # noqa: E402
 from resnext_hub.processing.fetch import FetchError, URLRefusedError, is_public_address  # noqa: E402
+from resnext_hub.processing.images import read_source  # noqa: E402
 from resnext_hub.results import failure_reason  # noqa: E402
 
+from .limits import RequestSizeLimit  # noqa: E402
 from .serving import PRECISION_ENV, ModelCache, ModelLoadError, ModelNotReadyError, Served  # noqa: E402
 
 # The repository (or the bundled Space's root): hubconf.py and the sample photos are there.
@@ -53,18 +64,22 @@ log = logging.getLogger("resnext_hub.space")
 DEFAULT_MODEL_ENV = "RESNEXT_HUB_SPACE_DEFAULT_MODEL"
 DEFAULT_MODEL = "nvidia_se_resnext101_32x4d"
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024
+# Any request's body: an upload's multipart wrapping fits in the margin, the JSON API's bodies are small.
+MAX_REQUEST_BYTES = MAX_UPLOAD_BYTES + 64 * 1024
 MAX_PIXELS = 40_000_000
 REQUEST_TIME_LIMIT_S = 20.0
 URL_DEADLINE_S = 15.0
 MODEL_WAIT_S = 90.0
-QUEUE_SIZE = 16
-CONCURRENCY = 2
+QUEUE_SIZE = 16  # requests waiting, all handlers together; more are refused at once (HTTP 503)
+CONCURRENCY = 2  # inferences at once (decoding, preprocessing, the model)
+URL_CONCURRENCY = 4  # URL requests at once: they wait on other servers, in their own slots
+STOP_GRACE_S = REQUEST_TIME_LIMIT_S + 10.0  # how long a graceful stop waits for the requests in flight
 SAMPLES = REPO / "assets" / "images"
 SAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 class _Refused(Exception):
-    """A request refused with a message for the visitor (raised inside the worker thread)."""
+    """A request refused with a message for the visitor: ``(title, message)``."""
 
 
 def _error(message: str, title: str) -> gr.Error:
@@ -76,6 +91,24 @@ def _short(text: str, limit: int = 160) -> str:
     # Messages echo bits of visitor input: keep them short and free of markup.
     text = text.replace("<", "‹").replace(">", "›")
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class DemoBlocks(gr.Blocks):
+    """The page's ``gr.Blocks``, with one change: a request whose values its inputs cannot take (Gradio checks an
+    API client's values against each input's data model before any handler runs) gets a short message, where
+    Gradio would answer with an empty error and log a traceback."""
+
+    async def preprocess_data(self, block_fn: Any, inputs: list[Any], state: Any, explicit_call: bool = False) -> Any:
+        try:
+            return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+        except gr.Error:
+            raise
+        except Exception as error:
+            log.warning("a request's values were refused: %s", printable(failure_reason(error)))
+            message = (
+                "The request's values are not what this app takes: a model name, and a photo (a file value) or a URL."
+            )
+            raise _error(message, "Bad request") from None
 
 
 class Demo:
@@ -102,38 +135,78 @@ class Demo:
         self.workers = ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="classify")
         # Which resolved addresses a visitor's URL may reach: public ones only (tests swap in loopback).
         self.url_policy = is_public_address
+        self._in_flight = 0
+        self._stopping = False
+        self._changed = threading.Condition()
 
-    # -- request handlers (called by Gradio with raw, unpreprocessed values) --
+    # -- request handlers (called by Gradio with raw, unpreprocessed values: anything an API client sends) --
 
     def classify_upload(self, entry: str, upload: dict | None) -> tuple[Any, dict, str]:
         """Top-5 of an uploaded, pasted or example photo."""
         path = upload.get("path") if isinstance(upload, dict) else None
         if not path:
             raise _error("Upload or paste a photo first (or pick one of the sample photos).", "No photo")
-        return self._classify(
-            entry, lambda: processing.load_image(path, max_bytes=MAX_UPLOAD_BYTES, max_pixels=MAX_PIXELS)
-        )
+        with self._admitted():
+            return self._classify(
+                entry, lambda: processing.load_image(path, max_bytes=MAX_UPLOAD_BYTES, max_pixels=MAX_PIXELS)
+            )
 
     def classify_url(self, entry: str, url: str | None) -> tuple[Any, dict, str]:
-        """Top-5 of the image at a public http(s) URL."""
-        url = (url or "").strip()
+        """Top-5 of the image at a public http(s) URL. The image is fetched in this (the URL slots') thread, so that
+        a slow server holds a URL slot, never an inference slot; it is decoded like an upload."""
+        url = url.strip() if isinstance(url, str) else ""
         if not url:
             raise _error("Paste the address of an image (http:// or https://) first.", "No URL")
-
-        def load() -> Image.Image:
-            limits = {"max_bytes": MAX_UPLOAD_BYTES, "max_pixels": MAX_PIXELS, "deadline_s": URL_DEADLINE_S}
-            return processing.load_image(url, allow=self.url_policy, **limits)
-
-        return self._classify(entry, load)
+        with self._admitted():
+            self._served(entry)  # a bad entry, or a model still loading, is said before anything is fetched
+            limits = {"max_bytes": MAX_UPLOAD_BYTES, "deadline_s": URL_DEADLINE_S}
+            try:
+                data = read_source(url, allow=self.url_policy, **limits)
+            except Exception as error:
+                title, message = _refusal(error).args
+                raise _error(message, title) from None
+            return self._classify(entry, lambda: processing.load_image(data, max_pixels=MAX_PIXELS))
 
     def describe(self, entry: str) -> str:
         """The model card of ``entry`` (loads the model if needed)."""
-        return self._served(entry).card
+        with self._admitted():
+            return self._served(entry).card
+
+    # -- a graceful stop --
+
+    def stop(self, timeout_s: float) -> bool:
+        """Refuse new requests (a short message) and wait up to ``timeout_s`` for those in flight; True if none is
+        left."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            self._stopping = True
+            while self._in_flight and time.monotonic() < deadline:
+                self._changed.wait(deadline - time.monotonic())
+            return not self._in_flight
+
+    def close(self) -> None:
+        """Let go of the worker threads (work already running finishes on its own)."""
+        self.workers.shutdown(wait=False, cancel_futures=True)
+        self.models.close()
+
+    @contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """The block of one request, counted while it runs; refused once the server is stopping."""
+        with self._changed:
+            if self._stopping:
+                raise _error("The server is restarting; try again in a minute.", "Server restarting")
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._in_flight -= 1
+                self._changed.notify_all()
 
     # -- internals --
 
     def _served(self, entry: str) -> Served:
-        if entry not in self.entries:
+        if not isinstance(entry, str) or entry not in self.entries:
             raise _error(f"Pick one of the listed models ({', '.join(self.entries)}).", "Unknown model")
         try:
             return self.models.get(entry, MODEL_WAIT_S)
@@ -168,17 +241,8 @@ class Demo:
     def _run(self, served: Served, load: Callable[[], Image.Image]) -> tuple[Image.Image, list]:
         try:
             image = load()
-        except processing.InvalidImageError as error:
-            cause = error.__cause__  # the FetchError, for a URL that gave no body
-            if isinstance(cause, URLRefusedError):
-                raise _Refused("Address not allowed", _short(f"That URL is not allowed: {cause.reason}.")) from None
-            if isinstance(cause, FetchError):
-                message = f"Could not fetch that URL: {cause.reason}."
-                raise _Refused("Could not fetch the image", _short(message)) from None
-            reason = re.sub(r" \(first bytes .*\)$", "", error.reason)
-            raise _Refused("Not a usable image", _short(f"That file is not a usable image: {reason}.")) from None
-        except Exception as error:  # anything else reading or decoding raised: this photo only
-            raise _unprocessable(error) from None
+        except Exception as error:  # anything reading or decoding raised: this photo only
+            raise _refusal(error) from None
         try:
             prepared = served.prepare(image)
         except Exception as error:  # the preprocessing of this photo
@@ -218,6 +282,19 @@ def checkpoint_entry(checkpoint: Path, model: str | None = None) -> str:
     return next(entry for entry in list_models() if architecture_of(entry) == architecture)
 
 
+def _refusal(error: Exception) -> _Refused:
+    """The visitor's message for an image that could not be fetched or read."""
+    if not isinstance(error, processing.InvalidImageError):
+        return _unprocessable(error)
+    cause = error.__cause__  # the FetchError, for a URL that gave no body
+    if isinstance(cause, URLRefusedError):
+        return _Refused("Address not allowed", _short(f"That URL is not allowed: {cause.reason}."))
+    if isinstance(cause, FetchError):
+        return _Refused("Could not fetch the image", _short(f"Could not fetch that URL: {cause.reason}."))
+    reason = re.sub(r" \(first bytes .*\)$", "", error.reason)
+    return _Refused("Not a usable image", _short(f"That file is not a usable image: {reason}."))
+
+
 def _unprocessable(error: Exception) -> _Refused:
     """The visitor's message for a photo that failed in an unexpected way: its type and message, short."""
     log.warning("a photo could not be processed: %s", failure_reason(error))
@@ -226,10 +303,15 @@ def _unprocessable(error: Exception) -> _Refused:
 
 
 def top5_dict(ranked: list) -> dict[str, float]:
-    """``{label: probability}`` for gr.Label; a label seen twice (ImageNet has two "crane"s) gets its index."""
+    """``{label: probability}`` for gr.Label; a label seen twice (ImageNet has two "crane"s) gets its index.
+
+    Labels are shown as :func:`resnext_hub.console.printable` writes them: valid text on one line
+    (a class name from a folder name may hold bytes that are not UTF-8, or control characters).
+    """
     shown: dict[str, float] = {}
     for prediction in ranked:
-        name = prediction.label if prediction.label not in shown else f"{prediction.label} (#{prediction.index})"
+        label = printable(prediction.label)
+        name = label if label not in shown else f"{label} (#{prediction.index})"
         shown[name] = prediction.probability
     return shown
 
@@ -238,10 +320,10 @@ def sample_photos() -> list[str]:
     return [str(p) for p in sorted(SAMPLES.iterdir()) if p.suffix.lower() in SAMPLE_SUFFIXES]
 
 
-def build(demo_state: Demo) -> gr.Blocks:
+def build(demo_state: Demo) -> DemoBlocks:
     """The page: model picker, photo/URL input, photo + top-5 + model card."""
     inference = {"concurrency_id": "inference", "concurrency_limit": CONCURRENCY, "preprocess": False}
-    with gr.Blocks(title="resnext-hub demo", analytics_enabled=False) as blocks:
+    with DemoBlocks(title="resnext-hub demo", analytics_enabled=False) as blocks:
         gr.Markdown(
             "# ResNeXt / SE-ResNeXt image classification\n"
             "NVIDIA's ResNeXt101-32x4d and SE-ResNeXt101-32x4d and timm's SE-ResNeXt family, loaded through "
@@ -271,8 +353,9 @@ def build(demo_state: Demo) -> gr.Blocks:
         outputs = [photo_out, top5, card]
         classify_photo.click(demo_state.classify_upload, [model, photo_in], outputs, api_name="classify", **inference)
         examples.load_input_event.then(demo_state.classify_upload, [model, photo_in], outputs, **inference)
-        classify_url.click(demo_state.classify_url, [model, url_in], outputs, api_name="classify_url", **inference)
-        url_in.submit(demo_state.classify_url, [model, url_in], outputs, **inference)
+        by_url = {**inference, "concurrency_id": "url", "concurrency_limit": URL_CONCURRENCY}
+        classify_url.click(demo_state.classify_url, [model, url_in], outputs, api_name="classify_url", **by_url)
+        url_in.submit(demo_state.classify_url, [model, url_in], outputs, **by_url)
         model.change(demo_state.describe, [model], [card], preprocess=False, concurrency_id="load")
         blocks.load(demo_state.describe, [model], [card], preprocess=False, concurrency_id="load")
     return blocks
@@ -295,17 +378,50 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup probes
     state = Demo(default_model=args.model, checkpoint=args.checkpoint)
     state.models.start(state.default_model)  # load while the server starts
+    serve(state, build(state), args.host, args.port)
+
+
+def serve(state: Demo, blocks: gr.Blocks, host: str, port: int) -> None:
+    """Run the app until SIGTERM or SIGINT, then stop gracefully (see the module docstring) within about
+    2 x :data:`STOP_GRACE_S`."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # SIGINT explicitly: a background job inherits it ignored
+        signal.signal(signum, lambda signum, frame: stop.set())
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    build(state).queue(max_size=QUEUE_SIZE, default_concurrency_limit=1).launch(
-        server_name=args.host,
-        server_port=args.port,
+    blocks.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1).launch(
+        server_name=host,
+        server_port=port,
         max_file_size=MAX_UPLOAD_BYTES,
+        app_kwargs={"middleware": [Middleware(RequestSizeLimit, max_bytes=MAX_REQUEST_BYTES)]},
         show_error=False,
         allowed_paths=[str(SAMPLES)],
         ssr_mode=False,
         theme=theme,
         footer_links=[],
+        prevent_thread_lock=True,
     )
+    stop.wait()
+    log.info("stopping: new requests are refused, those in flight finish (at most %g s)", STOP_GRACE_S)
+    finished = state.stop(STOP_GRACE_S) and _queue_idle(blocks, STOP_GRACE_S)
+    time.sleep(0.5)  # the last answers are on their way to the clients
+    blocks.close(verbose=False)  # the server, its queue and its helper processes (Gradio's static file workers)
+    state.close()
+    for child in multiprocessing.active_children():  # any other process this one started
+        child.terminate()
+        child.join(5)
+    log.info("stopped%s", "" if finished else " (requests still in flight were cut off)")
+
+
+def _queue_idle(blocks: gr.Blocks, timeout_s: float) -> bool:
+    """Wait until Gradio's queue holds no request, waiting or running (those admitted before the stop get their
+    answer, or the restarting message); True if it emptied in time."""
+    deadline = time.monotonic() + timeout_s
+    queue = blocks._queue  # Gradio has no public way to ask (gradio is pinned in requirements.txt)
+    while len(queue) or any(job is not None for job in queue.active_jobs):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 if __name__ == "__main__":

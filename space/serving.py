@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from resnext_hub.console import printable
 from resnext_hub.engine import Engine
 from resnext_hub.models import MIRROR_ENV, ResNet
 from resnext_hub.options import InferenceOptions
@@ -30,6 +32,7 @@ log = logging.getLogger("resnext_hub.space")
 
 PRECISION_ENV = "RESNEXT_HUB_SPACE_PRECISION"
 _CARD_CLASSES = 10  # class names listed on a local checkpoint's card
+_MARKDOWN = re.compile(r"[\\`*_\[\]<>&!|~$]")  # what Markdown (emphasis, links, code, math) or HTML acts on
 
 
 class ModelNotReadyError(RuntimeError):
@@ -58,6 +61,21 @@ class Served:
         return self.engine.top_k(prepared[None], 5)[0]
 
 
+def markdown_text(text: object) -> str:
+    """``text`` as literal running text in Markdown, on one line: :func:`resnext_hub.console.printable` (valid
+    text, control characters escaped), and every character that Markdown or HTML would act on backslash-escaped
+    (names come from the file system and may hold anything)."""
+    return _MARKDOWN.sub(lambda match: "\\" + match.group(), printable(text))
+
+
+def markdown_code(text: object) -> str:
+    """``text`` as a Markdown code span on one line (its content is literal there, backticks included)."""
+    text = printable(text)
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if "`" in text else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def _percent(value: float | None) -> str:
     return "–" if value is None else f"{value:g}%"
 
@@ -70,8 +88,9 @@ def model_card(entry: str, model: ResNet, engine: Engine, precision: str, checkp
     lines = [f"### `{entry}`", "", f"- **Architecture:** {model.architecture}, {params:,} parameters"]
     if checkpoint is not None:
         names = model.classes.names
-        shown = ", ".join(names[:_CARD_CLASSES]) + (", …" if len(names) > _CARD_CLASSES else "")
-        lines.append(f"- **Weights:** local checkpoint `{checkpoint.name}`, {len(names)} classes: {shown}")
+        shown = ", ".join(map(markdown_text, names[:_CARD_CLASSES])) + (", …" if len(names) > _CARD_CLASSES else "")
+        where = markdown_code(checkpoint.name)
+        lines.append(f"- **Weights:** local checkpoint {where}, {len(names)} classes: {shown}")
     elif record is not None:
         for key, metric in record.metrics.items():
             accuracy = f"top-1 {_percent(metric.get('top1'))}, top-5 {_percent(metric.get('top5'))}"
@@ -124,6 +143,10 @@ class ModelCache:
         except Exception as error:
             log.exception("loading %s failed", entry)
             raise ModelLoadError(entry) from error
+
+    def close(self) -> None:
+        """Start no more loads (one already running finishes on its own)."""
+        self._loader.shutdown(wait=False, cancel_futures=True)
 
     def _load(self, entry: str) -> Served:
         started = time.perf_counter()

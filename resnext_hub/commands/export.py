@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from .. import exit_codes
 from .. import export as exporting
 from ..arguments import add_model_options, add_precision_options, inference_options, model_from_args
 from ..console import printable
+from ..distributed import sigterm_as_exit
 from ..engine import resolve_device
 from ..export import (
     DEFAULT_OPSET,
@@ -20,9 +22,10 @@ from ..export import (
     export_pt2,
     export_torchscript,
 )
-from ..outputs import check_output
+from ..models.registry import architecture_of
+from ..outputs import check_output, write_problem
 from ..triton import config as triton_config
-from ..triton.repository import export_triton
+from ..triton.repository import export_triton, model_folders
 
 MIN_OPSET = 7  # the oldest ONNX opset torch.onnx writes
 # The precisions each format is written in (int8: a QDQ ONNX file for ONNX Runtime on CPUs).
@@ -55,24 +58,66 @@ def check(args: argparse.Namespace) -> str | None:
         if bad:
             return f"--preferred-batch-sizes {bad} are outside 1..--max-batch-size ({args.max_batch_size})"
     try:
-        if args.format == "triton":
-            repository = Path(args.output)
-            if repository.exists() and not repository.is_dir():
-                return f"--output {printable(args.output)} is not a folder (a Triton model repository is one)"
-            if not repository.exists():
-                check_output(repository)  # a folder can be created there
-        else:
-            check_output(args.output, replaced=True)
+        return _check_paths(args)
     except ValueError as error:
         return str(error)
+
+
+def _check_paths(args: argparse.Namespace) -> str | None:
+    """Where export writes, before the model loads: a place it may write, nothing there it would replace
+    without ``--overwrite``, and never its own input (``ValueError`` from :func:`check_output` too)."""
+    output = Path(args.output)
+    shown = printable(args.output)
+    if args.format == "triton":
+        if output.exists() and not output.is_dir():
+            return f"--output {shown} is not a folder (a Triton model repository is one)"
+        if not output.exists():
+            check_output(output)  # a folder can be created there
+        elif not os.access(output, os.W_OK | os.X_OK):
+            return f"--output {shown}: no permission to create folders in it: give a repository this user may write to"
+        name = args.name or architecture_of(args.model)
+        targets = [output / folder for folder in model_folders(name, image_ensemble=args.image_ensemble)]
+    else:
+        check_output(args.output, replaced=True)
+        targets = [output]
+    existing = [target for target in targets if os.path.lexists(target)]
+    checkpoint = args.checkpoint and Path(args.checkpoint).expanduser()
+    if checkpoint and checkpoint.is_file() and not os.access(checkpoint, os.R_OK):  # (a missing one: the loader says)
+        given = printable(args.checkpoint)
+        return f"--checkpoint {given} cannot be read (permission denied): make it readable to this user, or give a copy"
+    if checkpoint and any(_holds(target, checkpoint) for target in existing):
+        given = printable(args.checkpoint)
+        return f"--output {shown} would replace --checkpoint {given}, the export's own input: give another path"
+    if existing and not args.overwrite:
+        found = ", ".join(printable(target) for target in existing)
+        return (
+            f"--output: {found} already exists: pass --overwrite to replace it (the old one stays until the new one "
+            "is verified), or give another path" + (" or --name" if args.format == "triton" else "")
+        )
     return None
 
 
-def run(args: argparse.Namespace) -> int:
+def _holds(target: Path, checkpoint: Path) -> bool:
+    """Whether replacing ``target`` replaces ``checkpoint``: the same file (by identity: links, symbolic or hard,
+    count) or a folder holding it."""
     try:
-        result = _export(args)
+        if os.path.samestat(os.stat(target), os.stat(checkpoint)):
+            return True
+        return target.is_dir() and checkpoint.resolve().is_relative_to(target.resolve())
+    except OSError:  # one of them cannot be reached: the checks of each say so
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export; SIGTERM stops it as Ctrl-C does (exit 143, 130 for Ctrl-C): no staged file is left, nothing replaced."""
+    try:
+        with sigterm_as_exit():
+            result = _export(args)
     except (ExportError, ImportError) as error:
         print(f"error: {printable(error, backslashes=False, lines=True)}", file=sys.stderr)
+        return exit_codes.SOME_FAILED
+    except OSError as error:  # a file-system fault outside an exporter's own staging (the Triton repository's)
+        print(f"error: {write_problem(error, args.output)}; nothing was written", file=sys.stderr)
         return exit_codes.SOME_FAILED
     print(result.summary())
     return exit_codes.OK
@@ -82,23 +127,26 @@ def _export(args: argparse.Namespace) -> ExportResult:
     options = inference_options(args)
     model = model_from_args(args)
     precision = options.precision
+    replace = {"overwrite": args.overwrite}
     if precision == "int8":  # onnxruntime's quantization tools load only here
         from ..export.onnx_int8 import export_onnx_int8
 
+        calibration = options.calibration
         return export_onnx_int8(
-            model, args.output, calibration=options.calibration, image_size=args.image_size, opset=args.opset
+            model, args.output, calibration=calibration, image_size=args.image_size, opset=args.opset, **replace
         )
     if args.format == "pt2":
-        return export_pt2(model, args.output, image_size=args.image_size, precision=precision, device=options.device)
+        device = options.device
+        return export_pt2(model, args.output, image_size=args.image_size, precision=precision, device=device, **replace)
     if args.format == "onnx":
         fp16 = precision == "fp16"
-        return export_onnx(model, args.output, image_size=args.image_size, fp16=fp16, opset=args.opset)
+        return export_onnx(model, args.output, image_size=args.image_size, fp16=fp16, opset=args.opset, **replace)
     if args.format == "torchscript":
-        return export_torchscript(model, args.output, image_size=args.image_size)
+        return export_torchscript(model, args.output, image_size=args.image_size, **replace)
     names = ("name", "image_size", "opset", "max_batch_size", "preferred_batch_sizes", "queue_delay_us", "top_k")
-    names += ("instance_kind", "instance_count", "accelerator", "image_ensemble", "overwrite")
+    names += ("instance_kind", "instance_count", "accelerator", "image_ensemble")
     given = {name: getattr(args, name) for name in names}
-    return export_triton(model, args.output, fp16=precision == "fp16", **given)
+    return export_triton(model, args.output, fp16=precision == "fp16", **given, **replace)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -125,6 +173,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--device", default="cpu", help="pt2: the device it is compiled for, cpu or cuda[:N]")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output (the file, or the model's folders in a Triton repository; its other models "
+        "stay): the old one stays until the new one is verified",
+    )
     triton = parser.add_argument_group("triton")
     triton.add_argument("--name", help="model name in the repository (default: the architecture)")
     triton.add_argument("--top-k", type=int, default=5, help="classes per answer (above the class count: all)")
@@ -141,5 +195,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_false",
         help="only the classifier (default: also <name>_preprocess and the <name>_image ensemble taking image bytes)",
     )
-    triton.add_argument("--overwrite", action="store_true", help="replace existing model folders")
     parser.set_defaults(func=run, check_options=check)

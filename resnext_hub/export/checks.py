@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,7 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..console import printable
 from ..models.meta import Described
+from ..outputs import write_problem
 from ..processing import atomic
 
 log = logging.getLogger(__name__)
@@ -157,14 +160,27 @@ def verify(
 
 
 @contextmanager
-def staged(path: Path, what: str) -> Iterator[Path]:
+def staged(path: Path, what: str, *, overwrite: bool = False) -> Iterator[Path]:
     """Where to write ``path`` (:func:`resnext_hub.processing.atomic.staged`: a private folder beside it, the
-    file under its own name); on success it becomes ``path``, on any failure nothing is left and an
-    error that is not an :class:`ExportError` becomes one (``KeyboardInterrupt`` passes through)."""
+    file under its own name); on success it becomes ``path``, on any failure or interruption nothing is
+    left and an existing ``path`` is unchanged. An existing ``path`` is refused unless ``overwrite``
+    (before any work, and again when the file is moved into place). An error that is not an
+    :class:`ExportError` becomes one (a file-system fault says which and what to do);
+    ``KeyboardInterrupt`` and ``SystemExit`` pass through."""
+    if not overwrite and os.path.lexists(path):
+        raise ExportError(f"{printable(path)} already exists: pass overwrite=True (--overwrite) to replace it")
+    kept = " (the existing file is unchanged)" if os.path.lexists(path) else ""
     try:
-        with atomic.staged(path) as staging:
+        with atomic.staged(path, replace=overwrite) as staging:
             yield staging
     except ExportError:
         raise
+    except FileExistsError as error:
+        if error.filename != str(path):
+            raise ExportError(f"{what} failed: {error}") from error
+        raise ExportError(f"{printable(path)} appeared while it was exported; it was left as it is") from error
     except Exception as error:
-        raise ExportError(f"{what} failed: {error}") from error
+        problem = write_problem(error, path)
+        if problem is None:
+            raise ExportError(f"{what} failed: {error}") from error
+        raise ExportError(f"{what}: {problem}; nothing was written{kept}") from error

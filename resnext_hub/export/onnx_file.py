@@ -81,16 +81,18 @@ def export_onnx(
     fp16: bool = False,
     opset: int = DEFAULT_OPSET,
     verify_batches: Sequence[int] = VERIFY_BATCHES,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Write ``model`` as ONNX: input ``input`` ``(batch, 3, S, S)`` FP32, outputs ``logits`` and
     ``probabilities`` ``(batch, classes)`` FP32, batch axis dynamic. ``fp16`` computes in half
-    precision inside the graph (for GPUs). Verified with ONNX Runtime before it is moved into place."""
+    precision inside the graph (for GPUs). Verified with ONNX Runtime before it is moved into place;
+    an existing file is replaced only with ``overwrite``."""
     path = Path(path)
     size = image_size or default_image_size(model)
     eager = eager_copy(model)
     module = _Exportable(copy.deepcopy(eager), fp16=fp16).eval()
     log.info("exporting ONNX (opset %d, %s) to %s", opset, "fp16" if fp16 else "fp32", path)
-    with staged(path, f"ONNX export of {type(model).__name__}") as staging:
+    with staged(path, f"ONNX export of {type(model).__name__}", overwrite=overwrite) as staging:
         with warnings.catch_warnings(), quiet(EXPORTER_LOGGERS):
             warnings.simplefilter("ignore")  # the exporter's internal deprecation chatter, not ours to fix
             program = torch.onnx.export(

@@ -32,8 +32,7 @@ import torch.nn.functional as F
 from ..models import ResNet
 from ..models.cpu import cpu_has_int8_dot
 from ..models.quantize import calibration_batches
-from ..processing.atomic import staged
-from .checks import Check, ExportError, ExportResult, default_image_size
+from .checks import Check, ExportError, ExportResult, default_image_size, staged
 from .onnx_file import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAMES, export_onnx
 
 log = logging.getLogger(__name__)
@@ -71,13 +70,15 @@ def export_onnx_int8(
     opset: int = DEFAULT_OPSET,
     reduce_range: bool | None = None,
     verify: Any = None,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Write ``model`` as an int8 QDQ ONNX file (same input and outputs as :func:`export_onnx`'s).
 
     ``calibration``: image paths/URLs/PIL images (preprocessed with the model's preset) or
     preprocessed ``(N, 3, S, S)`` batches at the export size; ``verify``: other images to verify on
     (same forms; default the calibration images). Raises :class:`ExportError` if the file does not
-    pass the verification in the module docstring; nothing is left at ``path`` then.
+    pass the verification in the module docstring; nothing is left at ``path`` then. An existing file
+    is replaced only with ``overwrite``.
     """
     try:
         import onnx
@@ -103,7 +104,8 @@ def export_onnx_int8(
             batch = next(self._batches, None)
             return None if batch is None else {INPUT_NAME: batch.numpy()}
 
-    with staged(path) as staging:  # its private folder holds the intermediate files too
+    # The staging file's private folder holds the intermediate files too.
+    with staged(path, f"int8 ONNX export of {type(model).__name__}", overwrite=overwrite) as staging:
         scratch = staging.parent
         float_path = scratch / "float.onnx"
         export_onnx(model, float_path, image_size=size, opset=opset)

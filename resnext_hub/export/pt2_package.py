@@ -13,6 +13,7 @@ to the rule of :mod:`.checks` against the eager fp32 model.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import subprocess
@@ -179,11 +180,13 @@ def export_pt2(
     precision: str = "fp32",
     device: str | torch.device = "cpu",
     verify_batches: Sequence[int] = VERIFY_BATCHES,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Write ``model`` as an AOTInductor package (``.pt2``): input ``(batch, 3, S, S)`` FP32 on ``device``,
     fp32 logits out, batch axis dynamic (1-4096). ``precision``: ``fp32``, ``bf16`` (CPUs with native
     bf16) or ``fp16`` (CUDA). Verified in a fresh process without this repository before it is moved
-    into place; ``timings`` has ``export_s``, ``compile_s``, ``load_s`` (that process) and ``first_call_s``."""
+    into place (an existing file is replaced only with ``overwrite``); ``timings`` has ``export_s``,
+    ``compile_s``, ``load_s`` (that process) and ``first_call_s``."""
     path = Path(path)
     size = image_size or default_image_size(model)
     try:
@@ -193,7 +196,7 @@ def export_pt2(
     module = _inference_module(model, precision, device)
     timings = {}
     log.info("exporting pt2 (%s, %s) to %s; AOTInductor compiles for a minute or more", precision, device, path)
-    with staged(path, f"pt2 export of {type(model).__name__}") as staging:
+    with staged(path, f"pt2 export of {type(model).__name__}", overwrite=overwrite) as staging:
         cpu_only = quiet(CPU_SILENCED_LOGGERS, logging.ERROR) if device.type == "cpu" else contextlib.nullcontext()
         with warnings.catch_warnings(), quiet(EXPORTER_LOGGERS), cpu_only, torch.no_grad():
             warnings.simplefilter("ignore", FutureWarning)
@@ -207,7 +210,11 @@ def export_pt2(
             start = time.perf_counter()
             # Freezing on CPU lets inductor pre-pack the weights for oneDNN (measured: bf16 batch 16 1.5x faster).
             options = {"freezing": True} if device.type == "cpu" else {}
-            torch._inductor.aoti_compile_and_package(program, package_path=str(staging), inductor_configs=options)
+            # Packaged in memory, then written by Python: torch's own file writer aborts the process when a
+            # write fails (a full disk); this way the write raises OSError. The package's folder is "archive".
+            package = io.BytesIO()
+            torch._inductor.aoti_compile_and_package(program, package_path=package, inductor_configs=options)
+            staging.write_bytes(package.getbuffer())
             timings["compile_s"] = time.perf_counter() - start
         checks, info = _check_package(staging, model, size, precision, device, verify_batches)
         timings.update({key: info[key] for key in ("load_s", "first_call_s")})

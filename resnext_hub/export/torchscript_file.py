@@ -55,16 +55,21 @@ def export_torchscript(
     *,
     image_size: int | None = None,
     verify_batches: Sequence[int] = VERIFY_BATCHES,
+    overwrite: bool = False,
 ) -> ExportResult:
-    """Write ``model`` traced and frozen as TorchScript (logits out); verified with ``torch.jit.load``."""
+    """Write ``model`` traced and frozen as TorchScript (logits out); verified with ``torch.jit.load``.
+    An existing file is replaced only with ``overwrite``."""
     path = Path(path)
     size = image_size or default_image_size(model)
     eager = eager_copy(model)
     log.info("tracing TorchScript to %s", path)
-    with staged(path, f"TorchScript export of {type(model).__name__}") as staging:
+    with staged(path, f"TorchScript export of {type(model).__name__}", overwrite=overwrite) as staging:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream, still what Triton runs
             traced = torch.jit.trace(copy.deepcopy(eager), example_input(TRACE_BATCH, size, 0), check_trace=False)
-            torch.jit.save(torch.jit.freeze(traced), str(staging))
+            # Through a Python file: torch's own file writer aborts the process when a write fails (a full
+            # disk); this way the write raises OSError. The archive's folder is then torch's "archive".
+            with open(staging, "wb") as handle:
+                torch.jit.save(torch.jit.freeze(traced), handle)
         checks = verify_torchscript(staging, eager, image_size=size, batches=verify_batches, name=path.name)
     return ExportResult("torchscript", path, "fp32", size, checks)

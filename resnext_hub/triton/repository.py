@@ -28,7 +28,7 @@ from ..processing import ImageClassification
 from ..processing import fetch as loader_fetch
 from ..processing import images as loader_images
 from ..processing import transform as loader_transform
-from ..processing.atomic import staging_folder
+from ..processing.atomic import install_folders, staging_folder
 from . import config as triton_config
 from . import contract as triton_contract
 from .classifier import write_classifier
@@ -87,6 +87,13 @@ def _image_preset(model: ResNet, size: int) -> ImageClassification:
     return preset
 
 
+def model_folders(name: str, *, image_ensemble: bool = True) -> list[str]:
+    """The model folders :func:`export_triton` writes for the model ``name`` (all of them replaced together)."""
+    roles = triton_config.model_roles(Contract(name, 1, 1, 1))
+    image_only = ("image", "preprocess", "image_postprocess")
+    return [folder for role, folder in roles.items() if image_ensemble or role not in image_only]
+
+
 def export_triton(
     model: ResNet,
     repository: str | Path,
@@ -136,7 +143,7 @@ def export_triton(
         accelerator=accelerator,
         fp16=fp16,
     )
-    existing = [repository / n for n in configs if (repository / n).exists()]
+    existing = [repository / n for n in configs if os.path.lexists(repository / n)]
     if existing and not overwrite:
         found = ", ".join(map(str, existing))
         raise ExportError(f"{found} already exists; pass overwrite=True (--overwrite) to replace it")
@@ -161,9 +168,6 @@ def export_triton(
         problems = triton_config.contract_problems(written, contract, image_model=image_ensemble)
         if problems:
             raise triton_config.TritonConfigError(repository, problems)
-        for folder in configs:
-            if (repository / folder).exists():
-                shutil.rmtree(repository / folder)
-            os.replace(staging / folder, repository / folder)
+        install_folders(staging, repository, list(configs), replace=overwrite)  # each old folder kept until swapped
     log.info("Triton models %s written to %s and validated", ", ".join(configs), repository)
     return ExportResult("triton", repository / name, result.dtype, size, result.checks)

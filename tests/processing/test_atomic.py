@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from resnext_hub.processing.atomic import open_atomic, staged, staging_folder, write_atomic
+from resnext_hub.processing.atomic import install_folders, open_atomic, staged, staging_folder, write_atomic
 
 
 @pytest.fixture
@@ -74,3 +74,24 @@ def test_an_existing_file_is_replaced_and_missing_folders_are_made(tmp_path):
     with pytest.raises(ValueError, match="mode must start with 'w'"):
         with open_atomic(target, "a"):
             pass
+
+
+def test_staged_folders_are_installed_whole_or_not_at_all(tmp_path):
+    destination = tmp_path / "repository"
+    (destination / "a").mkdir(parents=True)
+    (destination / "a" / "old").write_text("a's old model")
+    (destination / "other").mkdir()
+    with staging_folder(destination / "a") as staging:
+        for name in ("a", "b"):
+            (staging / name).mkdir()
+            (staging / name / "new").write_text(f"{name}'s new model")
+        with pytest.raises(FileExistsError):
+            install_folders(staging, destination, ["a", "b"])  # "a" exists: refused unless replace
+        # A failure on the way ("c" was never staged) puts back what was there and takes out what was new.
+        with pytest.raises(FileNotFoundError):
+            install_folders(staging, destination, ["a", "b", "c"], replace=True)
+        models = sorted(name for name in os.listdir(destination) if not name.startswith("."))  # not the staging
+        assert models == ["a", "other"] and os.listdir(destination / "a") == ["old"]
+        install_folders(staging, destination, ["a", "b"], replace=True)
+    assert sorted(os.listdir(destination)) == ["a", "b", "other"]  # no staging folder left either
+    assert (destination / "a" / "new").read_text() == "a's new model" and os.listdir(destination / "a") == ["new"]
