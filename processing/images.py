@@ -76,6 +76,11 @@ def _limit(value: int | None, env: str, default: int) -> int:
     return int(text)
 
 
+def max_image_bytes(max_bytes: int | None = None) -> int:
+    """The encoded-size cap in force: ``max_bytes``, else ``$RESNEXT_HUB_MAX_IMAGE_BYTES``, else :data:`MAX_BYTES`."""
+    return _limit(max_bytes, MAX_BYTES_ENV, MAX_BYTES)
+
+
 def _fetch(url: str, max_bytes: int, deadline_s: float, allow: AddressPolicy | None) -> bytes:
     try:
         return fetch_bytes(
@@ -124,7 +129,7 @@ def read_source(
     ``allow``: the address policy for URLs (see :mod:`.fetch`); given one, a string is always
     fetched as a URL, never opened as a local path (it came from someone else).
     """
-    max_bytes = _limit(max_bytes, MAX_BYTES_ENV, MAX_BYTES)
+    max_bytes = max_image_bytes(max_bytes)
     if isinstance(source, (bytes, bytearray)):
         if len(source) > max_bytes:
             raise InvalidImageError("<bytes>", f"{len(source)} bytes is over the {max_bytes}-byte cap")

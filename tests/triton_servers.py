@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import tritonclient.http as httpclient
@@ -42,6 +43,7 @@ class ServeProcess:
         top_k: int,
         launcher: tuple[str, ...] = ("-m", "resnext_hub"),
         name: str | None = None,
+        options: Sequence[str] = (),
     ) -> None:
         self.name = name or arch
         self.http_port, self.grpc_port = free_port(), free_port()
@@ -52,11 +54,14 @@ class ServeProcess:
         # A long queue delay makes batching certain however slowly this machine runs the requests.
         argv += ["--max-batch-size", "8", "--preferred-batch-sizes", "4,8", "--queue-delay-us", "200000"]
         # Exact fp32 on both sides: bf16 may swap near-tied classes of random weights.
-        argv += ["--top-k", str(top_k), "--device", "cpu", "--precision", "fp32"]
+        argv += ["--top-k", str(top_k), "--device", "cpu", "--precision", "fp32", *options]
         self.log_path = log_path
         self.log = open(log_path, "w")
         env = {**os.environ, TOKEN_ENV: TOKEN}
-        self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        # A session of its own: every process serve starts can be found (and must be gone after it).
+        self.process = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.http = httpclient.InferenceServerClient(self.url, concurrency=8)
         self.wait_ready()
 
@@ -74,6 +79,17 @@ class ServeProcess:
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"server not ready after {START_TIMEOUT_S} s:\n{self.log_path.read_text()[-3000:]}")
+
+    def session(self) -> dict[int, str]:
+        """The processes of serve's session (serve, tritonserver, the stubs, ...): pid -> name."""
+        found = {}
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and os.getsid(int(entry.name)) == self.process.pid:
+                    found[int(entry.name)] = (entry / "comm").read_text().strip()
+            except (ProcessLookupError, FileNotFoundError):  # ended meanwhile
+                pass
+        return found
 
     def statistics(self, model: str) -> dict:
         return self.http.get_inference_statistics(model, headers={"triton-access-token": TOKEN})["model_stats"][0]
@@ -119,3 +135,13 @@ def served_repository(exported: Path, destination: Path, contract: Contract, *, 
 def load_order(configs: dict) -> list[str]:
     """The models of a repository, ensembles last (explicit model control loads them in this order)."""
     return sorted(configs, key=lambda name: (model_kind(configs[name]) == "ensemble", name))
+
+
+def memory(pid: int) -> dict[str, int]:
+    """A process's resident memory from /proc/<pid>/status, in bytes: VmRSS, RssAnon, RssFile, RssShmem."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            fields[name] = int(value.split()[0]) * 1024
+    return fields

@@ -14,7 +14,8 @@ first and is not counted):
 
 ``S`` is the weights' crop size; ``k`` the served top-k, at most the class count (callers clamp it,
 :func:`resnext_hub.engine.clamp_top_k`). Each sample's top-k is best first; ``labels`` are the
-model's own class names (a fine-tuned checkpoint's), UTF-8.
+model's own class names (a fine-tuned checkpoint's), always valid UTF-8 (:func:`label_bytes`: a
+byte of a file name that was not UTF-8 is written ``\\xNN``).
 
 The per-sample error rule: ``error`` is empty for a sample that was answered. Otherwise it holds
 the reason on one line of UTF-8, and that sample's top-k is blank (``labels`` ``b""``,
@@ -116,10 +117,24 @@ class Contract:
         return self.tensor_model, self.image_model
 
 
+def label_bytes(name: str) -> bytes:
+    """A class name as ``labels`` carries it: valid UTF-8, whatever the name holds.
+
+    A name read from a file system that was not UTF-8 holds surrogate escapes (``os.fsdecode``);
+    each such byte is written ``\\xNN``, as the terminal shows it. Everything else, control
+    characters included, is the name's own UTF-8.
+    """
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # surrogates that are not escaped bytes
+        return name.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace").encode("utf-8")
+
+
 def encode_labels(names: Sequence[str]) -> np.ndarray:
-    """Class names as ``labels`` carries them: UTF-8 bytes in an object array indexed by class."""
+    """Class names as ``labels`` carries them (:func:`label_bytes`), in an object array indexed by class."""
     labels = np.empty(len(names), dtype=object)
-    labels[:] = [name.encode("utf-8", "backslashreplace") for name in names]
+    labels[:] = [label_bytes(name) for name in names]
     return labels
 
 

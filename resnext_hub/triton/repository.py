@@ -148,7 +148,8 @@ def export_triton(
         found = ", ".join(map(str, existing))
         raise ExportError(f"{found} already exists; pass overwrite=True (--overwrite) to replace it")
     roles = triton_config.model_roles(contract)
-    labels_json = {"labels.json": json.dumps(labels, ensure_ascii=False, indent=0) + "\n"}
+    # ASCII JSON: any name (a file name's surrogate escapes too) is written, and read back the same.
+    labels_json = {"labels.json": json.dumps(labels, indent=0) + "\n"}
     python_models = {roles["postprocess"]: ("postprocess", labels_json)}
     if image_ensemble:
         python_models[roles["image_postprocess"]] = ("postprocess", labels_json)

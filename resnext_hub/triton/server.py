@@ -15,25 +15,77 @@ repository (``export --format triton``) answers the same contract.
 
 PyTriton runs the model in this process; Triton's Python-backend stub, which it starts, embeds the
 shared ``libpython`` of this interpreter's version (:func:`.bundle.check_interpreter` checks that first).
+Triton listens on loopback ports only: clients reach it through the door (:mod:`.door`), which bounds
+each request's size before its body is copied, keeps stalled clients from holding anything, and
+finishes the requests in flight when the server stops (:class:`Serving`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..console import printable
 from ..engine import Engine
 from ..processing import Prediction
+from ..processing.images import max_image_bytes
 from .bundle import check_interpreter
 from .contract import BLANK_INDEX, NUMPY_TYPES, Contract, TensorSpec, answer, encode_labels
+from .door import DRAIN_TIMEOUT_S, GRPC_MESSAGE_CAP, Door
+from .local import free_port
 
 # Triton's admin endpoints (statistics, model repository, logging, ...) need this token; PyTriton makes a
 # random one when it is unset, which closes them. Read from the environment so it never shows in `ps`.
 TOKEN_ENV = "RESNEXT_HUB_TRITON_TOKEN"
+HEADER_ALLOWANCE = 1 << 20  # a request's JSON header and per-element lengths, beside its samples' bytes
+# After a batch this large, freed heap pages go back to the system (glibc keeps them otherwise).
+TRIM_AFTER_BYTES = 16 << 20
+
+
+def default_max_request_bytes(max_batch_size: int, image_size: int) -> int:
+    """The request-size limit sized from the per-sample caps: a full batch of the largest allowed samples.
+
+    A sample is an encoded image of up to :func:`~resnext_hub.processing.images.max_image_bytes` or a
+    preprocessed ``(3, S, S)`` FP32 tensor, whichever is larger; bounded by gRPC's message cap.
+    """
+    sample = max(max_image_bytes(), 3 * image_size * image_size * 4) + 4  # BYTES elements carry a 4-byte length
+    return min(max_batch_size * sample + HEADER_ALLOWANCE, GRPC_MESSAGE_CAP)
+
+
+def _release_freed_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere)."""
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    if trim is not None:
+        trim(0)
+
+
+class _Trim:
+    """Releases freed heap pages shortly after a large batch: once PyTriton has dropped the batch's arrays.
+
+    glibc keeps the pages of freed large buffers (in the arenas of the threads that decoded them), so
+    without this the process stays at its peak after large requests.
+    """
+
+    DELAY_S = 0.5
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: threading.Timer | None = None
+
+    def soon(self) -> None:
+        with self._lock:
+            if self._pending is not None:
+                self._pending.cancel()
+            self._pending = threading.Timer(self.DELAY_S, _release_freed_memory)
+            self._pending.daemon = True
+            self._pending.start()
 
 
 def serving_contract(engine: Engine, name: str, top_k: int) -> Contract:
@@ -59,6 +111,7 @@ def make_infer_functions(
 ) -> tuple[Callable[..., dict[str, np.ndarray]], Callable[..., dict[str, np.ndarray]]]:
     """The two batched functions served: ``(input=...)`` and ``(image=...)`` -> the contract's outputs."""
     labels = encode_labels(engine.classes.names)
+    trim = _Trim()
 
     def infer_tensor(input: np.ndarray) -> dict[str, np.ndarray]:  # noqa: A002 (the served tensor's name)
         rows = engine.top_k(torch.from_numpy(np.ascontiguousarray(input, dtype=np.float32)), k)
@@ -66,8 +119,11 @@ def make_infer_functions(
 
     def infer_image(image: np.ndarray) -> dict[str, np.ndarray]:
         encoded = [bytes(item) for item in image.reshape(len(image), -1)[:, 0]]
+        size = sum(len(item) for item in encoded)
         results = list(engine.classify(encoded, batch_size=max(1, len(encoded)), k=k))
-        errors = [printable(result.error) if result.error is not None else "" for result in results]
+        errors = [result.error or "" for result in results]
+        if size >= TRIM_AFTER_BYTES:
+            trim.soon()
         return _answer([result.predictions for result in results], errors, labels, k)
 
     return infer_tensor, infer_image
@@ -79,6 +135,37 @@ def pytriton_tensor(spec: TensorSpec):
 
     dtype = bytes if spec.datatype == "BYTES" else NUMPY_TYPES[spec.datatype]
     return Tensor(name=spec.name, dtype=dtype, shape=spec.dims)
+
+
+class Serving:
+    """``serve``'s server: Triton (PyTriton) on loopback ports, behind the door on the public ones.
+
+    :meth:`run` starts Triton, then opens the door; :meth:`stop` closes the door, waiting for the
+    requests in flight to be answered, then stops Triton and every process it started.
+    """
+
+    def __init__(self, triton, door: Door) -> None:
+        self.triton, self.door = triton, door
+
+    def run(self) -> None:
+        """Start Triton and wait until its models are ready, then listen on the public ports."""
+        try:
+            self.triton.run()
+            self.door.start()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the startup's own error is the one to report
+                self.triton.stop()
+            raise
+
+    def is_alive(self) -> bool:
+        return self.triton.is_alive()
+
+    def stop(self, timeout: float = DRAIN_TIMEOUT_S) -> None:
+        """Finish the requests in flight (at most ``timeout`` s), then stop Triton."""
+        try:
+            self.door.stop(timeout)
+        finally:
+            self.triton.stop()
 
 
 def build_server(
@@ -93,29 +180,36 @@ def build_server(
     preferred_batch_sizes: Sequence[int] = (8, 16),
     queue_delay_us: int = 2000,
     top_k: int = 5,
+    max_request_bytes: int | None = None,
     workspace: str | Path | None = None,
     access_token: str | None = None,
-):
-    """A PyTriton ``Triton`` with the contract's two models bound (not yet running): ``.run()`` or ``.serve()``.
+) -> Serving:
+    """The contract's two models on a Triton server behind the door (not yet running): ``.run()``, ``.stop()``.
 
-    ``top_k`` above the class count serves all classes (the outputs' shape says how many).
-    ``access_token`` opens Triton's statistics and other admin endpoints to clients sending it
-    (header ``triton-access-token``); without one they stay closed."""
+    ``host``, ``http_port`` and ``grpc_port`` are the door's (clients connect there); Triton itself
+    listens on free loopback ports. ``max_request_bytes`` bounds a request's size (default:
+    :func:`default_max_request_bytes`). ``top_k`` above the class count serves all classes (the
+    outputs' shape says how many). ``access_token`` opens Triton's statistics and other admin
+    endpoints to clients sending it (header ``triton-access-token``); without one they stay closed."""
     check_interpreter()
     contract = serving_contract(engine, name, top_k)
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
+    loopback = "127.0.0.1"
+    inner_http, inner_grpc = free_port(), free_port()
+    while inner_grpc == inner_http:  # free_port can name one port twice
+        inner_grpc = free_port()
     config = TritonConfig(
-        http_address=host,
-        http_port=http_port,
-        grpc_address=host,
-        grpc_port=grpc_port,
+        http_address=loopback,
+        http_port=inner_http,
+        grpc_address=loopback,
+        grpc_port=inner_grpc,
         allow_metrics=metrics_port is not None,
         metrics_address=host if metrics_port is not None else None,
         metrics_port=metrics_port,
-        exit_timeout_secs=5,  # do not hang 30 s on a client that keeps its connection open
+        exit_timeout_secs=5,  # the door has finished the requests in flight before Triton is stopped
         log_verbose=0,
     )
     batching = ModelConfig(
@@ -136,4 +230,14 @@ def build_server(
             config=batching,
             strict=True,
         )
-    return triton
+    if max_request_bytes is None:
+        max_request_bytes = default_max_request_bytes(max_batch_size, contract.image_size)
+    door = Door(
+        host=host,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        upstream_http=f"{loopback}:{inner_http}",
+        upstream_grpc=f"{loopback}:{inner_grpc}",
+        max_request_bytes=max_request_bytes,
+    )
+    return Serving(triton, door)

@@ -29,7 +29,10 @@ from tools.fake_checkpoints import random_state_dict
 pytestmark = pytest.mark.slow  # starts both servers
 
 ARCH = "seresnext26d_32x4d"
-NAMES = ["checker", "horizontal", "vertical"]  # the user's classes
+# The user's classes, as folders give them: accents, CJK, a control character and a byte that was not UTF-8
+# (os.fsdecode(b"bad\xff")); both servers answer them as the same valid UTF-8.
+NAMES = ["café", "猫", "bell\x07bad\udcff"]
+LABELS = [b"caf\xc3\xa9", b"\xe7\x8c\xab", b"bell\x07bad\\xff"]
 PRESET = ImageClassification(73, 64, "bicubic", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # small and fast
 CONTRACT = Contract(ARCH, 64, len(NAMES), len(NAMES))  # --top-k 5 served: clamped to the 3 classes
 PROTOCOLS = {"http": httpclient, "grpc": grpcclient}
@@ -134,9 +137,7 @@ def test_tensors_get_the_same_answer_with_the_users_classes(servers, model):
     for where, answer in answers.items():
         assert _shapes(answer) == _shapes(first) and sorted(answer) == sorted(first), where
         assert answer["indices"][:2].tolist() == expected.indices.tolist(), where
-        assert [[label.decode() for label in row] for row in answer["labels"][:2]] == [
-            [NAMES[i] for i in row] for row in expected.indices.tolist()
-        ], where
+        assert answer["labels"][:2].tolist() == [[LABELS[i] for i in row] for row in expected.indices.tolist()], where
         np.testing.assert_allclose(answer["probabilities"][:2], expected.values.numpy(), rtol=1e-4, atol=1e-6)
         # The NaN sample: its own error, a blank top-k; the photos beside it answered.
         assert answer["error"][:, 0].tolist() == [b"", b"", NON_FINITE.encode()], where
@@ -151,9 +152,11 @@ def _reason(data: bytes) -> str:
 
 def test_bad_images_get_their_own_error_and_the_rest_is_answered(servers):
     jpeg = RGB_PHOTOS[0].read_bytes()
-    samples = [jpeg, jpeg[: len(jpeg) // 2], RGB_PHOTOS[1].read_bytes(), b""]  # truncated JPEG, zero bytes
+    junk = b"\xff\xd8" + bytes(64)  # its reason quotes bytes with backslashes: sent as they are, by both
+    samples = [jpeg, jpeg[: len(jpeg) // 2], RGB_PHOTOS[1].read_bytes(), b"", junk]  # truncated JPEG, zero bytes
     batch = np.array([[sample] for sample in samples], dtype=object)
-    expected_errors = ["", _reason(samples[1]), "", "empty file"]
+    expected_errors = ["", _reason(samples[1]), "", "empty file", _reason(junk)]
+    assert "\\x" in expected_errors[4]
     answers = {}
     for server, urls in servers.items():
         for protocol, url in zip(PROTOCOLS, urls):
@@ -162,10 +165,10 @@ def test_bad_images_get_their_own_error_and_the_rest_is_answered(servers):
     for where, answer in answers.items():
         assert _shapes(answer) == _shapes(first) and sorted(answer) == sorted(first), where
         assert [error.decode() for error in answer["error"][:, 0]] == expected_errors, where
-        for row in (1, 3):  # blank
+        for row in (1, 3, 4):  # blank
             assert answer["indices"][row].tolist() == [-1] * 3 and not answer["probabilities"][row].any(), where
             assert answer["labels"][row].tolist() == [b""] * 3, where
         for row in (0, 2):  # answered, with the user's class names, as by the other server
             assert answer["indices"][row].tolist() == first["indices"][row].tolist(), where
-            assert [label.decode() for label in answer["labels"][row]] == [NAMES[i] for i in answer["indices"][row]]
+            assert answer["labels"][row].tolist() == [LABELS[i] for i in answer["indices"][row]], where
             np.testing.assert_allclose(answer["probabilities"][row], first["probabilities"][row], rtol=1e-4, atol=1e-6)

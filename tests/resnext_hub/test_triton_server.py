@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -15,16 +18,18 @@ import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from conftest import RGB_PHOTOS, ROOT
-from triton_servers import TOKEN, ServeProcess
+from triton_servers import TOKEN, ServeProcess, memory
 from tritonclient.utils import InferenceServerException
 
 from resnext_hub import cli
 from resnext_hub.engine import Engine
 from resnext_hub.models import build_model
+from resnext_hub.models.checkpoint import finetuned_checkpoint
 from resnext_hub.options import InferenceOptions
-from resnext_hub.processing import InvalidImageError, load_image
+from resnext_hub.processing import ClassList, ImageClassification, InvalidImageError, load_image
 from resnext_hub.triton.bundle import ServeUnavailableError, check_interpreter
 from resnext_hub.triton.server import TOKEN_ENV
+from tools.fake_checkpoints import random_state_dict
 
 pytestmark = pytest.mark.slow  # every test here starts a server or a subprocess
 
@@ -257,3 +262,182 @@ def test_usage_errors_stop_serve_before_the_model_loads(options, message):
         done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr and "checkpoint" not in done.stderr
+
+
+# -- issue 20: request cost bounded at the door, stalled clients, names that are not plain text, graceful stop ------
+
+# Class names as a user's folders give them: accents, CJK, a control character, and a file name that was not
+# UTF-8 (os.fsdecode(b"bad\xffname")). Served as UTF-8; the byte that was not is written \xff (as printed).
+ODD_NAMES = ["café", "猫", "bell\x07ring", "bad\udcffname"]
+ODD_LABELS = [b"caf\xc3\xa9", b"\xe7\x8c\xab", b"bell\x07ring", b"bad\\xffname"]
+LIMIT = 48 << 20  # --max-request-bytes: one 30 MB image passes, 96 MB does not
+SMALL = ImageClassification(73, 64, "bicubic", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@pytest.fixture(scope="module")
+def odd_checkpoint(tmp_path_factory):
+    """A fine-tuned checkpoint (64 px) whose classes are :data:`ODD_NAMES`."""
+    weights = random_state_dict(ARCH, seed=3, num_classes=len(ODD_NAMES))
+    content = finetuned_checkpoint(weights, architecture=ARCH, classes=ClassList.of(ODD_NAMES), preprocessing=SMALL)
+    path = tmp_path_factory.mktemp("odd") / "best.pth"
+    torch.save(content, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def limited_server(odd_checkpoint, tmp_path_factory):
+    log = tmp_path_factory.mktemp("limited-serve-log") / "server.log"
+    server = ServeProcess(ARCH, odd_checkpoint, log, top_k=4, options=["--max-request-bytes", "48M"])
+    yield server
+    assert server.stop() == 0
+    assert "Traceback" not in log.read_text()
+
+
+def _image_request(module, samples: list[bytes]):
+    tensor = module.InferInput("image", [len(samples), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[sample] for sample in samples], dtype=object))
+    return [tensor]
+
+
+def _send_image(server: ServeProcess, protocol: str, samples: list[bytes]):
+    if protocol == "http":
+        client = httpclient.InferenceServerClient(server.url, network_timeout=120, connection_timeout=120)
+        try:
+            return client.infer(f"{ARCH}_image", _image_request(httpclient, samples))
+        finally:
+            client.close()
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    try:
+        return client.infer(f"{ARCH}_image", _image_request(grpcclient, samples), client_timeout=120)
+    finally:
+        client.close()
+
+
+def _serving_processes(server: ServeProcess) -> dict[str, int]:
+    """pid of serve and of tritonserver."""
+    session = server.session()
+    (triton,) = [pid for pid, name in session.items() if name == "tritonserver"]
+    return {"serve": server.process.pid, "tritonserver": triton}
+
+
+def test_memory_goes_back_after_large_requests(limited_server):
+    """After a burst of large (allowed) requests, serve's process gives back what the allocator took for them."""
+    large = b"\xff\xd8" + bytes(30 << 20)  # 30 MB, under the 40 MiB image cap: refused per sample, after decoding
+    serve = limited_server.process.pid
+    for protocol in ("http", "grpc"):  # warm up: the threads that forward and decode have run once
+        _send_image(limited_server, protocol, [RGB_PHOTOS[0].read_bytes()])
+    time.sleep(1)
+    before, peak = memory(serve), memory(serve)
+    with ThreadPoolExecutor(8) as pool:
+        burst = [pool.submit(_send_image, limited_server, ("http", "grpc")[i % 2], [large]) for i in range(8)]
+        while not all(request.done() for request in burst):
+            peak = {name: max(value, peak[name]) for name, value in memory(serve).items()}
+            time.sleep(0.05)
+    errors = [request.result().as_numpy("error")[0, 0].decode() for request in burst]
+    assert all(error.startswith("not an image") for error in errors), errors
+    time.sleep(2)  # serve releases freed memory half a second after a large batch
+    after = memory(serve)
+    mib = {name: (before[name] >> 20, peak[name] >> 20, after[name] >> 20) for name in after}
+    assert peak["VmRSS"] - before["VmRSS"] > 30 << 20, f"MiB before, peak, after: {mib}"  # the burst was seen
+    # The heap is back (the shared-memory pools PyTriton reuses for its tensors stay: RssShmem).
+    assert after["RssAnon"] - before["RssAnon"] < 32 << 20, f"MiB before, peak, after: {mib}"
+
+
+def test_a_request_over_the_limit_is_refused_before_triton_reads_it(limited_server):
+    pids = _serving_processes(limited_server)
+    before = {name: memory(pid)["VmRSS"] for name, pid in pids.items()}
+    counted = int(limited_server.statistics(f"{ARCH}_image")["inference_count"])
+    oversized = [b"\xff\xd8" + bytes(96 << 20)]
+    with pytest.raises(InferenceServerException) as refused:
+        _send_image(limited_server, "http", oversized)
+    assert refused.value.status() == "413"
+    assert f"over this server's limit of {LIMIT} bytes (serve --max-request-bytes)" in refused.value.message()
+    with pytest.raises(InferenceServerException) as refused:
+        _send_image(limited_server, "grpc", oversized)
+    assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert re.search(rf"Received message larger than max \(\d+ vs\. {LIMIT}\)", refused.value.message())
+    # Triton never saw them, and no process holds a copy of their bodies ...
+    assert int(limited_server.statistics(f"{ARCH}_image")["inference_count"]) == counted
+    grown = {name: (memory(pid)["VmRSS"] - before[name]) >> 20 for name, pid in pids.items()}
+    assert all(mib < 48 for mib in grown.values()), f"MiB grown: {grown}"
+    # ... which keeps serving.
+    for protocol in ("http", "grpc"):
+        answer = _send_image(limited_server, protocol, [RGB_PHOTOS[0].read_bytes()])
+        assert answer.as_numpy("error")[0, 0] == b"" and answer.as_numpy("indices")[0, 0] >= 0
+
+
+def test_stalled_clients_delay_no_one(limited_server):
+    http_port, grpc_port = limited_server.http_port, limited_server.grpc_port
+    stalled = [socket.create_connection(("127.0.0.1", port)) for port in (http_port, grpc_port)]  # send nothing
+    stalled.append(socket.create_connection(("127.0.0.1", http_port)))
+    stalled[-1].sendall(b"POST /v2/models/x/infer HTTP/1.1\r\nHost: x\r\n")  # half a head
+    stalled.append(socket.create_connection(("127.0.0.1", http_port)))
+    head = f"POST /v2/models/{ARCH}_image/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+    stalled[-1].sendall(head.encode() + b'{"inputs"')  # a body that stops
+    try:
+        photo = RGB_PHOTOS[0].read_bytes()
+        for protocol in ("http", "grpc", "http", "grpc"):
+            started = time.monotonic()
+            answer = _send_image(limited_server, protocol, [photo])
+            assert answer.as_numpy("error")[0, 0] == b"" and time.monotonic() - started < 10, protocol
+    finally:
+        for connection in stalled:
+            connection.close()
+
+
+def test_class_names_that_are_not_plain_text_are_served_as_utf8(limited_server):
+    x = np.zeros((1, 3, 64, 64), np.float32)
+    client = httpclient.InferenceServerClient(limited_server.url)
+    answers = []
+    for binary in (True, False):  # BYTES as binary data, and as JSON strings
+        outputs = [httpclient.InferRequestedOutput(name, binary_data=binary) for name in ("labels", "indices")]
+        answers.append(client.infer(ARCH, _tensor_request("http", x), outputs=outputs))
+    client.close()
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{limited_server.grpc_port}")
+    answers.append(client.infer(ARCH, _tensor_request("grpc", x), client_timeout=120))
+    client.close()
+    for answer in answers:
+        indices = answer.as_numpy("indices")[0].tolist()
+        assert sorted(indices) == [0, 1, 2, 3]
+        labels = [label if isinstance(label, bytes) else label.encode() for label in answer.as_numpy("labels")[0]]
+        assert labels == [ODD_LABELS[i] for i in indices]
+
+
+@pytest.fixture
+def slow_server(small_checkpoint, tmp_path):
+    """A server whose batches wait 8 s for company (preferred size 8, never reached by one request): longer than
+    Triton's own exit timeout (5 s), so only a stop that waits for the requests in flight answers them."""
+    options = ["--max-batch-size", "8", "--preferred-batch-sizes", "8", "--queue-delay-us", "8000000"]
+    server = ServeProcess(ARCH, small_checkpoint, tmp_path / "server.log", top_k=TOP_K, options=options)
+    yield server
+    server.stop()
+
+
+def test_sigterm_finishes_the_requests_in_flight_then_every_process_ends(slow_server, classifier):
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1)).numpy()
+    expected = [[p.index for p in row] for row in classifier.top_k(torch.from_numpy(x), TOP_K)]
+    assert len(slow_server.session()) > 2  # serve, tritonserver, its stubs, ...
+
+    def send(protocol: str) -> list[int]:
+        i = 0 if protocol == "http" else 1
+        if protocol == "http":
+            client = httpclient.InferenceServerClient(slow_server.url, network_timeout=120)
+            answer = client.infer(ARCH, _tensor_request("http", x[i : i + 1]))
+        else:
+            client = grpcclient.InferenceServerClient(f"127.0.0.1:{slow_server.grpc_port}")
+            answer = client.infer(ARCH, _tensor_request("grpc", x[i : i + 1]), client_timeout=120)
+        client.close()
+        return answer.as_numpy("indices")[0].tolist()
+
+    with ThreadPoolExecutor(2) as pool:
+        in_flight = [pool.submit(send, protocol) for protocol in ("http", "grpc")]
+        time.sleep(1.5)  # both wait in Triton's queue
+        assert not any(request.done() for request in in_flight)
+        slow_server.process.send_signal(signal.SIGTERM)
+        assert [request.result(timeout=60) for request in in_flight] == expected  # answered, not cut
+    assert slow_server.process.wait(timeout=60) == 0
+    deadline = time.monotonic() + 10
+    while slow_server.session() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert slow_server.session() == {}  # tritonserver, stubs, helpers: none left
+    assert "Traceback" not in slow_server.log_path.read_text()
