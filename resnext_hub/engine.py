@@ -2,7 +2,10 @@
 
 ``classify``, ``predict``, ``evaluate``, ``serve`` (both Triton models) and the web demo all run
 their models through :class:`Engine`. Inputs are decoded by the hardened loader, in threads
-(:meth:`Engine.classify`) or DataLoader worker processes (:meth:`Engine.score`); an input that is
+(:meth:`Engine.classify`) or DataLoader worker processes (:meth:`Engine.score`), one per usable CPU
+by default, ahead of the model (the next batches decode while the model runs this one); large
+photos are decoded at the size the preset needs (``Engine.decode_size``; ``exact_decode=True``
+decodes every pixel, see ``processing.images``). An input that is
 not a usable image, or that makes decoding or preprocessing raise anything else, comes back as a
 :class:`~resnext_hub.results.Result` with its reason, never as an exception (``KeyboardInterrupt``
 and ``SystemExit`` still stop the run). ``k`` above the model's class count means all its classes
@@ -11,8 +14,10 @@ and ``SystemExit`` still stop the run). ``k`` above the model's class count mean
 
 from __future__ import annotations
 
+import os
+from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import torch
@@ -24,6 +29,15 @@ from .processing import Prediction, top_k
 from .results import Result
 
 DEVICES = "auto, cpu, cuda or cuda:N"
+PREFETCH_BATCHES = 2  # decoded ahead of the batch the model runs, in threads (the loader has its own prefetch)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: taskset, a container's cpuset), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity masks on this OS (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -75,6 +89,8 @@ class Engine:
     ``"bf16"`` or ``"fp16"``. ``self.precision`` is what it runs in.
     ``calibration`` (image paths/URLs, PIL images or preprocessed batches) enables ``"int8"`` on CPUs
     with VNNI/AMX, explicitly or as ``"auto"``'s first choice (see ``optimize_for_inference``).
+    Inputs decode at the preset's resize target (``decode_size``, see ``processing.load_image``'s
+    ``min_size``); ``exact_decode=True`` decodes every pixel (``decode_size`` None).
     """
 
     def __init__(
@@ -85,6 +101,7 @@ class Engine:
         precision: str = "auto",
         compile: bool = False,
         calibration: Any = None,
+        exact_decode: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         self.model = (
@@ -95,6 +112,8 @@ class Engine:
         self.precision: str = self.model.precision
         self.preprocessing = self.model.preprocessing
         self.classes = self.model.classes
+        # What the loader is asked for: the short side the preset resizes to (None: every pixel).
+        self.decode_size: int | None = None if exact_decode else self.preprocessing.resize_size
 
     @property
     def num_classes(self) -> int:
@@ -131,17 +150,39 @@ class Engine:
         batches: Sequence[Sequence[int]],
         *,
         targets: Sequence[int] | None = None,
-        workers: int = 4,
+        workers: int | None = None,
         threads: bool = False,
     ) -> Iterator[Batch]:
-        """Decoded batches of ``items`` by index: in ``workers`` threads of this process, or DataLoader processes."""
-        dataset = ImageListDataset(items, self.preprocessing, targets)
+        """Decoded batches of ``items`` by index: in ``workers`` threads of this process, or DataLoader processes.
+
+        ``workers`` None: one per usable CPU (:func:`usable_cpus`). Decoding runs ahead of the consumer.
+        """
+        workers = usable_cpus() if workers is None else workers
+        dataset = ImageListDataset(items, self.preprocessing, targets, min_size=self.decode_size)
         if not threads:
             yield from make_loader(dataset, batches, workers, self.device)
             return
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            for batch in batches:
-                yield collate(list(pool.map(dataset.__getitem__, batch)))
+            # The next batches are queued before this one is handed over, so they decode while the model runs it.
+            pending: deque[list[Future]] = deque()
+            queue = iter(batches)
+
+            def submit_next() -> None:
+                batch = next(queue, None)
+                if batch is not None:
+                    pending.append([pool.submit(dataset.__getitem__, index) for index in batch])
+
+            try:
+                for _ in range(1 + PREFETCH_BATCHES):
+                    submit_next()
+                while pending:
+                    futures = pending.popleft()
+                    submit_next()
+                    yield collate([future.result() for future in futures])
+            finally:  # a consumer that stops early: what has not started decoding never will
+                for futures in pending:
+                    for future in futures:
+                        future.cancel()
 
     def score(
         self,
@@ -149,7 +190,7 @@ class Engine:
         batches: Sequence[Sequence[int]],
         *,
         targets: Sequence[int] | None = None,
-        workers: int = 4,
+        workers: int | None = None,
         threads: bool = False,
     ) -> Iterator[Scored]:
         """Run each batch of :meth:`decoded` through the model."""
@@ -163,7 +204,7 @@ class Engine:
         batches: Sequence[Sequence[int]],
         *,
         k: int = 5,
-        workers: int = 4,
+        workers: int | None = None,
         threads: bool = False,
     ) -> Iterator[list[tuple[int, Result]]]:
         """Per batch, ``(index, Result)`` of each of its inputs, by index."""
@@ -175,9 +216,12 @@ class Engine:
             yield sorted(results.items(), key=lambda pair: pair[0])
 
     def classify(
-        self, items: Sequence[str | bytes], *, batch_size: int = 16, k: int = 5, threads: int = 4
+        self, items: Sequence[str | bytes], *, batch_size: int = 16, k: int = 5, threads: int | None = None
     ) -> Iterator[Result]:
-        """One :class:`Result` per input, in order, decoding in ``threads`` threads (URLs wait on the network)."""
+        """One :class:`Result` per input, in order, decoding in ``threads`` threads (URLs wait on the network).
+
+        ``threads`` None: one per usable CPU.
+        """
         batches = [range(start, min(start + batch_size, len(items))) for start in range(0, len(items), batch_size)]
         for batch in self.classify_batches(items, batches, k=k, workers=threads, threads=True):
             for _, result in batch:
