@@ -97,7 +97,10 @@ class Demo:
         if not path:
             raise _error("Upload or paste a photo first (or pick one of the sample photos).", "No photo")
         return self._classify(
-            entry, lambda: processing.load_image(path, max_bytes=MAX_UPLOAD_BYTES, max_pixels=MAX_PIXELS)
+            entry,
+            lambda min_size: processing.load_image(
+                path, min_size=min_size, max_bytes=MAX_UPLOAD_BYTES, max_pixels=MAX_PIXELS
+            ),
         )
 
     def classify_url(self, entry: str, url: str | None) -> tuple[Any, dict, str]:
@@ -106,9 +109,9 @@ class Demo:
         if not url:
             raise _error("Paste the address of an image (http:// or https://) first.", "No URL")
 
-        def load() -> Image.Image:
+        def load(min_size: int | None) -> Image.Image:
             limits = {"max_bytes": MAX_UPLOAD_BYTES, "max_pixels": MAX_PIXELS, "deadline_s": URL_DEADLINE_S}
-            return processing.load_image(url, allow=self.url_policy, **limits)
+            return processing.load_image(url, min_size=min_size, allow=self.url_policy, **limits)
 
         return self._classify(entry, load)
 
@@ -132,7 +135,8 @@ class Demo:
                 f"{entry} could not be loaded on this server; pick another model.", title="Model unavailable"
             ) from None
 
-    def _classify(self, entry: str, load: Callable[[], Image.Image]) -> tuple[Any, dict, str]:
+    def _classify(self, entry: str, load: Callable[[int | None], Image.Image]) -> tuple[Any, dict, str]:
+        """Run ``load(min_size)`` (decoding at the served engine's ``decode_size``) and the model, with time limits."""
         served = self._served(entry)
         started = time.perf_counter()
         future = self.workers.submit(self._run, served, load)
@@ -151,9 +155,9 @@ class Demo:
         log.info("%s: %.0f ms", entry, 1000 * (time.perf_counter() - started))
         return photo, top5_dict(ranked), served.card
 
-    def _run(self, served: Served, load: Callable[[], Image.Image]) -> tuple[Image.Image, list]:
+    def _run(self, served: Served, load: Callable[[int | None], Image.Image]) -> tuple[Image.Image, list]:
         try:
-            image = load()
+            image = load(served.engine.decode_size)
         except processing.InvalidImageError as error:
             cause = error.__cause__  # the FetchError, for a URL that gave no body
             if isinstance(cause, URLRefusedError):
