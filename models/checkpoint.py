@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -253,11 +254,7 @@ def load_weights(
             head[0][0],
             head[1],
         )
-    # Checked in float32, the model's type: isfinite has no kernel for some types (float8), and a
-    # float64 value beyond float32's range would become infinite in the model.
-    not_finite = [
-        k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v.float()).all())
-    ]
+    not_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not _finite(v, expected[k].dtype)]
     if not_finite:
         # A model with NaN/Inf weights answers NaN for every image: refuse it here, not at the first forward.
         raise CheckpointError(
@@ -267,6 +264,21 @@ def load_weights(
     # assign=True lets a model built on the meta device take the tensors without a copy.
     state_dict = {k: v.to(expected[k].dtype) for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=False, assign=True)
+
+
+def _finite(tensor: Tensor, dtype: torch.dtype) -> bool:
+    """Whether every value of ``tensor`` is finite once in ``dtype`` (the model's).
+
+    numpy's check is one single-threaded pass: torch's is two parallel ops per tensor, 1,300 ops for a
+    101-layer network, 1.7 s of CPU time on a busy 2-core machine against numpy's 0.04 s. A value
+    beyond ``dtype``'s range (a float64 1e300 for a float32 model) would be infinite in the model.
+    """
+    if tensor.dtype == dtype and dtype in _NUMPY_FLOATS:
+        return bool(np.isfinite(tensor.numpy(force=True)).all())
+    return bool(torch.isfinite(tensor.to(dtype) if dtype.is_floating_point else tensor.float()).all())
+
+
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 
 # -- fine-tuned checkpoints: weights plus what the model needs to be rebuilt ---------------------------
@@ -299,6 +311,29 @@ def finetuned_checkpoint(
     }
 
 
+_MAX_PICKLE_SCAN = 1 << 26  # bytes: a fine-tuned checkpoint's pickle is a few hundred KB
+
+
+def _names_finetuned_format(path: Path) -> bool:
+    """False when ``path`` cannot be a fine-tuned checkpoint: a torch zip whose pickle never names the format.
+
+    Reads the zip's directory and its ``data.pkl`` record only (the format string is stored in it as
+    is), which spares every other checkpoint a second unpickling of all its records (a tenth of a
+    second for a 101-layer network). Anything it cannot tell is left to :func:`read_finetuned_meta`.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+            folder = records[0].filename.split("/", 1)[0] if records else ""
+            record = archive.getinfo(f"{folder}/data.pkl")
+            if record.file_size > _MAX_PICKLE_SCAN:
+                return True
+            with archive.open(record) as pickled:
+                return FINETUNED_FORMAT.encode() in pickled.read()
+    except Exception:  # not a zip, or not torch's layout: torch.load decides, as before
+        return True
+
+
 def read_finetuned_meta(path: str | Path) -> FinetunedMeta | None:
     """The metadata of a fine-tuned checkpoint (see :func:`finetuned_checkpoint`); None for any other file.
 
@@ -306,7 +341,7 @@ def read_finetuned_meta(path: str | Path) -> FinetunedMeta | None:
     the tensors are not read. Files that cannot be opened so are left to :func:`read_checkpoint`.
     """
     path = Path(path)
-    if path.suffix == ".safetensors" or not path.is_file():
+    if path.suffix == ".safetensors" or not path.is_file() or not _names_finetuned_format(path):
         return None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -208,7 +208,9 @@ class ResNet(Optimizable, Headed, nn.Module):
 
     def _init_weights(self) -> None:
         for module in self.modules():
-            if isinstance(module, nn.Conv2d):
+            # Meta weights are placeholders for a checkpoint's tensors: initialising them is wasted work, and
+            # normal_'s meta kernel (a torch._refs function) imports torch._dynamo, about a second of a cold start.
+            if isinstance(module, nn.Conv2d) and not module.weight.is_meta:
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def _classifier(self, num_classes: int, device: torch.device | str | None = None) -> nn.Module:

@@ -56,6 +56,11 @@ def add_inference_options(
     """
     device_help = "auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)" if per_process else DEVICE_HELP
     parser.add_argument("--device", default="auto", help=device_help)
+    parser.add_argument(
+        "--exact-decode",
+        action="store_true",
+        help="decode every pixel of large photos (default: JPEG's DCT-domain downscaling to the size the preset needs)",
+    )
     add_precision_options(parser, aliases=aliases)
     if top_k:
         parser.add_argument("--top-k", type=int, default=5)

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .console import printable
 from .processing import ClassList, InvalidImageError, imagenet_classes, load_image
+from .processing.images import check_min_size
 from .results import failure_reason
 
 log = logging.getLogger(__name__)
@@ -258,12 +259,26 @@ class Batch(NamedTuple):
 
 
 class ImageListDataset(Dataset):
-    """Images (paths, URLs or encoded bytes) by index, decoded by the hardened loader and ``transform``."""
+    """Images (paths, URLs or encoded bytes) by index, decoded by the hardened loader and ``transform``.
 
-    def __init__(self, items: Sequence[str | bytes], transform: Callable, targets: Sequence[int] | None = None) -> None:
+    ``min_size``: the short side ``transform`` resizes to (a preset's ``resize_size``): large photos
+    are then decoded at reduced size, at least twice that (``load_image(min_size=...)``); None
+    decodes every pixel.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[str | bytes],
+        transform: Callable,
+        targets: Sequence[int] | None = None,
+        *,
+        min_size: int | None = None,
+    ) -> None:
+        check_min_size(min_size)
         self.items = list(items)
         self.targets = list(targets) if targets is not None else [-1] * len(self.items)
         self.transform = transform
+        self.min_size = min_size
 
     def __len__(self) -> int:
         return len(self.items)
@@ -271,7 +286,7 @@ class ImageListDataset(Dataset):
     def __getitem__(self, index: int) -> Sample:
         """The decoded, preprocessed image, or why not: any ``Exception`` stays with its input."""
         try:
-            image = self.transform(load_image(self.items[index]))
+            image = self.transform(load_image(self.items[index], min_size=self.min_size))
         except InvalidImageError as error:
             return Sample(index, None, self.targets[index], error.reason)
         except Exception as error:  # anything else the loader or the preset raised: this input only

@@ -2,7 +2,10 @@
 
 ``classify``, ``predict``, ``evaluate``, ``serve`` (both Triton models) and the web demo all run
 their models through :class:`Engine`. Inputs are decoded by the hardened loader, in threads
-(:meth:`Engine.classify`) or DataLoader worker processes (:meth:`Engine.score`); an input that is
+(:meth:`Engine.classify`) or DataLoader worker processes (:meth:`Engine.score`), one per usable CPU
+by default, ahead of the model (the next batches decode while the model runs this one); large
+photos are decoded at the size the preset needs (``Engine.decode_size``; ``options.exact_decode``
+decodes every pixel, see ``processing.images``). An input that is
 not a usable image, or that makes decoding or preprocessing raise anything else, comes back as a
 :class:`~resnext_hub.results.Result` with its reason, never as an exception (``KeyboardInterrupt``
 and ``SystemExit`` still stop the run). ``k`` above the model's class count means all its classes
@@ -11,8 +14,9 @@ and ``SystemExit`` still stop the run). ``k`` above the model's class count mean
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -24,6 +28,7 @@ from .processing import Prediction, top_k
 from .results import Result
 
 DEVICES = "auto, cpu, cuda or cuda:N"
+PREFETCH_BATCHES = 2  # decoded ahead of the batch the model runs, in threads (the loader has its own prefetch)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -76,7 +81,9 @@ class Engine:
     ``"bf16"`` or ``"fp16"``. ``self.precision`` is what it runs in. ``options.calibration`` (image
     paths/URLs, PIL images or preprocessed batches) enables ``"int8"`` on CPUs with VNNI/AMX, explicitly or
     as ``"auto"``'s first choice (see ``optimize_for_inference``). ``options.workers`` decode the inputs,
-    and ``options.batch_size`` and ``options.top_k`` are :meth:`classify`'s defaults.
+    and ``options.batch_size`` and ``options.top_k`` are :meth:`classify`'s defaults. Inputs decode at the
+    preset's resize target (``decode_size``, see ``processing.load_image``'s ``min_size``);
+    ``options.exact_decode`` decodes every pixel (``decode_size`` None).
     """
 
     def __init__(self, model: ResNet, options: InferenceOptions | None = None) -> None:
@@ -92,6 +99,8 @@ class Engine:
         )
         self.precision: str = self.model.precision
         self.preprocessing = self.model.preprocessing
+        # What the loader is asked for: the short side the preset resizes to (None: every pixel).
+        self.decode_size: int | None = None if options.exact_decode else self.preprocessing.resize_size
 
     @property
     def num_classes(self) -> int:
@@ -128,15 +137,33 @@ class Engine:
         threads: bool = False,
     ) -> Iterator[Batch]:
         """Decoded batches of ``items`` by index: in ``workers`` (default ``options.workers``) threads of this
-        process, or DataLoader processes."""
+        process, or DataLoader processes. Decoding runs ahead of the consumer."""
         workers = self.options.workers if workers is None else workers
-        dataset = ImageListDataset(items, self.preprocessing, targets)
+        dataset = ImageListDataset(items, self.preprocessing, targets, min_size=self.decode_size)
         if not threads:
             yield from make_loader(dataset, batches, workers, self.device)
             return
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            for batch in batches:
-                yield collate(list(pool.map(dataset.__getitem__, batch)))
+            # The next batches are queued before this one is handed over, so they decode while the model runs it.
+            pending: deque[list[Future]] = deque()
+            queue = iter(batches)
+
+            def submit_next() -> None:
+                batch = next(queue, None)
+                if batch is not None:
+                    pending.append([pool.submit(dataset.__getitem__, index) for index in batch])
+
+            try:
+                for _ in range(1 + PREFETCH_BATCHES):
+                    submit_next()
+                while pending:
+                    futures = pending.popleft()
+                    submit_next()
+                    yield collate([future.result() for future in futures])
+            finally:  # a consumer that stops early: what has not started decoding never will
+                for futures in pending:
+                    for future in futures:
+                        future.cancel()
 
     def score(
         self,

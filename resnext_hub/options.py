@@ -45,6 +45,8 @@ class InferenceOptions:
       ``serve``); default :func:`default_workers`.
     - ``batch_size``: images per forward pass; ``top_k``: classes per input (above the class count: all).
     - ``progress``: a progress bar on stderr.
+    - ``exact_decode``: decode every pixel of large photos (default: at the size the preset needs, see
+      ``processing.load_image``'s ``min_size``).
     """
 
     device: Any = "auto"
@@ -55,3 +57,4 @@ class InferenceOptions:
     batch_size: int = 64
     top_k: int = 5
     progress: bool = False
+    exact_decode: bool = False

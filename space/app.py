@@ -148,7 +148,10 @@ class Demo:
             raise _error("Upload or paste a photo first (or pick one of the sample photos).", "No photo")
         with self._admitted():
             return self._classify(
-                entry, lambda: processing.load_image(path, max_bytes=MAX_UPLOAD_BYTES, max_pixels=MAX_PIXELS)
+                entry,
+                lambda min_size: processing.load_image(
+                    path, min_size=min_size, max_bytes=MAX_UPLOAD_BYTES, max_pixels=MAX_PIXELS
+                ),
             )
 
     def classify_url(self, entry: str, url: str | None) -> tuple[Any, dict, str]:
@@ -165,7 +168,9 @@ class Demo:
             except Exception as error:
                 title, message = _refusal(error).args
                 raise _error(message, title) from None
-            return self._classify(entry, lambda: processing.load_image(data, max_pixels=MAX_PIXELS))
+            return self._classify(
+                entry, lambda min_size: processing.load_image(data, min_size=min_size, max_pixels=MAX_PIXELS)
+            )
 
     def describe(self, entry: str) -> str:
         """The model card of ``entry`` (loads the model if needed)."""
@@ -219,7 +224,8 @@ class Demo:
                 f"{entry} could not be loaded on this server; pick another model.", title="Model unavailable"
             ) from None
 
-    def _classify(self, entry: str, load: Callable[[], Image.Image]) -> tuple[Any, dict, str]:
+    def _classify(self, entry: str, load: Callable[[int | None], Image.Image]) -> tuple[Any, dict, str]:
+        """Run ``load(min_size)`` (decoding at the served engine's ``decode_size``) and the model, with time limits."""
         served = self._served(entry)
         started = time.perf_counter()
         future = self.workers.submit(self._run, served, load)
@@ -238,9 +244,9 @@ class Demo:
         log.info("%s: %.0f ms", entry, 1000 * (time.perf_counter() - started))
         return photo, top5_dict(ranked), served.card
 
-    def _run(self, served: Served, load: Callable[[], Image.Image]) -> tuple[Image.Image, list]:
+    def _run(self, served: Served, load: Callable[[int | None], Image.Image]) -> tuple[Image.Image, list]:
         try:
-            image = load()
+            image = load(served.engine.decode_size)
         except Exception as error:  # anything reading or decoding raised: this photo only
             raise _refusal(error) from None
         try:

@@ -154,6 +154,16 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, value, where
         build_model(SMALL, pretrained_from_file=path)
 
 
+def test_a_value_beyond_the_models_range_is_refused(tmp_path):
+    """float64 1e300 is finite in the file but infinite in the float32 model."""
+    state = {k: v.double() if v.is_floating_point() else v for k, v in random_state_dict(SMALL, seed=1).items()}
+    state["fc.bias"][0] = 1e300
+    path = tmp_path / "float64.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"NaN or infinite values in 1 tensor\(s\): fc.bias"):
+        build_model(SMALL, pretrained_from_file=path)
+
+
 def _safetensors_with_header(path, header: bytes, body: bytes = b"") -> None:
     path.write_bytes(len(header).to_bytes(8, "little") + header + body)
 

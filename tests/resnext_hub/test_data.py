@@ -182,3 +182,21 @@ def test_a_folder_that_cannot_be_read_is_reported_never_passed_over():
     assert str(Skipped("a\nb", "Permission denied")) == (
         "folder a\\nb could not be read (Permission denied): its images were skipped"
     )
+
+
+def test_a_decode_target_reduces_large_photos_only(tmp_path):
+    from resnext_hub.processing import ImageClassification
+    from tools.camera_photos import camera_photo
+
+    preset = ImageClassification(64, 56, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    large = tmp_path / "large.jpg"
+    large.write_bytes(camera_photo(0, (1008, 756)))
+    small = ROOT / "assets" / "images" / "chelsea.jpg"
+    sizes = []
+    dataset = ImageListDataset([str(large), str(small)], lambda image: sizes.append(image.size) or preset(image))
+    reduced = ImageListDataset([str(large), str(small)], dataset.transform, min_size=64)
+    assert [s.error for s in (dataset[0], reduced[0], reduced[1])] == [None, None, None]
+    assert torch.equal(dataset[1].image, reduced[1].image)  # 451x300: 2 does not divide 451, kept whole
+    assert sizes[0] == (1008, 756) and sizes[1] == (252, 189)
+    with pytest.raises(ValueError, match="min_size must be None or a positive int"):
+        ImageListDataset([], preset, min_size=0)

@@ -95,3 +95,51 @@ def test_classify_takes_its_top_k_from_the_options():
     engine = Engine(model, InferenceOptions(device="cpu", precision="fp32", top_k=2000, batch_size=1, workers=1))
     results = list(engine.classify([str(RGB_PHOTOS[0]), str(RGB_PHOTOS[1])]))
     assert [len(r.predictions) for r in results] == [10, 10]  # top-2000 of 10 classes: all of them
+
+
+@pytest.fixture(scope="module")
+def large_photo(tmp_path_factory):
+    """A camera-like 1400x1050 JPEG: short side over four times a 256 resize, so decoded at half size."""
+    from tools.camera_photos import camera_photo
+
+    path = tmp_path_factory.mktemp("large") / "large.jpg"
+    path.write_bytes(camera_photo(1, (1400, 1050)))
+    return path
+
+
+def test_inputs_decode_at_the_size_the_preset_needs_unless_exact(engine, large_photo):
+    from resnext_hub.processing import load_image
+
+    preset = engine.preprocessing
+    assert engine.decode_size == preset.resize_size
+    exact = Engine(
+        build_model(ARCH, pretrained=False, num_classes=10),
+        InferenceOptions(device="cpu", precision="fp32", exact_decode=True),
+    )
+    assert exact.decode_size is None
+    items = [str(large_photo)]
+    fast_expected = preset(load_image(large_photo, min_size=preset.resize_size))
+    full_expected = preset(load_image(large_photo))
+    assert not torch.equal(fast_expected, full_expected)  # the two decodes can be told apart
+    for threads in (True, False):
+        (fast,) = engine.decoded(items, [[0]], threads=threads, workers=1)
+        (full,) = exact.decoded(items, [[0]], threads=threads, workers=1)
+        assert torch.equal(fast.images[0], fast_expected) and torch.equal(full.images[0], full_expected)
+
+
+def test_threads_decode_the_next_batches_while_the_caller_holds_this_one(engine):
+    import time
+
+    from conftest import IMAGES
+    from servers import FileServer
+
+    with FileServer(IMAGES) as server:
+        items = [f"{server.url}/{photo.name}" for photo in RGB_PHOTOS[:4]]
+        batches = engine.decoded(items, [[0], [1], [2], [3]], threads=True, workers=2)
+        first = next(batches)
+        assert first.indices == [0]
+        deadline = time.monotonic() + 10
+        while len(server.requests) < 3 and time.monotonic() < deadline:  # batches 1 and 2: PREFETCH_BATCHES
+            time.sleep(0.02)
+        assert sorted(server.requests) == sorted(f"/{photo.name}" for photo in RGB_PHOTOS[:3])
+        assert [batch.indices for batch in batches] == [[1], [2], [3]]

@@ -62,6 +62,20 @@ def test_an_upload_gives_a_photo_a_top5_and_the_card(demo) -> None:
     assert "16,809,512 parameters" in card
 
 
+def test_a_large_upload_decodes_at_the_size_the_model_needs(demo, app, tmp_path) -> None:
+    from resnext_hub.processing import load_image
+    from tools.camera_photos import camera_photo
+
+    path = tmp_path / "large.jpg"
+    path.write_bytes(camera_photo(1, (1400, 1050)))  # over four times the preset's 256: decoded at half size
+    _, top5, _ = demo.classify_upload("seresnext26d_32x4d", {"path": str(path)})
+    engine = demo._served("seresnext26d_32x4d").engine
+    (result,) = engine.classify([str(path)], batch_size=1)  # the engine's own decode, at decode_size
+    assert top5 == app.top5_dict(result.predictions)
+    full = engine.top_k(engine.preprocessing(load_image(path))[None], 5)[0]
+    assert top5 != app.top5_dict(full)  # the full decode would have given other figures
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
@@ -99,7 +113,7 @@ def test_a_slow_request_is_stopped_at_the_time_limit(demo, app, monkeypatch) -> 
     monkeypatch.setattr(app, "REQUEST_TIME_LIMIT_S", 0.5)
     started = time.monotonic()
     with pytest.raises(app.gr.Error) as excinfo:
-        demo._classify("seresnext26d_32x4d", lambda: time.sleep(3) or Image.new("RGB", (64, 64)))
+        demo._classify("seresnext26d_32x4d", lambda min_size: time.sleep(3) or Image.new("RGB", (64, 64)))
     assert "took over 0.5 s" in _message(excinfo)
     assert time.monotonic() - started < 2.5
 
