@@ -31,6 +31,7 @@ from unprivileged import public_dir, run_unprivileged
 from resnext_hub import cli, exit_codes
 from resnext_hub.export import ExportError, export_onnx, export_torchscript
 from resnext_hub.models import build_model
+from resnext_hub.triton.repository import model_folders
 
 ARCH = "seresnext26d_32x4d"
 EXPORT = [sys.executable, "-m", "resnext_hub", "export", "--model", ARCH, "--image-size", "64"]
@@ -228,8 +229,9 @@ def test_a_triton_repository_keeps_its_other_models_and_ours_is_replaced_only_wi
     assert (repository / ARCH / "config.pbtxt").read_text() == "the previous export\n"
 
     assert cli.main([*argv, "--overwrite"]) == 0, capsys.readouterr().err
-    assert _listing(repository) == ["other_model", ARCH]  # no staging folder left among the models
-    assert sorted(p.name for p in (repository / ARCH).iterdir()) == ["1", "config.pbtxt", "labels.txt"]
+    # The contract's models (no staging folder left among them), the other model untouched.
+    assert _listing(repository) == sorted(["other_model", *model_folders(ARCH, image_ensemble=False)])
+    assert sorted(p.name for p in (repository / ARCH).iterdir()) == ["1", "config.pbtxt"]  # the ensemble
     assert (repository / ARCH / "config.pbtxt").read_text().startswith(f'name: "{ARCH}"')
     assert _contents(repository / "other_model") == others
 
