@@ -29,10 +29,10 @@ from tools.fake_checkpoints import random_state_dict
 pytestmark = pytest.mark.slow  # starts both servers
 
 ARCH = "seresnext26d_32x4d"
-# The user's classes, as folders give them: accents, CJK, a control character and a byte that was not UTF-8
-# (os.fsdecode(b"bad\xff")); both servers answer them as the same valid UTF-8.
-NAMES = ["café", "猫", "bell\x07bad\udcff"]
-LABELS = [b"caf\xc3\xa9", b"\xe7\x8c\xab", b"bell\x07bad\\xff"]
+# The user's classes, as folders give them: accents, CJK, quotes, a comma and an emoji (names that are not valid
+# text are refused when the class list is made: processing.labels); both servers answer them as the same UTF-8.
+NAMES = ["café", "猫", 'a, "b" 🐱']
+LABELS = [name.encode() for name in NAMES]
 PRESET = ImageClassification(73, 64, "bicubic", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # small and fast
 CONTRACT = Contract(ARCH, 64, len(NAMES), len(NAMES))  # --top-k 5 served: clamped to the 3 classes
 PROTOCOLS = {"http": httpclient, "grpc": grpcclient}
