@@ -383,7 +383,6 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup probes
     state = Demo(default_model=args.model, checkpoint=args.checkpoint)
-    state.models.start(state.default_model)  # load while the server starts
     serve(state, build(state), args.host, args.port)
 
 
@@ -406,6 +405,9 @@ def serve(state: Demo, blocks: gr.Blocks, host: str, port: int) -> None:
         footer_links=[],
         prevent_thread_lock=True,
     )
+    # Loaded once the server is up: Gradio's launch probes its own URL with a 3 s timeout and gives up when a
+    # checkpoint being unpickled holds the interpreter that long on a busy machine.
+    state.models.start(state.default_model)
     stop.wait()
     log.info("stopping: new requests are refused, those in flight finish (at most %g s)", STOP_GRACE_S)
     finished = state.stop(STOP_GRACE_S) and _queue_idle(blocks, STOP_GRACE_S)
