@@ -86,15 +86,21 @@ def modes(fast: Engine, exact: Engine, camera: list[str], small: list[str], batc
             fast.logits(images)
         return len(inputs)
 
-    def model_one_thread() -> int:
-        # The model's CPU time without OpenMP's spin-waiting (which a loaded machine inflates): the honest
-        # measure of what one image costs it, against decoding's CPU time.
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            fast.logits(tensors[0])
-        finally:
-            torch.set_num_threads(previous)
+    def one_thread(run: Callable[[], int]) -> Callable[[], int]:
+        # CPU time without OpenMP's spin-waiting (which a loaded machine inflates): the honest measure of
+        # what one image costs, as a DataLoader worker (one torch thread) spends it.
+        def wrapped() -> int:
+            previous = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return run()
+            finally:
+                torch.set_num_threads(previous)
+
+        return wrapped
+
+    def model_one_batch() -> int:
+        fast.logits(tensors[0])
         return len(tensors[0])
 
     def threads(engine: Engine, paths: list[str]) -> Callable[[], int]:
@@ -109,11 +115,11 @@ def modes(fast: Engine, exact: Engine, camera: list[str], small: list[str], batc
                 engine.preprocessing(load_image(path, min_size=engine.decode_size))
             return min(len(paths), _DECODE_SAMPLE)
 
-        return run
+        return one_thread(run)
 
     return {
         "model only": model_only,
-        "model only, 1 thread": model_one_thread,
+        "model only, 1 thread": one_thread(model_one_batch),
         "camera, fast decode, threads": threads(fast, camera),
         "camera, fast decode, processes": processes(fast, camera),
         "camera, full decode, threads": threads(exact, camera),
