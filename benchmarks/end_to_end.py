@@ -39,7 +39,7 @@ import torch
 from benchmarks.load_to_ready import checkpoint_file, cold_start, print_summary, summary
 from resnext_hub.engine import Engine
 from resnext_hub.models import build_model
-from resnext_hub.models.optimize import cpu_flags
+from resnext_hub.models.cpu import cpu_flags
 from resnext_hub.options import InferenceOptions, usable_cpus
 from resnext_hub.processing import load_image
 from tools.camera_photos import CAMERA_SIZE, SMALL_SIZE, write_photos
