@@ -141,5 +141,6 @@ def test_threads_decode_the_next_batches_while_the_caller_holds_this_one(engine)
         deadline = time.monotonic() + 10
         while len(server.requests) < 3 and time.monotonic() < deadline:  # batches 1 and 2: PREFETCH_BATCHES
             time.sleep(0.02)
-        assert sorted(server.requests) == sorted(f"/{photo.name}" for photo in RGB_PHOTOS[:3])
+        # Batches 1 and 2 were asked for while batch 0 is held (batch 3 may be too: it is queued as 0 is handed over).
+        assert {f"/{photo.name}" for photo in RGB_PHOTOS[:3]} <= set(server.requests)
         assert [batch.indices for batch in batches] == [[1], [2], [3]]
