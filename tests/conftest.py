@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,13 @@ def finetuned(tmp_path_factory) -> dict:
         "classes": CLASSES,
         "architecture": settings["model"],
     }
+
+
+@pytest.fixture
+def umask_022():
+    """The process umask set to 022 (what a plain open() then gives: 0644) for the test."""
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)

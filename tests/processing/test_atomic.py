@@ -11,15 +11,6 @@ import pytest
 from resnext_hub.processing.atomic import install_folders, open_atomic, staged, staging_folder, write_atomic
 
 
-@pytest.fixture
-def umask_022():
-    previous = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(previous)
-
-
 def _mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 

@@ -80,15 +80,6 @@ def test_torchscript_traced_frozen_and_verified(model, tmp_path):
         np.testing.assert_allclose(loaded(x).numpy(), _eager(model, x), rtol=0, atol=FP32_TOLERANCE)
 
 
-@pytest.fixture
-def umask_022():
-    previous = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(previous)
-
-
 def _mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
