@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import Bottleneck
+from .explain import Explainable, Explanation, Target
 from .head import Headed, head_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -163,7 +164,7 @@ def _fold_stem(stem: nn.Module, bn: nn.BatchNorm2d) -> nn.Sequential:
     return nn.Sequential(*folded, nn.ReLU(inplace=True))
 
 
-class OptimizedResNet(Headed, nn.Module):
+class OptimizedResNet(Explainable, Headed, nn.Module):
     """Inference-only ResNet: folded BN, fused SE, a fixed memory format and compute dtype.
 
     ``model``: a :class:`~.resnet.ResNet` (this module reads its ``conv1``, ``bn1``, ``maxpool``,
@@ -171,7 +172,7 @@ class OptimizedResNet(Headed, nn.Module):
     ``first_conv`` and ``meta``). ``forward`` takes the same fp32 NCHW (or NHWC) batch as the original model
     and returns fp32 outputs; the conversion to the compute layout and dtype happens inside. timm's inference
     API: ``forward_features`` (in the compute dtype and layout), ``forward_head``, ``get_classifier``,
-    ``pretrained_cfg``.
+    ``pretrained_cfg``; ``explain`` gives class activation maps from these features (:class:`~.explain.Explainable`).
     """
 
     def __init__(self, model: nn.Module, *, dtype: torch.dtype, channels_last: bool) -> None:
@@ -250,6 +251,15 @@ class CompiledResNet(Headed, nn.Module):
     def fc(self) -> nn.Module:
         """The compiled copy's head (``classes`` and ``num_classes`` follow it)."""
         return self.compiled._orig_mod.fc
+
+    def explanation(self, x: Tensor, target: Target = None) -> Explanation:
+        """The class activation maps of the compiled copy's network (:class:`~.explain.Explainable`), run
+        uncompiled: compiling it too would add a compile per batch size for a call that is rarely on a hot path."""
+        return self.compiled._orig_mod.explanation(x, target)
+
+    def explain(self, x: Tensor, target: Target = None) -> Tensor:
+        """The maps of :meth:`explanation`."""
+        return self.explanation(x, target).maps
 
     def forward(self, x: Tensor) -> Tensor:
         with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):

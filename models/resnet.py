@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..processing.labels import ClassList
 from .blocks import Bottleneck
+from .explain import Explainable
 from .head import Headed
 from .meta import ModelMeta, default_classes
 from .optimize import Optimizable
@@ -128,13 +129,13 @@ def check_options(
             raise ValueError(f"{name} must be a probability in [0, 1), got {rate!r}")
 
 
-class ResNet(Optimizable, Headed, nn.Module):
+class ResNet(Optimizable, Explainable, Headed, nn.Module):
     """ResNet v1.5 with grouped bottlenecks; see :class:`ResNetConfig` for the options.
 
     ``forward(x)`` takes a normalized float batch ``(N, in_chans, H, W)`` (any H, W >= 32) and
     returns ``fc``'s output on the pooled features: logits ``(N, num_classes)``, or what a replaced
     head gives (``nn.Identity()``: the pooled features). ``extract_features``
-    returns intermediate maps. ``meta`` (:class:`ModelMeta`) says what it is: ``architecture``,
+    returns intermediate maps, ``explain`` class activation maps (:class:`~.explain.Explainable`). ``meta`` (:class:`ModelMeta`) says what it is: ``architecture``,
     ``weights_record`` and ``preprocessing`` read from it; ``classes`` are its names for the head
     the model has (:class:`~.head.Headed`).
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .console import printable
@@ -249,6 +250,7 @@ class Sample(NamedTuple):
     image: torch.Tensor | None  # None when the input is not a usable image
     target: int
     error: str | None
+    photo: Image.Image | None = None  # the decoded photo, when the dataset keeps them (``keep_photos``)
 
 
 class Batch(NamedTuple):
@@ -256,6 +258,7 @@ class Batch(NamedTuple):
     images: torch.Tensor | None
     targets: torch.Tensor | None
     failed: list[tuple[int, str]]  # (index, reason) of the unusable inputs
+    photos: list[Image.Image] | None = None  # the decoded photos of ``images``, when kept
 
 
 class ImageListDataset(Dataset):
@@ -263,7 +266,7 @@ class ImageListDataset(Dataset):
 
     ``min_size``: the short side ``transform`` resizes to (a preset's ``resize_size``): large photos
     are then decoded at reduced size, at least twice that (``load_image(min_size=...)``); None
-    decodes every pixel.
+    decodes every pixel. ``keep_photos``: each sample also holds its decoded photo (to draw on).
     """
 
     def __init__(
@@ -273,8 +276,10 @@ class ImageListDataset(Dataset):
         targets: Sequence[int] | None = None,
         *,
         min_size: int | None = None,
+        keep_photos: bool = False,
     ) -> None:
         check_min_size(min_size)
+        self.keep_photos = keep_photos
         self.items = list(items)
         self.targets = list(targets) if targets is not None else [-1] * len(self.items)
         self.transform = transform
@@ -286,7 +291,8 @@ class ImageListDataset(Dataset):
     def __getitem__(self, index: int) -> Sample:
         """The decoded, preprocessed image, or why not: any ``Exception`` stays with its input."""
         try:
-            image = self.transform(load_image(self.items[index], min_size=self.min_size))
+            photo = load_image(self.items[index], min_size=self.min_size)
+            image = self.transform(photo)
         except InvalidImageError as error:
             return Sample(index, None, self.targets[index], error.reason)
         except Exception as error:  # anything else the loader or the preset raised: this input only
@@ -294,7 +300,7 @@ class ImageListDataset(Dataset):
         if not isinstance(image, torch.Tensor):
             reason = f"preprocessing gave a {type(image).__name__}, not a tensor"
             return Sample(index, None, self.targets[index], reason)
-        return Sample(index, image, self.targets[index], None)
+        return Sample(index, image, self.targets[index], None, photo if self.keep_photos else None)
 
 
 def collate(samples: Sequence[Sample]) -> Batch:
@@ -317,7 +323,8 @@ def collate(samples: Sequence[Sample]) -> Batch:
         return Batch([], None, None, failed)
     images = torch.stack([s.image for s in good])
     targets = torch.tensor([s.target for s in good], dtype=torch.long)
-    return Batch([s.index for s in good], images, targets, failed)
+    photos = [s.photo for s in good] if all(s.photo is not None for s in good) else None
+    return Batch([s.index for s in good], images, targets, failed, photos)
 
 
 def make_loader(dataset: Dataset, batches: Sequence[Sequence[int]], workers: int, device: torch.device) -> DataLoader:

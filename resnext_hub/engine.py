@@ -20,11 +20,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
+from PIL import Image
 
 from .data import Batch, ImageListDataset, collate, make_loader
 from .models import ResNet
+from .models.explain import Explanation, Target, head_linear
 from .options import InferenceOptions
 from .processing import Prediction, top_k
+from .processing.overlay import overlay
 from .results import Result
 
 DEVICES = "auto, cpu, cuda or cuda:N"
@@ -125,6 +128,51 @@ class Engine:
         """Logits -> the ``k`` best classes of each row."""
         return top_k(logits, k, logits=True, labels=self.classes)
 
+    # -- explanation maps ---------------------------------------------------------------------------
+
+    def check_explainable(self) -> None:
+        """A ``ValueError`` saying why, where this engine's model cannot give explanation maps: the int8 copy (its
+        backend compiles the whole network, the last stage's maps never come out), or a head that is not linear
+        on average-pooled features (``models.explain.head_linear``'s ``HeadError``)."""
+        explanation = getattr(self.model, "explanation", None)
+        if explanation is None:
+            raise ValueError(
+                f"explanation maps need the last stage's feature maps, and the {self.precision} copy of the model "
+                "(compiled whole by its backend) does not give them out: use precision fp32 or bf16 (or auto "
+                "without calibration images)"
+            )
+        fc, pool = self.model.fc, getattr(self.model, "global_pool", None)
+        head_linear(fc, getattr(pool, "pool_type", "avg"))
+
+    @torch.inference_mode()
+    def explain(self, images: torch.Tensor, target: Target = None) -> Explanation:
+        """Class activation maps (see ``models.explain``) of a batch of preprocessed images, for each one's top-1
+        class or ``target``, with the logits, from one pass of the fast path; on the CPU, fp32."""
+        self.check_explainable()
+        explained = self.model.explanation(images.to(self.device, non_blocking=True), target)
+        return Explanation(*(part.float().cpu() for part in explained))
+
+    def explain_items(
+        self, items: Sequence[str | bytes], *, batch_size: int | None = None, k: int | None = None
+    ) -> Iterator[tuple[Result, Image.Image | None]]:
+        """:meth:`classify`'s results, each with the overlay of its top-1 class's map on its photo (as decoded, at
+        its aspect ratio: ``processing.overlay``), or None for an input that failed."""
+        self.check_explainable()
+        batch_size = batch_size or self.options.batch_size
+        k = self.clamp_k(self.options.top_k if k is None else k)
+        batches = [range(start, min(start + batch_size, len(items))) for start in range(0, len(items), batch_size)]
+        for batch in self.decoded(items, batches, threads=True, photos=True):
+            done: dict[int, tuple[Result, Image.Image | None]]
+            done = {i: (Result(items[i], error=reason), None) for i, reason in batch.failed}
+            if batch.images is not None:
+                explained = self.explain(batch.images)
+                ranked = self.rank(explained.logits, k)
+                for row, i in enumerate(batch.indices):
+                    picture = overlay(batch.photos[row], explained.maps[row], self.preprocessing)
+                    done[i] = (Result(items[i], predictions=ranked[row]), picture)
+            for i in sorted(done):
+                yield done[i]
+
     # -- inputs in (paths, URLs, encoded bytes) -----------------------------------------------------
 
     def decoded(
@@ -135,11 +183,13 @@ class Engine:
         targets: Sequence[int] | None = None,
         workers: int | None = None,
         threads: bool = False,
+        photos: bool = False,
     ) -> Iterator[Batch]:
         """Decoded batches of ``items`` by index: in ``workers`` (default ``options.workers``) threads of this
-        process, or DataLoader processes. Decoding runs ahead of the consumer."""
+        process, or DataLoader processes. Decoding runs ahead of the consumer. ``photos``: keep the decoded photos
+        (``Batch.photos``)."""
         workers = self.options.workers if workers is None else workers
-        dataset = ImageListDataset(items, self.preprocessing, targets, min_size=self.decode_size)
+        dataset = ImageListDataset(items, self.preprocessing, targets, min_size=self.decode_size, keep_photos=photos)
         if not threads:
             yield from make_loader(dataset, batches, workers, self.device)
             return

@@ -4,6 +4,8 @@
 :func:`write_output` writes records to it (or to stdout) and, should the file fail midway, sends
 the rest to stdout. Files are encoded as :mod:`resnext_hub.results` describes. :func:`write_problem`
 says why a write failed when the file system is the cause (a full disk, no permission).
+:func:`check_folder`, :func:`picture_names` and :func:`write_picture` do the same for pictures written one
+per input (``classify --explain``).
 """
 
 from __future__ import annotations
@@ -15,8 +17,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
 
+from PIL import Image
+
 from .console import printable
+from .processing.atomic import staged
+from .processing.fetch import is_url
 from .results import ENCODING, ERRORS, Record, RecordWriter
+
+MAX_NAME_CHARS = 100
 
 
 def check_output(path: str | Path, what: str = "--output", *, replaced: bool = False) -> Path:
@@ -143,3 +151,56 @@ def _chain(first: Record | None, rest: Iterator[Record]) -> Iterator[Record]:
     if first is not None:
         yield first
     yield from rest
+
+
+def check_folder(path: str | Path, what: str) -> Path:
+    """``path`` if files can be written in it (it exists as a folder, or can be created), else ``ValueError``
+    saying why; checked before any work."""
+    text, path = str(path), Path(path)
+    shown = printable(text)
+    if not text:
+        raise ValueError(f"{what} is empty: give a folder")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {shown} is a file: give a folder (it is created if missing)")
+    folder = path
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{what} {shown}: {printable(folder)} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {shown}: no permission to create files in {printable(folder)}: give another folder")
+    return path
+
+
+def _stem(item: str | bytes) -> str:
+    """A file-name-safe stem for an input: its file name without the suffix (a URL's last path part)."""
+    if isinstance(item, bytes):
+        return "image"
+    name = item.split("?", 1)[0].split("#", 1)[0].rstrip("/").rsplit("/", 1)[-1] if is_url(item) else Path(item).name
+    stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+    # Letters and digits of any script stay; anything else (separators, control characters, undecodable bytes) is "_".
+    safe = "".join(c if (c.isalnum() or c in "-_.") and c.isprintable() and c.isascii() or c.isalpha() else "_"
+                   for c in stem.encode("utf-8", "replace").decode("utf-8"))  # fmt: skip
+    return safe.strip("._")[:MAX_NAME_CHARS] or "image"
+
+
+def picture_names(items: Iterable[str | bytes], suffix: str = ".png") -> list[str]:
+    """One file name per input, in order, named after it (``photos/cat.jpg`` -> ``cat.png``), none the same: a
+    name taken by an earlier input gets ``-2``, ``-3``, ... (compared ignoring case, for case-insensitive disks)."""
+    taken: set[str] = set()
+    names = []
+    for item in items:
+        stem = _stem(item)
+        name, count = f"{stem}{suffix}", 1
+        while name.casefold() in taken:
+            count += 1
+            name = f"{stem}-{count}{suffix}"
+        taken.add(name.casefold())
+        names.append(name)
+    return names
+
+
+def write_picture(path: str | Path, picture: Image.Image) -> None:
+    """Save ``picture`` as a PNG at ``path`` atomically (``processing.atomic``); folders are created."""
+    with staged(path) as staging:
+        picture.save(staging, format="PNG")
