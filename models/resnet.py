@@ -135,7 +135,8 @@ class ResNet(Optimizable, Explainable, Headed, nn.Module):
     ``forward(x)`` takes a normalized float batch ``(N, in_chans, H, W)`` (any H, W >= 32) and
     returns ``fc``'s output on the pooled features: logits ``(N, num_classes)``, or what a replaced
     head gives (``nn.Identity()``: the pooled features). ``extract_features``
-    returns intermediate maps, ``explain`` class activation maps (:class:`~.explain.Explainable`). ``meta`` (:class:`ModelMeta`) says what it is: ``architecture``,
+    returns intermediate maps, ``explain`` class activation maps (:class:`~.explain.Explainable`).
+    ``meta`` (:class:`ModelMeta`) says what it is: ``architecture``,
     ``weights_record`` and ``preprocessing`` read from it; ``classes`` are its names for the head
     the model has (:class:`~.head.Headed`).
 

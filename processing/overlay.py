@@ -1,4 +1,4 @@
-"""An explanation map drawn over the photo it explains: a heatmap blended where the model looked, the photo's shape kept.
+"""An explanation map drawn over the photo it explains: a heatmap where the model looked, the photo's shape kept.
 
 A model sees the preset's center crop of the photo (shorter side resized to ``resize_size``, then
 ``crop_size`` x ``crop_size`` from the middle), so a map ``(H, W)`` (``resnext_hub.models.explain``)

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
+from urllib.parse import urlsplit
 
 from PIL import Image
 
@@ -173,14 +174,18 @@ def check_folder(path: str | Path, what: str) -> Path:
 
 
 def _stem(item: str | bytes) -> str:
-    """A file-name-safe stem for an input: its file name without the suffix (a URL's last path part)."""
+    """A file-name-safe stem for an input: its file name without the suffix (a URL's last path part, or its host)."""
     if isinstance(item, bytes):
         return "image"
-    name = item.split("?", 1)[0].split("#", 1)[0].rstrip("/").rsplit("/", 1)[-1] if is_url(item) else Path(item).name
-    stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+    if is_url(item):
+        parts = urlsplit(item)
+        name = parts.path.rstrip("/").rsplit("/", 1)[-1]
+        stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name or (parts.hostname or "")
+    else:
+        name = Path(item).name
+        stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
     # Letters and digits of any script stay; anything else (separators, control characters, undecodable bytes) is "_".
-    safe = "".join(c if (c.isalnum() or c in "-_.") and c.isprintable() and c.isascii() or c.isalpha() else "_"
-                   for c in stem.encode("utf-8", "replace").decode("utf-8"))  # fmt: skip
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem.encode("utf-8", "replace").decode("utf-8"))
     return safe.strip("._")[:MAX_NAME_CHARS] or "image"
 
 

@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     maps = model.explain(shown, shown_classes)
     # The images are the model's input as they are: a preset that neither resizes nor crops them.
     identity = ImageClassification(128, 128, "bilinear", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-    tiles = [overlay(as_photo(image), cam, identity).resize((192, 192), Image.NEAREST) for image, cam in zip(shown, maps)]
+    tiles = [
+        overlay(as_photo(image), cam, identity).resize((192, 192), Image.NEAREST) for image, cam in zip(shown, maps)
+    ]
     pairs = [as_photo(image).resize((192, 192), Image.NEAREST) for image in shown]
     sheet = Image.new("RGB", (192 * len(tiles), 384), "white")
     for index, (photo, tile) in enumerate(zip(pairs, tiles)):

@@ -3,10 +3,10 @@
 Every input gets one record, in input order: its top-k, or why it failed. ``--top-k`` above the
 model's class count gives all its classes. ``--explain DIR`` also writes, per input, a PNG of its photo
 with the top-1 class's explanation map blended over the part the model saw (named after the input,
-``cat.jpg`` -> ``DIR/cat.png``; a name taken by an earlier input gets ``-2``, ...). ``-o`` is checked before the model loads; should it fail
-while being written (a full disk), the remaining results go to stdout and stderr says so. Exit
-status: 0, or 1 when an input failed, a folder could not be read or the output failed; 2 for usage
-errors (nothing done).
+``cat.jpg`` -> ``DIR/cat.png``; a name taken by an earlier input gets ``-2``, ...; written atomically).
+``-o`` and ``DIR`` are checked before the model loads; should ``-o`` fail while being written (a full
+disk), the remaining results go to stdout and stderr says so. Exit status: 0, or 1 when an input
+failed, a folder could not be read or an output failed; 2 for usage errors (nothing done).
 """
 
 from __future__ import annotations
