@@ -10,6 +10,7 @@ import torch
 
 from .images import ImageSource, load_image
 from .labels import ClassList, get_imgnet_classes
+from .overlay import overlay
 from .predictions import Prediction, pick_n_best, top_k
 from .presets import as_preset
 
@@ -75,12 +76,17 @@ class ConvNetsProcessingUtils:
 
     load_image = staticmethod(load_image)
 
+    def overlay(self, photo: Any, heat: Any, *, alpha: float = 0.5) -> Any:
+        """``photo`` (a ``PIL.Image``) with an explanation map (``model.explain(batch)[i]``) blended over the part
+        this preprocessing's crop showed the model, at the photo's size (:func:`.overlay.overlay`)."""
+        return overlay(photo, heat, self.preprocessing, alpha=alpha)
+
 
 def nvidia_convnets_processing_utils(preprocessing: Any = None) -> ConvNetsProcessingUtils:
     """NVIDIA's processing utilities: ``prepare_input_from_uri``, ``pick_n_best``, ``get_imgnet_classes``.
 
-    Also ``prepare_batch`` (many images, a device) and ``top_k`` (index, wnid, label,
-    probability). Pass ``preprocessing=model`` to use that model's input transform and class names.
+    Also ``prepare_batch`` (many images, a device), ``top_k`` (index, wnid, label,
+    probability) and ``overlay`` (an explanation map of ``model.explain`` drawn over its photo). Pass ``preprocessing=model`` to use that model's input transform and class names.
 
     Example::
 

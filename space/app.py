@@ -51,6 +51,7 @@ from resnext_hub.models.optimize import PRECISIONS  # noqa: E402
 from resnext_hub.models.registry import architecture_of  # noqa: E402
 from resnext_hub.processing.fetch import FetchError, URLRefusedError, is_public_address  # noqa: E402
 from resnext_hub.processing.images import read_source  # noqa: E402
+from resnext_hub.processing.overlay import overlay  # noqa: E402
 from resnext_hub.results import failure_reason  # noqa: E402
 
 from .limits import RequestSizeLimit  # noqa: E402
@@ -141,8 +142,8 @@ class Demo:
 
     # -- request handlers (called by Gradio with raw, unpreprocessed values: anything an API client sends) --
 
-    def classify_upload(self, entry: str, upload: dict | None) -> tuple[Any, dict, str]:
-        """Top-5 of an uploaded, pasted or example photo."""
+    def classify_upload(self, entry: str, upload: dict | None) -> tuple[Any, dict, str, Any]:
+        """Top-5 of an uploaded, pasted or example photo (with the photo, the model card and the top-1's explanation)."""
         path = upload.get("path") if isinstance(upload, dict) else None
         if not path:
             raise _error("Upload or paste a photo first (or pick one of the sample photos).", "No photo")
@@ -154,7 +155,7 @@ class Demo:
                 ),
             )
 
-    def classify_url(self, entry: str, url: str | None) -> tuple[Any, dict, str]:
+    def classify_url(self, entry: str, url: str | None) -> tuple[Any, dict, str, Any]:
         """Top-5 of the image at a public http(s) URL. The image is fetched in this (the URL slots') thread, so that
         a slow server holds a URL slot, never an inference slot; it is decoded like an upload."""
         url = url.strip() if isinstance(url, str) else ""
@@ -224,13 +225,13 @@ class Demo:
                 f"{entry} could not be loaded on this server; pick another model.", title="Model unavailable"
             ) from None
 
-    def _classify(self, entry: str, load: Callable[[int | None], Image.Image]) -> tuple[Any, dict, str]:
+    def _classify(self, entry: str, load: Callable[[int | None], Image.Image]) -> tuple[Any, dict, str, Any]:
         """Run ``load(min_size)`` (decoding at the served engine's ``decode_size``) and the model, with time limits."""
         served = self._served(entry)
         started = time.perf_counter()
         future = self.workers.submit(self._run, served, load)
         try:
-            photo, ranked = future.result(timeout=REQUEST_TIME_LIMIT_S)
+            photo, ranked, explained = future.result(timeout=REQUEST_TIME_LIMIT_S)
         except FutureTimeout:
             raise _error(
                 f"This took over {REQUEST_TIME_LIMIT_S:g} s and was stopped; try a smaller image.", title="Too slow"
@@ -242,9 +243,11 @@ class Demo:
             log.exception("request failed")
             raise _error("Something went wrong on the server; please try again.", "Error") from None
         log.info("%s: %.0f ms", entry, 1000 * (time.perf_counter() - started))
-        return photo, top5_dict(ranked), served.card
+        return photo, top5_dict(ranked), served.card, explained
 
-    def _run(self, served: Served, load: Callable[[int | None], Image.Image]) -> tuple[Image.Image, list]:
+    def _run(
+        self, served: Served, load: Callable[[int | None], Image.Image]
+    ) -> tuple[Image.Image, list, Image.Image | None]:
         try:
             image = load(served.engine.decode_size)
         except Exception as error:  # anything reading or decoding raised: this photo only
@@ -253,10 +256,12 @@ class Demo:
             prepared = served.prepare(image)
         except Exception as error:  # the preprocessing of this photo
             raise _unprocessable(error) from None
-        ranked = served.top5_of(prepared)
+        ranked, heat = served.top5_explained(prepared)
         shown = image.copy()
         shown.thumbnail((512, 512))
-        return shown, ranked
+        # Drawn on the shown copy: the crop's place scales with the photo, and the small copy is cheaper to blend.
+        explained = overlay(shown, heat, served.engine.model) if heat is not None else None  # its preset
+        return shown, ranked, explained
 
 
 def checkpoint_entry(checkpoint: Path, model: str | None = None) -> str:
@@ -327,7 +332,7 @@ def sample_photos() -> list[str]:
 
 
 def build(demo_state: Demo) -> DemoBlocks:
-    """The page: model picker, photo/URL input, photo + top-5 + model card."""
+    """The page: model picker, photo/URL input, photo + explanation overlay + top-5 + model card."""
     inference = {"concurrency_id": "inference", "concurrency_limit": CONCURRENCY, "preprocess": False}
     with DemoBlocks(title="resnext-hub demo", analytics_enabled=False) as blocks:
         gr.Markdown(
@@ -353,10 +358,15 @@ def build(demo_state: Demo) -> DemoBlocks:
                     )
                     classify_url = gr.Button("Fetch and classify", variant="primary", elem_id="classify-url")
             with gr.Column():
-                photo_out = gr.Image(label="Photo", interactive=False, elem_id="photo-output")
+                with gr.Row():
+                    photo_out = gr.Image(label="Photo", interactive=False, elem_id="photo-output")
+                    explanation = gr.Image(
+                        label="Where the top class's evidence is (class activation map)", interactive=False,
+                        elem_id="explanation-output",
+                    )  # fmt: skip
                 top5 = gr.Label(num_top_classes=5, label="Top-5", elem_id="top5")
                 card = gr.Markdown(elem_id="model-card")
-        outputs = [photo_out, top5, card]
+        outputs = [photo_out, top5, card, explanation]
         classify_photo.click(demo_state.classify_upload, [model, photo_in], outputs, api_name="classify", **inference)
         examples.load_input_event.then(demo_state.classify_upload, [model, photo_in], outputs, **inference)
         by_url = {**inference, "concurrency_id": "url", "concurrency_limit": URL_CONCURRENCY}

@@ -60,6 +60,16 @@ class Served:
         """The five best classes of one image :meth:`prepare` gave."""
         return self.engine.top_k(prepared[None], 5)[0]
 
+    def top5_explained(self, prepared: torch.Tensor) -> tuple[list[Prediction], torch.Tensor | None]:
+        """:meth:`top5_of`, and the explanation map of the first class from the same pass; None where the model
+        cannot give one (an int8 copy, a head that is not linear: ``Engine.check_explainable``)."""
+        try:
+            self.engine.check_explainable()
+        except ValueError:
+            return self.top5_of(prepared), None
+        explained = self.engine.explain(prepared[None])
+        return self.engine.rank(explained.logits, 5)[0], explained.maps[0]
+
 
 def markdown_text(text: object) -> str:
     """``text`` as literal running text in Markdown, on one line: :func:`resnext_hub.console.printable` (valid

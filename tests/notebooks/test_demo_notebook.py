@@ -25,5 +25,5 @@ def test_notebook_runs_offline_with_mirror(ngc_dir, torch_home, monkeypatch):
     samples = [line for line in text.splitlines() if line.startswith("sample ")]
     assert len(samples) == 5 and samples[4].startswith("sample 4: [('")
     figures = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
-    assert len(figures) == 5
+    assert len(figures) == 6  # the top-5 of each photo, and one explanation overlay
     assert sorted(NOTEBOOK.parent.iterdir()) == before  # nothing (e.g. a class list) written beside it

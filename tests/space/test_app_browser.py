@@ -188,6 +188,7 @@ def test_uploaded_photo_gives_the_library_top5(page, library_model, tmp_path, ca
     classify_upload(page, photo)  # the first request also warms up the page
     assert_same_top5(page_top5(page), library_top5(library_model, photo))
     page.wait_for_selector("#photo-output img")
+    page.wait_for_selector("#explanation-output img")  # the overlay beside the top-5
 
     screenshot = tmp_path / "screenshot.png"
     page.screenshot(path=str(screenshot), full_page=True)

@@ -54,9 +54,10 @@ def test_every_model_entry_point_is_offered_once(demo) -> None:
     ]
 
 
-def test_an_upload_gives_a_photo_a_top5_and_the_card(demo) -> None:
-    photo, top5, card = demo.classify_upload("seresnext26d_32x4d", {"path": str(IMAGES / "camera.png")})
+def test_an_upload_gives_a_photo_a_top5_the_card_and_the_explanation(demo) -> None:
+    photo, top5, card, explained = demo.classify_upload("seresnext26d_32x4d", {"path": str(IMAGES / "camera.png")})
     assert max(photo.size) <= 512 and photo.mode == "RGB"
+    assert explained.size == photo.size and explained.mode == "RGB"  # the overlay, at the photo's shape
     assert len(top5) == 5 and all(0 < p < 1 for p in top5.values())
     assert list(top5.values()) == sorted(top5.values(), reverse=True)
     assert "16,809,512 parameters" in card
@@ -68,7 +69,7 @@ def test_a_large_upload_decodes_at_the_size_the_model_needs(demo, app, tmp_path)
 
     path = tmp_path / "large.jpg"
     path.write_bytes(camera_photo(1, (1400, 1050)))  # over four times the preset's 256: decoded at half size
-    _, top5, _ = demo.classify_upload("seresnext26d_32x4d", {"path": str(path)})
+    _, top5, _, _ = demo.classify_upload("seresnext26d_32x4d", {"path": str(path)})
     engine = demo._served("seresnext26d_32x4d").engine
     (result,) = engine.classify([str(path)], batch_size=1)  # the engine's own decode, at decode_size
     assert top5 == app.top5_dict(result.predictions)
@@ -102,8 +103,8 @@ def test_a_url_gives_the_same_answer_as_the_upload(demo, monkeypatch) -> None:
     # The app's own policy refuses 127.0.0.1; here it may reach the test server and nothing else.
     monkeypatch.setattr(demo, "url_policy", lambda ip: ip == ipaddress.ip_address("127.0.0.1"))
     with FileServer(IMAGES) as server:
-        _, from_url, _ = demo.classify_url("seresnext26d_32x4d", f"{server.url}/chelsea.jpg")
-    _, from_upload, _ = demo.classify_upload("seresnext26d_32x4d", {"path": str(IMAGES / "chelsea.jpg")})
+        _, from_url, _, _ = demo.classify_url("seresnext26d_32x4d", f"{server.url}/chelsea.jpg")
+    _, from_upload, _, _ = demo.classify_upload("seresnext26d_32x4d", {"path": str(IMAGES / "chelsea.jpg")})
     assert from_url == from_upload and server.requests["/chelsea.jpg"] == 1
 
 
@@ -203,7 +204,7 @@ def test_a_photo_that_raises_anything_gets_its_own_message_and_the_next_one_is_s
         with pytest.raises(app.gr.Error) as excinfo:
             demo.classify_upload("seresnext26d_32x4d", {"path": str(tmp_path / "odd.png")})
         assert "ZeroDivisionError: division by zero" in _message(excinfo)
-        _, top5, _ = demo.classify_upload("seresnext26d_32x4d", {"path": str(IMAGES / "camera.png")})
+        _, top5, _, _ = demo.classify_upload("seresnext26d_32x4d", {"path": str(IMAGES / "camera.png")})
         assert len(top5) == 5
     finally:
         served.engine.preprocessing = preprocess
@@ -216,7 +217,7 @@ def test_a_finetuned_checkpoint_is_served_with_its_own_labels(app, finetuned) ->
     demo = app.Demo(checkpoint=finetuned["checkpoint"])  # the architecture comes from the file
     assert demo.entries == [finetuned["architecture"]] and demo.default_model == finetuned["architecture"]
     photo = sorted((finetuned["data"] / "val" / "square").iterdir())[0]
-    _, top5, card = demo.classify_upload(demo.default_model, {"path": str(photo)})
+    _, top5, card, _ = demo.classify_upload(demo.default_model, {"path": str(photo)})
     assert sorted(top5) == sorted(finetuned["classes"])  # 3 classes: all of them, by the user's names
     assert abs(sum(top5.values()) - 1) < 1e-5
     assert "local checkpoint `best.pth`, 3 classes: circle, square, triangle" in card

@@ -227,7 +227,8 @@ def test_every_failure_is_a_short_message_never_a_traceback(app):
 def test_class_names_with_markup_are_escaped_in_every_answer(app):
     outcome, outputs = call(app, "classify", ARCH, upload(app, IMAGES / "coffee.jpg"))
     assert outcome == "complete", outputs
-    _, top5, card = outputs
+    _, top5, card, explained = outputs
+    assert isinstance(explained, dict) and explained.get("url"), explained  # the overlay came back as an image
     # Every name, escaped to one line of valid text, each still its own class.
     assert sorted(row["label"] for row in top5["confidences"]) == sorted(printable(name) for name in NAMES)
     assert top5["label"] == top5["confidences"][0]["label"]
