@@ -86,7 +86,8 @@ def nvidia_convnets_processing_utils(preprocessing: Any = None) -> ConvNetsProce
     """NVIDIA's processing utilities: ``prepare_input_from_uri``, ``pick_n_best``, ``get_imgnet_classes``.
 
     Also ``prepare_batch`` (many images, a device), ``top_k`` (index, wnid, label,
-    probability) and ``overlay`` (an explanation map of ``model.explain`` drawn over its photo). Pass ``preprocessing=model`` to use that model's input transform and class names.
+    probability) and ``overlay`` (an explanation map of ``model.explain`` drawn over its photo).
+    Pass ``preprocessing=model`` to use that model's input transform and class names.
 
     Example::
 

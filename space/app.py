@@ -143,7 +143,7 @@ class Demo:
     # -- request handlers (called by Gradio with raw, unpreprocessed values: anything an API client sends) --
 
     def classify_upload(self, entry: str, upload: dict | None) -> tuple[Any, dict, str, Any]:
-        """Top-5 of an uploaded, pasted or example photo (with the photo, the model card and the top-1's explanation)."""
+        """Top-5 of an uploaded, pasted or example photo (with the photo, the card and the top-1's explanation)."""
         path = upload.get("path") if isinstance(upload, dict) else None
         if not path:
             raise _error("Upload or paste a photo first (or pick one of the sample photos).", "No photo")
