@@ -95,12 +95,13 @@ def main(argv: list[str] | None = None) -> None:
         overlay(as_photo(image), cam, identity).resize((192, 192), Image.NEAREST) for image, cam in zip(shown, maps)
     ]
     pairs = [as_photo(image).resize((192, 192), Image.NEAREST) for image in shown]
-    sheet = Image.new("RGB", (192 * len(tiles), 384), "white")
+    gap = 8
+    sheet = Image.new("RGB", ((192 + gap) * len(tiles) - gap, 384 + gap), "white")
     for index, (photo, tile) in enumerate(zip(pairs, tiles)):
-        sheet.paste(photo, (192 * index, 0))
-        sheet.paste(tile, (192 * index, 192))
-    with staged(args.output) as staging:
-        sheet.save(staging, format="PNG", optimize=True)
+        sheet.paste(photo, ((192 + gap) * index, 0))
+        sheet.paste(tile, ((192 + gap) * index, 192 + gap))
+    with staged(args.output) as staging:  # 256 colours: a small file for the README
+        sheet.quantize(256, dither=Image.Dither.NONE).save(staging, format="PNG", optimize=True)
     names = ", ".join(f"{CLASSES[c]} in quadrant {q}" for c, q in zip(shown_classes.tolist(), quadrants.tolist()))
     print(f"wrote {args.output}: {names}")
 
