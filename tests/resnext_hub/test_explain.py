@@ -82,3 +82,12 @@ def test_classify_explain_into_a_file_is_refused_before_the_model_loads(tmp_path
     assert status == exit_codes.USAGE
     assert f"error: --explain {taken} is a file: give a folder" in capsys.readouterr().err
     assert taken.read_text() == "a file"
+
+
+@pytest.mark.slow  # quantizes the model (OpenVINO + NNCF, or torchao)
+def test_an_int8_engine_says_it_cannot_explain_and_which_precisions_can(model):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    engine = Engine(model, InferenceOptions(device="cpu", precision="int8", calibration=[IMAGES / "chelsea.jpg"]))
+    with pytest.raises(ValueError, match="the int8 copy of the model .* use precision fp32 or bf16"):
+        engine.check_explainable()
