@@ -149,8 +149,8 @@ class Engine:
         """Class activation maps (see ``models.explain``) of a batch of preprocessed images, for each one's top-1
         class or ``target``, with the logits, from one pass of the fast path; on the CPU, fp32."""
         self.check_explainable()
-        explained = self.model.explanation(images.to(self.device, non_blocking=True), target)
-        return Explanation(*(part.float().cpu() for part in explained))
+        maps, classes, logits = self.model.explanation(images.to(self.device, non_blocking=True), target)
+        return Explanation(maps.float().cpu(), classes.cpu(), logits.float().cpu())
 
     def explain_items(
         self, items: Sequence[str | bytes], *, batch_size: int | None = None, k: int | None = None

@@ -43,6 +43,7 @@ def test_the_engine_explains_on_its_fast_path_with_the_models_maps(model):
     torch.testing.assert_close(explained.maps, model.explain(batch), rtol=0, atol=1e-4)
     torch.testing.assert_close(explained.logits, engine.logits(batch), rtol=0, atol=1e-5)
     assert engine.explain(batch, 3).classes.tolist() == [3, 3]
+    assert explained.classes.dtype == torch.long and torch.equal(explained.classes, explained.logits.argmax(1))
 
 
 def test_an_engine_whose_head_is_not_linear_says_so(model):
