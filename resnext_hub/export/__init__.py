@@ -26,7 +26,9 @@ from .checks import (
     ExportResult,
     default_image_size,
 )
-from .onnx_file import DEFAULT_OPSET, export_onnx, verify_onnx
+from .onnx_file import export_onnx, verify_onnx
+from .onnx_metadata import onnx_metadata
+from .onnx_versions import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from .pt2_package import PRECISIONS as PT2_PRECISIONS
 from .pt2_package import export_pt2, run_isolated, verify_pt2
 from .torchscript_file import export_torchscript, verify_torchscript
@@ -39,6 +41,8 @@ __all__ = [
     "FORMATS",
     "FP16_TOLERANCE",
     "FP32_TOLERANCE",
+    "MAX_OPSET",
+    "MIN_OPSET",
     "PT2_PRECISIONS",
     "TRACE_BATCH",
     "VERIFY_BATCHES",
@@ -49,6 +53,7 @@ __all__ = [
     "export_onnx",
     "export_pt2",
     "export_torchscript",
+    "onnx_metadata",
     "run_isolated",
     "verify_onnx",
     "verify_pt2",
