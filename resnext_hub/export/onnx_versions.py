@@ -27,8 +27,9 @@ def opset_problem(opset: Any) -> str | None:
     """Why ``opset`` cannot be written (None: it can), in words for ``--opset``."""
     if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= MAX_OPSET:
         return (
-            f"the ONNX export writes opsets {MIN_OPSET} to {MAX_OPSET}, got {opset!r}: the default, "
-            f"{DEFAULT_OPSET}, is read by ONNX Runtime 1.14 and later (docs/onnx.md)"
+            f"opset {opset!r} is not one this export writes: give {MIN_OPSET} to {MAX_OPSET} (torch's exporter "
+            f"writes none newer, onnx's version converter none older for these graphs); the default, {DEFAULT_OPSET}, "
+            "is read by ONNX Runtime 1.14 and later (docs/onnx.md)"
         )
     return None
 
