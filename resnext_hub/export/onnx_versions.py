@@ -83,7 +83,8 @@ def convert(model, opset: int):
         except Exception as error:  # onnx raises RuntimeError/ValidationError with its C++ assertion text
             raise ExportError(f"onnx's version converter could not write opset {opset}: {error}") from error
         _drop_new_reduce_attributes(model)
-    used = {node.domain or "ai.onnx" for node in model.graph.node} | {"ai.onnx"}
+    nodes = [*model.graph.node, *(node for function in model.functions for node in function.node)]
+    used = {node.domain or "ai.onnx" for node in nodes} | {"ai.onnx"}
     for entry in list(model.opset_import):
         if (entry.domain or "ai.onnx") not in used:
             model.opset_import.remove(entry)
