@@ -4,10 +4,10 @@ The float ONNX graph is exported first (:func:`resnext_hub.export.export_onnx`, 
 1e-4) and pre-processed (ONNX Runtime's shape inference and graph optimizations), then
 ``onnxruntime.quantization.quantize_static`` inserts QuantizeLinear/DequantizeLinear pairs: per-channel
 int8 weights, uint8 activations with ranges from the calibration images (MinMax), which go through the
-model's own preset and the project's loader exactly as ``optimize_for_inference``'s. The file has the
-float file's opset and IR version and its ``metadata_props`` (:mod:`.onnx_metadata`; ``precision`` int8). The classifier
+model's own preset and the project's loader exactly as ``optimize_for_inference``'s. The classifier
 (``Gemm``) and the softmax stay in fp32: they cost nothing, and a quantized softmax would round the
-probabilities to 1/255.
+probabilities to 1/255. The file has the float file's opset and IR version (by default 18 and 8: ONNX
+Runtime 1.14 and later) and ``metadata_props`` (:mod:`.onnx_metadata`, with ``precision`` ``int8``).
 ``reduce_range`` (7-bit weights, for CPUs without VNNI where 8-bit products can saturate) defaults
 to whether the exporting CPU lacks int8 dot products.
 
