@@ -7,6 +7,10 @@ final name. Tolerance: ``max |exported - eager| <= tol * max(1, max |eager|)`` o
 term keeps the bound meaningful for large logits), with ``tol`` 1e-4 for fp32, 2e-2 for fp16 and 5e-2
 for bf16, and the top-1 class must agree.
 
+ONNX files are opset 18 with IR version 8 unless ``--opset`` says otherwise (ONNX Runtime 1.14 and later
+read them; checked after writing) and carry their class names and preprocessing in ``metadata_props``
+(docs/onnx.md).
+
 Which format for what: ONNX for ONNX Runtime, TensorRT and Triton (the repository); pt2 for C++ or
 Python without this source code; TorchScript only for deployments that already load it. The Triton
 repository is written by :func:`resnext_hub.triton.repository.export_triton` (it builds on
