@@ -30,7 +30,7 @@ from .head import HeadError
 # Elementwise, strictly increasing layers after the Linear: they rescale each class score's gradient by a positive
 # factor per image (sigmoid's s(1 - s), ...), which the normalisation removes; Dropout is the identity in eval.
 MONOTONE_AFTER = (nn.Identity, nn.Dropout, nn.Sigmoid, nn.Tanh)
-Target = int | Sequence[int] | Tensor | None
+Target = int | Sequence[int] | Tensor | None  # numpy integers and arrays too
 
 
 class Explanation(NamedTuple):
@@ -75,11 +75,13 @@ def explained_classes(target: Target, logits: Tensor) -> Tensor:
     count, num_classes = logits.shape
     if target is None:
         return logits.argmax(1)
-    if isinstance(target, bool) or not isinstance(target, (int, Sequence, Tensor)):
-        raise TypeError(f"target must be a class index, one per image, or None (top-1); got {type(target).__name__}")
-    classes = torch.as_tensor(target, device=logits.device)
-    if classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices, got {classes.dtype}")
+    try:  # an int, a list of ints, a numpy array, a tensor
+        classes = torch.as_tensor(target, device=logits.device)
+    except (TypeError, ValueError, RuntimeError):
+        classes = None
+    if classes is None or classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
+        got = type(target).__name__ if classes is None else f"{type(target).__name__} of {classes.dtype}"
+        raise TypeError(f"target must be an integer class index, one per image, or None (top-1); got {got}")
     classes = classes.long().flatten().expand(count) if classes.dim() == 0 else classes.long()
     if classes.shape != (count,):
         raise ValueError(f"target: expected one class index, or {count} (one per image), got {tuple(classes.shape)}")

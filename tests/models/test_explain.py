@@ -3,6 +3,7 @@ the class's evidence is."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -47,6 +48,7 @@ def test_the_class_activation_map_is_grad_cam(model, images):
         torch.testing.assert_close(got.maps, want, rtol=0, atol=1e-5)
         assert target is None or got.classes.tolist() == target
     assert model.explanation(images, torch.tensor(7)).classes.tolist() == [7, 7]
+    assert model.explanation(images, np.array([2, 5])).classes.tolist() == [2, 5]
 
 
 def test_a_float64_model_gives_float64_maps(model):
@@ -120,9 +122,10 @@ def test_another_pooling_is_a_clear_error(images):
     [
         (10, ValueError, "out of range: the head has 10 classes"),
         ([1, 2, 3], ValueError, r"one class index, or 2 \(one per image\), got \(3,\)"),
-        (1.5, TypeError, "class index"),
-        (torch.tensor([0.0, 1.0]), TypeError, "integer class indices"),
-        (True, TypeError, "class index"),
+        (1.5, TypeError, "integer class index.*got float"),
+        (torch.tensor([0.0, 1.0]), TypeError, "integer class index.*got Tensor of torch.float32"),
+        (True, TypeError, "integer class index.*got bool"),
+        ("cat", TypeError, "integer class index.*got str"),
     ],
 )
 def test_a_bad_target_says_what_is_expected(model, images, target, error, message):
