@@ -87,6 +87,12 @@ def test_the_fast_copies_give_the_same_maps(model, images):
         assert torch.nn.functional.cosine_similarity(got.maps.flatten(1), want.flatten(1)).min() > 0.99
 
 
+@pytest.mark.slow  # imports torch.compile's machinery (seconds), though nothing is compiled: torch.compile is lazy
+def test_the_compiled_copy_explains_with_its_network_uncompiled(model, images):
+    compiled = model.optimize_for_inference("fp32", compile=True)
+    torch.testing.assert_close(compiled.explain(images), model.explain(images), rtol=0, atol=1e-4)
+
+
 def test_a_sigmoid_head_is_explained_like_its_linear_layer(model, images):
     sigmoid = build_model(ARCH, pretrained=False, num_classes=10).eval()
     sigmoid.load_state_dict(model.state_dict())

@@ -1,4 +1,4 @@
-"""Explanation maps through the engine and ``classify --explain``: one overlay per input, named after it."""
+"""Explanation maps through the engine and ``classify --explain``: one overlay per input, named after it (the doors)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,19 @@ def test_the_engine_explains_on_its_fast_path_with_the_models_maps(model):
     torch.testing.assert_close(explained.logits, engine.logits(batch), rtol=0, atol=1e-5)
     assert engine.explain(batch, 3).classes.tolist() == [3, 3]
     assert explained.classes.dtype == torch.long and torch.equal(explained.classes, explained.logits.argmax(1))
+
+
+def test_explained_items_come_in_order_with_their_photos_overlay_and_failures_without(model, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"<html>404</html>")
+    engine = Engine(model, InferenceOptions(device="cpu", precision="fp32", workers=2, top_k=3))
+    items = [str(broken), str(IMAGES / "camera.png"), (IMAGES / "chelsea.jpg").read_bytes()]
+    explained = list(engine.explain_items(items, batch_size=2))
+    assert [result.input for result, _ in explained] == items
+    (failed, none), (camera, camera_overlay), (chelsea, chelsea_overlay) = explained
+    assert failed.error and none is None
+    assert camera.predictions == next(iter(engine.classify([items[1]], k=3))).predictions  # the same answer
+    assert camera_overlay.size == (512, 512) and chelsea_overlay.size == Image.open(IMAGES / "chelsea.jpg").size
 
 
 def test_an_engine_whose_head_is_not_linear_says_so(model):
