@@ -9,7 +9,8 @@ decodes every pixel, see ``processing.images``). An input that is
 not a usable image, or that makes decoding or preprocessing raise anything else, comes back as a
 :class:`~resnext_hub.results.Result` with its reason, never as an exception (``KeyboardInterrupt``
 and ``SystemExit`` still stop the run). ``k`` above the model's class count means all its classes
-(:func:`clamp_top_k`), in every command.
+(:func:`clamp_top_k`), in every command. :meth:`Engine.explain` and :meth:`Engine.explain_items` give
+explanation maps (``models.explain``) with the logits from the same pass of the fast path.
 """
 
 from __future__ import annotations
