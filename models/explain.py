@@ -70,13 +70,15 @@ def head_linear(fc: nn.Module, pool_type: str) -> nn.Linear:
     )
 
 
-def explained_classes(target: Target, logits: Tensor) -> Tensor:
-    """The class index of each row: ``target`` (one index for all, or one per image), or the top-1 of ``logits``."""
-    count, num_classes = logits.shape
+def explained_classes(
+    target: Target, count: int, num_classes: int, device: torch.device | None = None
+) -> Tensor | None:
+    """``target`` as ``count`` class indices (one index for all, or one per image), checked against the head's
+    ``num_classes``; None stays None (each image's top-1, known after the forward pass)."""
     if target is None:
-        return logits.argmax(1)
+        return None
     try:  # an int, a list of ints, a numpy array, a tensor
-        classes = torch.as_tensor(target, device=logits.device)
+        classes = torch.as_tensor(target, device=device)
     except (TypeError, ValueError, RuntimeError):
         classes = None
     if classes is None or classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
@@ -123,8 +125,9 @@ class Explainable:
     def explanation(self, x: Tensor, target: Target = None) -> Explanation:
         """:meth:`explain`'s maps, with the classes they explain and the logits, from one forward pass."""
         linear = head_linear(self.fc, self.global_pool.pool_type)
+        classes = explained_classes(target, x.shape[0], linear.out_features, x.device)  # before any work
         with torch.no_grad():
             features = self.forward_features(x)
             logits = self.forward_head(features).float()
-            classes = explained_classes(target, logits)
+            classes = logits.argmax(1) if classes is None else classes
             return Explanation(class_activation_maps(features, linear, classes), classes, logits)

@@ -51,6 +51,7 @@ def test_the_class_activation_map_is_grad_cam(model, images):
     assert model.explanation(images, np.array([2, 5])).classes.tolist() == [2, 5]
 
 
+@pytest.mark.slow  # float64 convolutions have no fast CPU kernels (seconds even at 64 px)
 def test_a_float64_model_gives_float64_maps(model):
     exact = build_model(ARCH, pretrained=False, num_classes=10).eval()
     exact.load_state_dict(model.state_dict())
