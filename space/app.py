@@ -375,10 +375,7 @@ def build(demo_state: Demo) -> DemoBlocks:
             with gr.Column():
                 with gr.Row():
                     photo_out = gr.Image(label="Photo", interactive=False, elem_id="photo-output")
-                    explanation = gr.Image(
-                        label="Where the top class's evidence is (class activation map)", interactive=False,
-                        elem_id="explanation-output",
-                    )  # fmt: skip
+                    explanation = gr.Image(label="Top class: evidence", interactive=False, elem_id="explanation-output")
                 top5 = gr.Label(num_top_classes=5, label="Top-5", elem_id="top5")
                 card = gr.Markdown(elem_id="model-card")
         outputs = [photo_out, top5, card, explanation]
