@@ -159,19 +159,19 @@ class ReportCounts:
 
 
 class ReportMeter:
-    """The confusion matrix and the calibration bins, summed as batches stream; the logits for the temperature fit.
+    """The confusion matrix, summed as batches stream; the logits for the calibration and the temperature fit.
 
-    The counts stream (a (classes, classes) float64 matrix per rank, summed over the ranks). The
-    temperature is fitted by minimising the cross-entropy on the evaluated images themselves, so it
-    needs their logits: each rank keeps its images' float32 logits, and :meth:`merged` gathers them on
-    rank 0 (images x classes x 4 bytes: 200 MB for ImageNet's 50,000 validation images and 1,000
-    classes), which fits and sends the result to the other ranks.
+    The confusion matrix streams (a (classes, classes) float64 matrix per rank, summed over the ranks:
+    exact counts). The temperature is fitted by minimising the cross-entropy on the evaluated images
+    themselves, so it needs all their logits: each rank keeps its images' float32 logits, and
+    :meth:`merged` gathers them on rank 0 (images x classes x 4 bytes: 200 MB for ImageNet's 50,000
+    validation images and 1,000 classes), which computes the calibration from them in the images'
+    dataset order (the same float sums in 1 or N processes) and sends it to the other ranks.
     """
 
     def __init__(self, num_classes: int, bins: int = ECE_BINS) -> None:
         self.bins = bins
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
-        self.calibration = torch.zeros(3, bins, dtype=torch.float64)
         self.kept: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor, indices: list[int]) -> None:
@@ -180,28 +180,34 @@ class ReportMeter:
         logits, targets = logits.detach().float().cpu(), targets.cpu()
         flat = targets * self.confusion.shape[1] + logits.argmax(dim=1)
         self.confusion.view(-1).index_add_(0, flat, torch.ones(len(targets), dtype=torch.float64))
-        self.calibration += calibration_bins(logits, targets, self.bins)
         self.kept.append((list(indices), logits, targets))
 
     def merged(self, ctx: DistContext | None = None) -> ReportCounts:
         """The counts of every rank and the calibration fitted on rank 0: the same on each rank."""
         confusion = ctx.all_reduce_sum(self.confusion) if ctx is not None else self.confusion
-        sums = ctx.all_reduce_sum(self.calibration) if ctx is not None else self.calibration
         parts = ctx.gather_object(self.kept) if ctx is not None else [self.kept]
         calibration = None
         if parts is not None:  # rank 0
             kept = sorted(
                 ((i, row, t) for part in parts for batch in part for i, row, t in zip(*batch)), key=lambda x: x[0]
             )
-            calibration = self._calibrate(kept, sums) if kept else None
+            calibration = self._calibrate(kept) if kept else None
         if ctx is not None:
             calibration = ctx.all_gather_object(calibration)[0]
         return ReportCounts(confusion.round().long(), calibration)
 
-    def _calibrate(self, kept: list[tuple[int, torch.Tensor, torch.Tensor]], sums: torch.Tensor) -> Calibration:
+    def _binned(self, logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        sums = torch.zeros(3, self.bins, dtype=torch.float64)
+        for start in range(0, len(targets), 4096):
+            chunk = slice(start, start + 4096)
+            sums += calibration_bins(logits[chunk] / temperature, targets[chunk], self.bins)
+        return sums
+
+    def _calibrate(self, kept: list[tuple[int, torch.Tensor, torch.Tensor]]) -> Calibration:
         logits = torch.stack([row for _, row, _ in kept])
         targets = torch.stack([t for _, _, t in kept])
         temperature = fit_temperature(logits, targets)
+        sums = self._binned(logits, targets)
         edges = [(b / self.bins, (b + 1) / self.bins) for b in range(self.bins)]
         bins = [
             {
@@ -212,14 +218,10 @@ class ReportMeter:
             }
             for (low, high), count, confidence, correct in zip(edges, *sums.tolist())
         ]
-        scaled = torch.zeros_like(sums)
-        for start in range(0, len(targets), 4096):
-            chunk = slice(start, start + 4096)
-            scaled += calibration_bins(logits[chunk] / temperature, targets[chunk], self.bins)
         return Calibration(
             temperature=temperature,
             ece=expected_calibration_error(sums),
-            ece_scaled=expected_calibration_error(scaled),
+            ece_scaled=expected_calibration_error(self._binned(logits, targets, temperature)),
             nll=mean_nll(logits, targets),
             nll_scaled=mean_nll(logits, targets, temperature),
             bins=bins,
