@@ -245,6 +245,7 @@ def ilsvrc2012_wnids(meta: str | Path) -> dict[int, str]:
     """
     try:
         from scipy.io import loadmat
+        from scipy.io.matlab import MatReadError
     except ImportError as error:
         raise ValueError(
             f"reading the devkit's {DEVKIT_META} needs scipy (pip install scipy); or give the ground truth as "
@@ -253,7 +254,7 @@ def ilsvrc2012_wnids(meta: str | Path) -> dict[int, str]:
     try:
         synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
         table = {int(row["ILSVRC2012_ID"]): str(row["WNID"]) for row in synsets if int(row["num_children"]) == 0}
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+    except (OSError, ValueError, KeyError, TypeError, IndexError, MatReadError) as error:
         raise ValueError(
             f"{printable(meta)} is not the ILSVRC2012 devkit's {DEVKIT_META} (a struct array 'synsets' with "
             f"ILSVRC2012_ID, WNID and num_children): {error}"
