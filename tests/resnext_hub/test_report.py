@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from resnext_hub.cli import main
+from resnext_hub.evaluate import evaluate
 from resnext_hub.metrics import (
     ReportCounts,
     ReportMeter,
@@ -20,6 +22,8 @@ from resnext_hub.metrics import (
     fit_temperature,
     mean_nll,
 )
+from resnext_hub.models import build_model
+from resnext_hub.options import InferenceOptions
 from resnext_hub.processing import ClassList
 from resnext_hub.report import CONFUSION_PNG, REPORT_JSON, plotted_classes, report_contents, write_report
 
@@ -183,3 +187,23 @@ def test_a_large_matrix_is_drawn_for_its_most_confused_classes(tmp_path):
     assert report["per_class"][5] == {"index": 5, "class": "class 5", "images": 3, "correct_top1": 2, "top1": 200 / 3}
     with Image.open(write_report(report, tmp_path)[1]) as picture:
         assert picture.format == "PNG" and max(picture.size) < 2500  # 50 classes drawn
+
+
+@pytest.mark.slow  # two evaluations of 12 images
+def test_a_flat_folder_with_a_ground_truth_file_scores_as_its_class_folders(finetuned, tmp_path):
+    val, flat = finetuned["data"] / "val", tmp_path / "flat"
+    flat.mkdir()
+    labels = []
+    for number, path in enumerate(sorted(val.glob("*/*"), key=lambda p: p.name)):
+        shutil.copy(path, flat / f"val_{number:08d}{path.suffix}")
+        labels.append(path.parent.name)
+    (tmp_path / "ground_truth.txt").write_text("\n".join(labels) + "\n")
+    model = build_model(finetuned["architecture"], pretrained_from_file=finetuned["checkpoint"])
+    options = InferenceOptions(device="cpu", precision="fp32", workers=0, batch_size=12)
+    by_folders = evaluate(model, val, options, report=True)
+    by_file = evaluate(model, flat, options, ground_truth=tmp_path / "ground_truth.txt", report=True)
+    assert by_file["ground_truth"] == str(tmp_path / "ground_truth.txt") and by_file["evaluated"] == 12
+    for key in ("correct_top1", "correct_top5"):
+        assert by_file[key] == by_folders[key]
+    assert by_file["report"]["confusion_matrix"] == by_folders["report"]["confusion_matrix"]
+    assert by_file["report"]["per_class"] == by_folders["report"]["per_class"]
