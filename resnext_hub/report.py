@@ -104,15 +104,17 @@ def confusion_png(report: dict[str, Any]) -> bytes:
     axes = figure.subplots()
     image = axes.imshow((matrix / rows).numpy(), cmap="Blues", vmin=0, vmax=1)
     figure.colorbar(image, ax=axes, shrink=0.8, label="share of the true class's images")
-    axes.set_xticks(range(len(picked)), labels, rotation=90, fontsize=8)
-    axes.set_yticks(range(len(picked)), labels, fontsize=8)
+    count = len(picked)
+    label_size, cell_size = (10, 11) if count <= 10 else (8, 8) if count <= 25 else (7, 6)
+    axes.set_xticks(range(count), labels, rotation=0 if count <= 6 else 90, fontsize=label_size)
+    axes.set_yticks(range(count), labels, fontsize=label_size)
     axes.set(xlabel="top-1 prediction", ylabel="true class")
-    for r in range(len(picked)):
-        for c in range(len(picked)):
+    for r in range(count):
+        for c in range(count):
             if matrix[r, c]:
                 dark = matrix[r, c] / rows[r, 0] > 0.5
                 colour = "white" if dark else "black"
-                axes.text(c, r, str(int(matrix[r, c])), ha="center", va="center", fontsize=7, color=colour)
+                axes.text(c, r, str(int(matrix[r, c])), ha="center", va="center", fontsize=cell_size, color=colour)
     title = f"{report.get('model', '')}: top-1 {report['top1']:.1f}% on {report['evaluated']} images"
     if len(picked) < len(confusion):
         title += f"\nthe {len(picked)} of {len(confusion)} classes with the most errors"
