@@ -1,4 +1,5 @@
-"""Inputs: files, folders, list files and class folders (``root/<class>/``), and the dataset that decodes them.
+"""Inputs: files, folders, list files, class folders (``root/<class>/``) and flat folders with a ground-truth file,
+and the dataset that decodes them.
 
 Every image goes through the one hardened loader (``processing.load_image``) and the model's
 preset; a file that is not a usable image gives its reason, never an exception. That boundary
