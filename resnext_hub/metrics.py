@@ -90,46 +90,55 @@ def expected_calibration_error(sums: torch.Tensor) -> float | None:
     return float((sums[2] - sums[1]).abs().sum()) / images if images else None
 
 
-def _nll_and_slope(logits: torch.Tensor, targets: torch.Tensor, beta: float, chunk: int = 4096) -> tuple[float, float]:
-    """Mean cross-entropy of ``beta * logits`` and its derivative in ``beta``, in float64, ``chunk`` rows at a time."""
-    nll = slope = 0.0
+def _nll_derivatives(
+    logits: torch.Tensor, targets: torch.Tensor, beta: float, chunk: int = 4096
+) -> tuple[float, float, float]:
+    """Mean cross-entropy of ``beta * logits`` and its first and second derivatives in ``beta`` (float64,
+    ``chunk`` rows at a time): ``E_p[z] - z_target`` and ``Var_p[z]`` averaged over the images."""
+    nll = slope = curvature = 0.0
     for start in range(0, len(targets), chunk):
         z = logits[start : start + chunk].double()
-        y = targets[start : start + chunk]
-        scaled = beta * z
-        log_p = torch.log_softmax(scaled, dim=1)
-        picked = z.gather(1, y[:, None])[:, 0]
-        nll -= float(log_p.gather(1, y[:, None]).sum())
-        slope += float(((log_p.exp() * z).sum(dim=1) - picked).sum())  # d/dbeta: E_p[z] - z_target
-    return nll / len(targets), slope / len(targets)
+        y = targets[start : start + chunk, None]
+        log_p = torch.log_softmax(beta * z, dim=1)
+        p = log_p.exp()
+        mean = (p * z).sum(dim=1)
+        nll -= float(log_p.gather(1, y).sum())
+        slope += float((mean - z.gather(1, y)[:, 0]).sum())
+        curvature += float(((p * z * z).sum(dim=1) - mean * mean).clamp(min=0).sum())
+    return nll / len(targets), slope / len(targets), curvature / len(targets)
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, bounds: tuple[float, float] = (0.01, 100.0)) -> float:
     """The temperature ``T`` that minimises the mean cross-entropy of ``softmax(logits / T)`` on these images.
 
-    The loss is convex in ``1/T`` (a log-sum-exp of linear functions), so its derivative is increasing
-    and bisection on it (in log space, 60 halvings) finds the minimum; ``T`` is kept within ``bounds``
-    (where the loss still falls at a bound, as when every image is already right, the bound is returned).
+    The loss is convex in ``beta = 1/T`` (a log-sum-exp of linear functions minus a linear one), so
+    Newton's method on ``beta`` converges in a few passes over the logits; a step that leaves the
+    bracket known to hold the minimum is replaced by a (geometric) bisection of it. ``T`` is kept
+    within ``bounds``: where the loss still falls at a bound (every image already right, say), the
+    bound is returned.
     """
     if not len(targets):
         raise ValueError("fitting a temperature needs at least one image")
-    low, high = math.log(1 / bounds[1]), math.log(1 / bounds[0])  # log(1/T)
-    if _nll_and_slope(logits, targets, math.exp(low))[1] >= 0:
-        return bounds[1]
-    if _nll_and_slope(logits, targets, math.exp(high))[1] <= 0:
-        return bounds[0]
-    for _ in range(60):
-        middle = (low + high) / 2
-        if _nll_and_slope(logits, targets, math.exp(middle))[1] < 0:
-            low = middle
+    low, high = 1 / bounds[1], 1 / bounds[0]  # the bracket, in beta
+    beta = min(max(1.0, low), high)
+    for _ in range(200):
+        nll, slope, curvature = _nll_derivatives(logits, targets, beta)
+        if nll == 0:  # every softmax one-hot on its target in float64: sharper only confirms it
+            return bounds[0]
+        if slope < 0:
+            low = beta
         else:
-            high = middle
-    return 1 / math.exp((low + high) / 2)
+            high = beta
+        newton = beta - slope / curvature if curvature > 0 else math.nan
+        if abs(newton - beta) <= 1e-12 * beta or high - low <= 1e-12 * high:
+            break
+        beta = newton if low < newton < high else math.sqrt(low * high)
+    return 1 / min(max(beta, 1 / bounds[1]), 1 / bounds[0])
 
 
 def mean_nll(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> float:
     """The mean cross-entropy of ``softmax(logits / temperature)`` (float64)."""
-    return _nll_and_slope(logits, targets, 1 / temperature)[0]
+    return _nll_derivatives(logits, targets, 1 / temperature)[0]
 
 
 @dataclass(frozen=True)
