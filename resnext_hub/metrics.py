@@ -196,11 +196,11 @@ class ReportMeter:
         confusion = ctx.all_reduce_sum(self.confusion) if ctx is not None else self.confusion
         parts = ctx.gather_object(self.kept) if ctx is not None else [self.kept]
         calibration = None
-        if parts is not None:  # rank 0
-            kept = sorted(
-                ((i, row, t) for part in parts for batch in part for i, row, t in zip(*batch)), key=lambda x: x[0]
-            )
-            calibration = self._calibrate(kept) if kept else None
+        batches = [batch for part in parts for batch in part] if parts is not None else []  # rank 0's only
+        if batches:
+            order = torch.tensor([i for indices, _, _ in batches for i in indices]).argsort()
+            logits = torch.cat([logits for _, logits, _ in batches])[order]
+            calibration = self._calibrate(logits, torch.cat([targets for _, _, targets in batches])[order])
         if ctx is not None:
             calibration = ctx.all_gather_object(calibration)[0]
         return ReportCounts(confusion.round().long(), calibration)
@@ -212,9 +212,7 @@ class ReportMeter:
             sums += calibration_bins(logits[chunk] / temperature, targets[chunk], self.bins)
         return sums
 
-    def _calibrate(self, kept: list[tuple[int, torch.Tensor, torch.Tensor]]) -> Calibration:
-        logits = torch.stack([row for _, row, _ in kept])
-        targets = torch.stack([t for _, _, t in kept])
+    def _calibrate(self, logits: torch.Tensor, targets: torch.Tensor) -> Calibration:
         temperature = fit_temperature(logits, targets)
         sums = self._binned(logits, targets)
         edges = [(b / self.bins, (b + 1) / self.bins) for b in range(self.bins)]
