@@ -1,4 +1,8 @@
-"""Find a checkpoint file: torch.hub's cache, a mirror, or a download into that cache.
+"""Find a checkpoint file: torch.hub's cache, the Hugging Face cache, a mirror, or a download into torch.hub's cache.
+
+Sources on the Hugging Face Hub are first looked for in an existing Hugging Face cache (:mod:`.hf_cache`), used
+in place after the same checks as a download plus the cache's own blob name; ``HF_HUB_OFFLINE=1`` then forbids
+any request (a mirror folder is still read).
 
 Downloads stream through :func:`processing.fetch.stream` (connect/read timeouts, a total
 deadline that also cuts off a server dripping bytes, short bodies refused; the proxy variables

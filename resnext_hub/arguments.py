@@ -49,7 +49,7 @@ def model_name(name: str) -> str:
     try:
         architecture_of(name)
     except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} ({error})") from None
     return name
 
 
