@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 CARD_FILE = "README.md"
 
 
-def _config(model: ResNet) -> dict[str, Any]:
+def timm_config(model: ResNet) -> dict[str, Any]:
     """timm's config.json of ``model``; ``ExportError`` for what timm's format cannot hold."""
     if not isinstance(model, ResNet):
         raise ExportError(f"--format hf writes this project's ResNet models, not {type(model).__name__}")
@@ -167,7 +167,7 @@ def export_hf(
     verified by reading it back. NVIDIA's SE-ResNeXt101-32x4d is refused (``ExportError`` saying why: timm's
     config cannot express its SE width). An existing folder is replaced only with ``overwrite``."""
     path = Path(path)
-    config = _config(model)
+    config = timm_config(model)
     size = image_size or default_image_size(model)
     eager = eager_copy(model)
     tensors = {key: value.detach().contiguous() for key, value in eager.state_dict().items()}

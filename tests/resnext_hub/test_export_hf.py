@@ -3,6 +3,7 @@ preprocessing, and that our own doors (``--checkpoint FOLDER``, ``pretrained_fro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -16,6 +17,7 @@ from safetensors.torch import save
 import hubconf
 from resnext_hub import cli
 from resnext_hub.export import ExportError, export_hf
+from resnext_hub.export.hf_folder import model_card, timm_config
 from resnext_hub.models import CheckpointError, build_model
 from resnext_hub.models.hf_config import preset_of
 from resnext_hub.processing.labels import imagenet_classes
@@ -154,3 +156,19 @@ def test_folder_reads_back_with_its_names_and_preset_or_is_refused(tmp_path, two
         build_model("seresnext26d_32x4d", pretrained_from_file=_folder(tmp_path, w, label_names=["cat"]))
     with pytest.raises(CheckpointError, match="load it as seresnext26d_32x4d"):
         build_model("seresnext50_32x4d", pretrained_from_file=_folder(tmp_path, w))
+
+
+def test_model_card_of_published_weights_states_accuracy_license_and_preprocessing():
+    with torch.device("meta"):
+        model = build_model("seresnext26d_32x4d", pretrained=False)
+    model.meta = dataclasses.replace(model.meta, weights=model.meta.record)  # as if loaded from the record
+    card = model_card(model, timm_config(model))
+    assert "license: apache-2.0" in card and "License: Apache-2.0." in card
+    assert "| imagenet-1k@224 | 77.592 | 93.614 |" in card and f"published by {model.meta.record.publisher}" in card
+    assert "Resize the shorter side to 256 (bicubic), center-crop 224x224" in card
+    assert "timm's test size: 288 (`test_crop_pct` 0.95)" in card
+    with torch.device("meta"):
+        nvidia = build_model("resnext101_32x4d", pretrained=False)
+    nvidia.meta = dataclasses.replace(nvidia.meta, weights=nvidia.meta.record)
+    card = model_card(nvidia, timm_config(nvidia))
+    assert "license: other" in card and "NVIDIA" in card and "(bilinear)" in card
