@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +19,19 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
-from ..console import printable
 from ..models.builder import build_model
 from ..models.hf_config import CONFIG_FILE, WEIGHTS_FILE, hf_config, timm_architecture
 from ..models.resnet import ResNet
-from ..outputs import write_problem
-from ..processing import atomic
-from .checks import FP32_TOLERANCE, VERIFY_BATCHES, Check, ExportError, ExportResult, default_image_size, eager_copy
+from .checks import (
+    FP32_TOLERANCE,
+    VERIFY_BATCHES,
+    Check,
+    ExportError,
+    ExportResult,
+    default_image_size,
+    eager_copy,
+    staged,
+)
 from .checks import verify as verify_logits
 
 log = logging.getLogger(__name__)
@@ -132,29 +136,6 @@ def verify_hf(
     return verify_logits(run, eager_copy(model), image_size, FP32_TOLERANCE, batches, what)
 
 
-@contextmanager
-def _staged_folder(path: Path, overwrite: bool) -> Iterator[Path]:
-    """A new folder to write ``path`` in: moved into place in one rename when the block succeeds (an existing
-    folder stays whole until then), nothing left behind otherwise."""
-    if not overwrite and os.path.lexists(path):
-        raise ExportError(f"{printable(path)} already exists: pass overwrite=True (--overwrite) to replace it")
-    kept = " (the existing folder is unchanged)" if os.path.lexists(path) else ""
-    try:
-        with atomic.staging_folder(path) as scratch:
-            (scratch / path.name).mkdir()
-            yield scratch / path.name
-            atomic.install_folders(scratch, path.parent, [path.name], replace=overwrite)
-    except ExportError:
-        raise
-    except FileExistsError as error:
-        raise ExportError(f"{printable(path)} appeared while it was exported; it was left as it is") from error
-    except Exception as error:
-        problem = write_problem(error, path)
-        if problem is None:
-            raise
-        raise ExportError(f"Hugging Face export: {problem}; nothing was written{kept}") from error
-
-
 def export_hf(
     model: nn.Module,
     path: str | Path,
@@ -171,7 +152,8 @@ def export_hf(
     size = image_size or default_image_size(model)
     eager = eager_copy(model)
     tensors = {key: value.detach().contiguous() for key, value in eager.state_dict().items()}
-    with _staged_folder(path, overwrite) as folder:
+    with staged(path, "Hugging Face export", overwrite=overwrite) as folder:
+        folder.mkdir()  # staged as a folder: it replaces an existing one whole, once verified
         # Through open(): the file gets the mode open() gives under the umask (safetensors' own writer gives 0600).
         (folder / WEIGHTS_FILE).write_bytes(save(tensors, metadata={"format": "pt"}))
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
