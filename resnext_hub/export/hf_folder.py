@@ -43,10 +43,10 @@ def timm_config(model: ResNet) -> dict[str, Any]:
     """timm's config.json of ``model``; ``ExportError`` for what timm's format cannot hold."""
     if not isinstance(model, ResNet):
         raise ExportError(f"--format hf writes this project's ResNet models, not {type(model).__name__}")
-    if not isinstance(model.fc, (nn.Linear, nn.Identity)):
+    if not isinstance(model.fc, (nn.Linear, nn.Identity)):  # (Identity: no head, refused below with the others)
         raise ExportError(
-            f"model.fc is {type(model.fc).__name__}: timm's format holds a Linear head (or none); export the "
-            "model as ONNX, TorchScript or pt2 instead"
+            f"model.fc is {type(model.fc).__name__}: timm's format holds a Linear head; export the model as ONNX, "
+            "TorchScript or pt2 instead"
         )
     try:
         architecture = timm_architecture(model.architecture)
