@@ -96,7 +96,9 @@ def read_ir_metadata(model: Any, where: str | Path) -> tuple[ModelMeta, str]:
         class_list = ClassList(tuple(names), tuple(wnids) if wnids else None)
         preset = ImageClassification.from_dict(json.loads(field("preprocessing")))
     except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{where}: malformed resnext-hub metadata in the IR ({error}); export it again") from error
+        raise CheckpointError(
+            f"{where}: malformed resnext-hub metadata in the IR ({error}); export it again"
+        ) from error
     architecture = field("architecture") or None
     weights = None
     if architecture and field("weights"):
@@ -187,9 +189,7 @@ def load_openvino_ir(path: str | Path, *, architecture: str | None = None) -> Op
         raise CheckpointError(f"{xml} is not a readable OpenVINO IR: {str(error).splitlines()[0]}") from error
     meta, precision = read_ir_metadata(graph, xml)
     if architecture is not None and meta.architecture not in (None, architecture):
-        raise CheckpointError(
-            f"{xml} holds {meta.architecture}, not {architecture}: pass --model {meta.architecture}"
-        )
+        raise CheckpointError(f"{xml} holds {meta.architecture}, not {architecture}: pass --model {meta.architecture}")
     hint = PRECISION_HINTS.get(precision)
     if hint == "bf16" and not cpu_has_native_bf16():
         log.warning("%s is a bf16 IR and this CPU has no native bf16: running it in fp32", xml)

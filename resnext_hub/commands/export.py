@@ -22,6 +22,7 @@ from ..export import (
     export_pt2,
     export_torchscript,
 )
+from ..models.openvino_ir import openvino_ir_path
 from ..models.registry import architecture_of
 from ..outputs import check_output, write_problem
 from ..triton import config as triton_config
@@ -34,6 +35,7 @@ PRECISIONS = {
     "torchscript": ("fp32",),
     "pt2": ("fp32", "bf16", "fp16"),
     "triton": ("fp32", "fp16"),
+    "openvino": ("fp32", "bf16", "int8"),  # an IR folder (model.xml + model.bin) for OpenVINO's runtime
 }
 
 
@@ -49,6 +51,8 @@ def check(args: argparse.Namespace) -> str | None:
             f"--format {args.format} is written in {', '.join(PRECISIONS[args.format])}, not {args.precision}: "
             f"for --precision {args.precision} use --format {' or '.join(formats)}"
         )
+    if args.checkpoint and openvino_ir_path(args.checkpoint):
+        return f"--checkpoint {printable(args.checkpoint)} is an OpenVINO IR, an export already: give the weights file"
     if args.format != "pt2" and resolve_device(args.device).type != "cpu":  # checked valid before
         return "--device applies to pt2 exports (the package is compiled for one device); the others run anywhere"
     if args.format == "triton":
@@ -77,6 +81,14 @@ def _check_paths(args: argparse.Namespace) -> str | None:
             return f"--output {shown}: no permission to create folders in it: give a repository this user may write to"
         name = args.name or architecture_of(args.model)
         targets = [output / folder for folder in model_folders(name, image_ensemble=args.image_ensemble)]
+    elif args.format == "openvino":  # a folder, swapped whole (processing.atomic.install_folders)
+        if output.exists() and not output.is_dir():
+            return f"--output {shown} is not a folder (an OpenVINO IR is one: model.xml + model.bin)"
+        if not output.exists():
+            check_output(output)  # a folder can be created there
+        elif not os.access(output.parent, os.W_OK | os.X_OK):
+            return f"--output {shown}: no permission to replace it in {printable(output.parent)}: give another path"
+        targets = [output]
     else:
         check_output(args.output, replaced=True)
         targets = [output]
@@ -128,6 +140,13 @@ def _export(args: argparse.Namespace) -> ExportResult:
     model = model_from_args(args)
     precision = options.precision
     replace = {"overwrite": args.overwrite}
+    if args.format == "openvino":  # OpenVINO (and NNCF for int8) load only here
+        from ..export.openvino_ir import export_openvino
+
+        size, calibration = args.image_size, options.calibration
+        return export_openvino(
+            model, args.output, precision=precision, calibration=calibration, image_size=size, **replace
+        )
     if precision == "int8":  # onnxruntime's quantization tools load only here
         from ..export.onnx_int8 import export_onnx_int8
 
@@ -160,7 +179,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_options(parser, random_weights=True)
     parser.add_argument("--format", choices=FORMATS, default="triton")
     parser.add_argument(
-        "--output", "-o", required=True, help="file (onnx, torchscript, pt2) or model repository folder (triton)"
+        "--output",
+        "-o",
+        required=True,
+        help="file (onnx, torchscript, pt2), IR folder (openvino: model.xml + model.bin) or model repository folder "
+        "(triton)",
     )
     parser.add_argument("--image-size", type=int, help="input height = width (default: the weights' crop size)")
     add_precision_options(
@@ -168,7 +191,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("fp32", "bf16", "fp16", "int8"),
         default="fp32",
         help="what the model computes in (default fp32): fp16 (ONNX/Triton graph; pt2 on CUDA), bf16 (pt2 on a CPU "
-        "with native bf16), int8 (a QDQ ONNX file for ONNX Runtime on CPUs, calibrated on --calibration)",
+        "with native bf16; an OpenVINO IR), int8 (a QDQ ONNX file for ONNX Runtime on CPUs, or an OpenVINO IR; "
+        "calibrated on --calibration)",
         aliases=("--fp16", "--bf16"),
     )
     parser.add_argument("--device", default="cpu", help="pt2: the device it is compiled for, cpu or cuda[:N]")

@@ -7,7 +7,8 @@ final name. Tolerance: ``max |exported - eager| <= tol * max(1, max |eager|)`` o
 term keeps the bound meaningful for large logits), with ``tol`` 1e-4 for fp32, 2e-2 for fp16 and 5e-2
 for bf16, and the top-1 class must agree.
 
-Which format for what: ONNX for ONNX Runtime, TensorRT and Triton (the repository); pt2 for C++ or
+Which format for what: ONNX for ONNX Runtime, TensorRT and Triton (the repository); an OpenVINO IR
+(:mod:`.openvino_ir`, int8/bf16/fp32) for OpenVINO's runtime and every command here (``--checkpoint``); pt2 for C++ or
 Python without this source code; TorchScript only for deployments that already load it. The Triton
 repository is written by :func:`resnext_hub.triton.repository.export_triton` (it builds on
 :func:`export_onnx`, so this package does not import it).
@@ -31,7 +32,7 @@ from .pt2_package import PRECISIONS as PT2_PRECISIONS
 from .pt2_package import export_pt2, run_isolated, verify_pt2
 from .torchscript_file import export_torchscript, verify_torchscript
 
-FORMATS = ("onnx", "torchscript", "pt2", "triton")
+FORMATS = ("onnx", "torchscript", "pt2", "triton", "openvino")
 
 __all__ = [
     "BF16_TOLERANCE",

@@ -97,9 +97,8 @@ def export_openvino(
             checks = verify_int8(loaded, model, torch.cat(batches)[:VERIFY_IMAGES], what)
             result: ExportResult = Int8ExportResult("openvino", path, precision, size, checks)
         else:
-            checks = verify(lambda x: loaded(x).numpy(), eager_copy(model), size, TOLERANCES[precision],
-                            verify_batches, what)  # fmt: skip
+            tolerance = TOLERANCES[precision]
+            checks = verify(lambda x: loaded(x).numpy(), eager_copy(model), size, tolerance, verify_batches, what)
             result = ExportResult("openvino", path, precision, size, checks)
-        del loaded  # its compiled copies hold the staged files open on some systems
         install_folders(staging, path.parent, [path.name], replace=overwrite)
     return result
