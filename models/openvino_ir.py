@@ -161,6 +161,11 @@ class OpenVINOResNet(Described, nn.Module):
             )
         return self
 
+    @property
+    def compile_config(self) -> dict[str, str]:
+        """The CPU plugin properties it is compiled with, besides the performance hint."""
+        return dict(self._run.config)
+
     def extra_repr(self) -> str:
         return f"path={str(self.path)!r}, precision={self.precision!r}"
 

@@ -218,8 +218,8 @@ class OpenVINORunner:
 
         self._core = ov.Core()
         self.model = model
-        self._config = dict(config or {})
-        self._latency = self._core.compile_model(model, "CPU", {**self._config, "PERFORMANCE_HINT": "LATENCY"})
+        self.config = dict(config or {})
+        self._latency = self._core.compile_model(model, "CPU", {**self.config, "PERFORMANCE_HINT": "LATENCY"})
         self._request = self._latency.create_infer_request()
         self._queue: Any = None
         self._lock = threading.Lock()
@@ -228,7 +228,7 @@ class OpenVINORunner:
         if self._queue is None:
             import openvino as ov
 
-            compiled = self._core.compile_model(self.model, "CPU", {**self._config, "PERFORMANCE_HINT": "THROUGHPUT"})
+            compiled = self._core.compile_model(self.model, "CPU", {**self.config, "PERFORMANCE_HINT": "THROUGHPUT"})
             self._queue = ov.AsyncInferQueue(compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         return self._queue
 

@@ -45,7 +45,13 @@ def check(args: argparse.Namespace) -> str | None:
         return f"--image-size must be at least 1, got {args.image_size}"
     if args.opset < MIN_OPSET:
         return f"--opset must be at least {MIN_OPSET}, got {args.opset}"
-    if args.precision not in PRECISIONS[args.format]:
+    openvino_triton = args.format == "triton" and args.classifier == "openvino"
+    if openvino_triton and (args.accelerator is not None or args.instance_kind == "gpu"):
+        return "--classifier openvino runs on CPU instances (Triton's OpenVINO backend): drop the GPU options"
+    if openvino_triton and args.precision not in PRECISIONS["openvino"]:
+        shown = ", ".join(PRECISIONS["openvino"])
+        return f"--classifier openvino is written in {shown}, not {args.precision}: use --classifier onnx for fp16"
+    if args.precision not in PRECISIONS[args.format] and not openvino_triton:
         formats = [name for name, precisions in PRECISIONS.items() if args.precision in precisions]
         return (
             f"--format {args.format} is written in {', '.join(PRECISIONS[args.format])}, not {args.precision}: "
@@ -147,7 +153,7 @@ def _export(args: argparse.Namespace) -> ExportResult:
         return export_openvino(
             model, args.output, precision=precision, calibration=calibration, image_size=size, **replace
         )
-    if precision == "int8":  # onnxruntime's quantization tools load only here
+    if precision == "int8" and args.format == "onnx":  # onnxruntime's quantization tools load only here
         from ..export.onnx_int8 import export_onnx_int8
 
         calibration = options.calibration
@@ -163,8 +169,10 @@ def _export(args: argparse.Namespace) -> ExportResult:
     if args.format == "torchscript":
         return export_torchscript(model, args.output, image_size=args.image_size, **replace)
     names = ("name", "image_size", "opset", "max_batch_size", "preferred_batch_sizes", "queue_delay_us", "top_k")
-    names += ("instance_kind", "instance_count", "accelerator", "image_ensemble")
+    names += ("instance_kind", "instance_count", "accelerator", "image_ensemble", "classifier")
     given = {name: getattr(args, name) for name in names}
+    if args.classifier == "openvino":
+        given.update(precision=precision, calibration=options.calibration)
     return export_triton(model, args.output, fp16=precision == "fp16", **given, **replace)
 
 
@@ -213,6 +221,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     triton.add_argument("--instance-kind", choices=triton_config.INSTANCE_KINDS, help="default: Triton decides")
     triton.add_argument("--instance-count", type=int, default=1)
     triton.add_argument("--accelerator", choices=triton_config.ACCELERATORS, help="ONNX Runtime's TensorRT provider")
+    triton.add_argument(
+        "--classifier",
+        choices=triton_config.CLASSIFIERS,
+        default="onnx",
+        help="the classifier's runtime: onnx (ONNX Runtime, default) or openvino (an OpenVINO IR for Triton's OpenVINO "
+        "backend, CPU: --precision fp32, bf16 or int8 with --calibration)",
+    )
     triton.add_argument(
         "--no-image-ensemble",
         dest="image_ensemble",
