@@ -13,10 +13,12 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import IMAGES, ROOT
+from triton_servers import ServeProcess
 
 from resnext_hub.cli import main as cli_main
 from resnext_hub.engine import Engine
@@ -38,13 +40,19 @@ def model(small_checkpoint):
     return build_model(ARCH, pretrained_from_file=small_checkpoint)
 
 
+@pytest.fixture(scope="module")
+def fp32_ir(model, tmp_path_factory) -> tuple[Path, object]:
+    """An fp32 IR of the small model (verified at 64x64) and its export result."""
+    folder = tmp_path_factory.mktemp("fp32") / "ir"
+    return folder, export_openvino(model, folder, image_size=64)
+
+
 @pytest.mark.slow
-def test_fp32_ir_matches_eager_keeps_its_metadata_and_is_replaced_only_whole(model, tmp_path, capsys):
-    folder = tmp_path / "ir"
-    result = export_openvino(model, folder, image_size=64)
+def test_fp32_ir_matches_eager_keeps_its_metadata_and_is_replaced_only_whole(model, fp32_ir, tmp_path, capsys):
+    folder, result = fp32_ir
     assert sorted(p.name for p in folder.iterdir()) == ["model.bin", "model.xml"]
     assert [c.batch_size for c in result.checks] == [1, 3] and all(c.max_abs_diff < 1e-3 for c in result.checks)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ir"]  # no staging folder left
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["ir"]  # no staging folder left
 
     loaded = load_openvino_ir(folder / XML_FILE, architecture=ARCH)
     assert isinstance(loaded, OpenVINOResNet) and loaded.precision == "fp32" and loaded.architecture == ARCH
@@ -154,3 +162,24 @@ def test_int8_ir_through_classify_evaluate_and_predict_gives_the_in_process_int8
     assert summary["correct_top1"] == len(PHOTOS[::2])
     predicted = [json.loads(line) for line in job.read_text().splitlines()]
     assert {r["input"]: r["predictions"][0]["index"] for r in predicted} == want
+
+
+@pytest.mark.slow
+def test_serve_answers_with_the_saved_ir(fp32_ir, tmp_path):
+    """``serve --checkpoint IR``: the contract's answers are the IR's own, its labels from the IR's metadata."""
+    import tritonclient.http as httpclient
+
+    folder, _ = fp32_ir
+    local = Engine(load_openvino_ir(folder), InferenceOptions(device="cpu"))
+    server = ServeProcess(ARCH, folder, tmp_path / "server.log", top_k=3)
+    try:
+        x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0)).numpy()
+        tensor = httpclient.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        result = server.http.infer(ARCH, [tensor])
+        expected = local.top_k(torch.from_numpy(x), 3)
+        assert result.as_numpy("indices").tolist() == [[p.index for p in row] for row in expected]
+        labels = [[label.decode() for label in row] for row in result.as_numpy("labels")]
+        assert labels == [[p.label for p in row] for row in expected]
+    finally:
+        assert server.stop() == 0
