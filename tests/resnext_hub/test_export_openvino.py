@@ -25,7 +25,7 @@ from resnext_hub.engine import Engine
 from resnext_hub.export.checks import ExportError
 from resnext_hub.export.openvino_ir import export_openvino
 from resnext_hub.models import CheckpointError, build_model
-from resnext_hub.models.openvino_ir import RT_KEY, XML_FILE, OpenVINOResNet, load_openvino_ir
+from resnext_hub.models.openvino_ir import XML_FILE, OpenVINOResNet, load_openvino_ir
 from resnext_hub.options import InferenceOptions
 from resnext_hub.processing import imagenet_wnids
 
@@ -84,21 +84,6 @@ def test_fp32_ir_matches_eager_keeps_its_metadata_and_is_replaced_only_whole(mod
     argv = ["export", "--model", ARCH, "--checkpoint", str(folder), "--format", "onnx", "-o", str(tmp_path / "m.onnx")]
     assert cli_main(argv) == 2
     assert "is an OpenVINO IR, an export already" in capsys.readouterr().err
-
-
-def test_an_ir_without_our_metadata_or_weights_is_refused(tmp_path):
-    import openvino as ov
-
-    parameter = ov.opset13.parameter([1, 3, 8, 8], ov.Type.f32)
-    graph = ov.Model([ov.opset13.relu(parameter)], [parameter], "plain")
-    ov.save_model(graph, str(tmp_path / XML_FILE))
-    with pytest.raises(CheckpointError, match=f"without resnext-hub's metadata \\(rt_info {RT_KEY}/format"):
-        load_openvino_ir(tmp_path)
-    (tmp_path / "model.bin").unlink()
-    with pytest.raises(CheckpointError, match="has no model.bin beside it"):
-        load_openvino_ir(tmp_path)
-    with pytest.raises(CheckpointError, match="no OpenVINO IR there"):
-        load_openvino_ir(tmp_path / "missing.xml")
 
 
 # In a fresh process: classify, evaluate and predict through the command line with the saved IR, then which
