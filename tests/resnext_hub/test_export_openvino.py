@@ -98,7 +98,7 @@ DOORS = textwrap.dedent(
     outs, codes = [], []
     for argv in (
         ["classify", photos, *common, "--format", "json", "--top-k", "1"],
-        ["evaluate", dataset, *common, "--workers", "0"],
+        ["evaluate", dataset, *common, "--workers", "2"],  # DataLoader processes forked after OpenVINO loaded
         ["predict", photos, "-o", job, *common, "--workers", "0", "--top-k", "1"],
     ):
         out = io.StringIO()
