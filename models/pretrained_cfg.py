@@ -15,7 +15,7 @@ from typing import Any
 from ..processing.presets import ImageClassification
 from .weights import Weights
 
-# A source on the Hugging Face Hub: https://huggingface.co/<org>/<repo>/resolve/<revision>/<file>
+# A source on the Hugging Face Hub: https://<hub host>/<org>/<repo>/resolve/<revision>/<file>
 _HF_URL = re.compile(r"^https://huggingface\.co/([^/]+/[^/]+)/resolve/")
 # A license given as an identifier (SPDX), which timm writes in lower case; other text is kept as it is.
 _LICENSE_ID = re.compile(r"^[A-Za-z0-9.+-]+$")

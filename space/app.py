@@ -40,6 +40,7 @@ from typing import Any
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a demo server
 
 import gradio as gr  # noqa: E402
+from gradio import utils as gr_utils  # noqa: E402
 from PIL import Image  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
@@ -85,6 +86,15 @@ class _Refused(Exception):
 def _error(message: str, title: str) -> gr.Error:
     """A message for the visitor; expected failures need no traceback in the server log."""
     return gr.Error(message, title=title, print_exception=False)
+
+
+def _readable_upload(path: Any) -> bool:
+    """Whether a file value names a file this app may read: one in Gradio's upload folder, or a sample photo."""
+    if not isinstance(path, str):
+        return False
+    real = Path(os.path.realpath(path))
+    roots = (Path(os.path.realpath(gr_utils.get_upload_folder())), Path(os.path.realpath(SAMPLES)))
+    return any(real.is_relative_to(root) for root in roots)
 
 
 def _short(text: str, limit: int = 160) -> str:
@@ -147,6 +157,11 @@ class Demo:
         if not path:
             raise _error("Upload or paste a photo first (or pick one of the sample photos).", "No photo")
         with self._admitted():
+            self._served(entry)  # a bad entry, or a model still loading, is said before the file is looked at
+            if not _readable_upload(path):
+                # Gradio hands an API client's file value over as it came: unchecked, any server file could be read.
+                message = "That photo was not uploaded to this app: upload it first (or pick a sample)."
+                raise _error(message, "No photo")
             return self._classify(
                 entry,
                 lambda min_size: processing.load_image(

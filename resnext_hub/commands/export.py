@@ -22,13 +22,13 @@ from ..export import (
     export_pt2,
     export_torchscript,
 )
+from ..export.onnx_versions import MAX_OPSET, MIN_OPSET, opset_problem
 from ..models.openvino_ir import openvino_ir_path
 from ..models.registry import architecture_of
 from ..outputs import check_output, write_problem
 from ..triton import config as triton_config
 from ..triton.repository import export_triton, model_folders
 
-MIN_OPSET = 7  # the oldest ONNX opset torch.onnx writes
 # The precisions each format is written in (int8: a QDQ ONNX file for ONNX Runtime on CPUs).
 PRECISIONS = {
     "onnx": ("fp32", "fp16", "int8"),
@@ -43,8 +43,8 @@ def check(args: argparse.Namespace) -> str | None:
     """What is wrong with export's own options, if anything (checked before the model loads)."""
     if args.image_size is not None and args.image_size < 1:
         return f"--image-size must be at least 1, got {args.image_size}"
-    if args.opset < MIN_OPSET:
-        return f"--opset must be at least {MIN_OPSET}, got {args.opset}"
+    if args.format in ("onnx", "triton") and opset_problem(args.opset):
+        return f"--{opset_problem(args.opset)}"
     openvino_triton = args.format == "triton" and args.classifier == "openvino"
     if openvino_triton and (args.accelerator is not None or args.instance_kind == "gpu"):
         return "--classifier openvino runs on CPU instances (Triton's OpenVINO backend): drop the GPU options"
@@ -204,7 +204,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         aliases=("--fp16", "--bf16"),
     )
     parser.add_argument("--device", default="cpu", help="pt2: the device it is compiled for, cpu or cuda[:N]")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=DEFAULT_OPSET,
+        help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default %(default)s, with IR version 8: ONNX Runtime 1.14 and "
+        "later read it; docs/onnx.md)",
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",

@@ -7,6 +7,10 @@ final name. Tolerance: ``max |exported - eager| <= tol * max(1, max |eager|)`` o
 term keeps the bound meaningful for large logits), with ``tol`` 1e-4 for fp32, 2e-2 for fp16 and 5e-2
 for bf16, and the top-1 class must agree.
 
+ONNX files are opset 18 with IR version 8 unless ``--opset`` says otherwise (ONNX Runtime 1.14 and later
+read them; checked after writing) and carry their class names and preprocessing in ``metadata_props``
+(docs/onnx.md).
+
 Which format for what: ONNX for ONNX Runtime, TensorRT and Triton (the repository); an OpenVINO IR
 (:mod:`.openvino_ir`, int8/bf16/fp32) for OpenVINO's runtime and every command here (``--checkpoint``); pt2 for C++ or
 Python without this source code; TorchScript only for deployments that already load it. The Triton
@@ -27,7 +31,9 @@ from .checks import (
     ExportResult,
     default_image_size,
 )
-from .onnx_file import DEFAULT_OPSET, export_onnx, verify_onnx
+from .onnx_file import export_onnx, verify_onnx
+from .onnx_metadata import onnx_metadata
+from .onnx_versions import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from .pt2_package import PRECISIONS as PT2_PRECISIONS
 from .pt2_package import export_pt2, run_isolated, verify_pt2
 from .torchscript_file import export_torchscript, verify_torchscript
@@ -40,6 +46,8 @@ __all__ = [
     "FORMATS",
     "FP16_TOLERANCE",
     "FP32_TOLERANCE",
+    "MAX_OPSET",
+    "MIN_OPSET",
     "PT2_PRECISIONS",
     "TRACE_BATCH",
     "VERIFY_BATCHES",
@@ -50,6 +58,7 @@ __all__ = [
     "export_onnx",
     "export_pt2",
     "export_torchscript",
+    "onnx_metadata",
     "run_isolated",
     "verify_onnx",
     "verify_pt2",

@@ -1,4 +1,8 @@
-"""ONNX export (torch's ``torch.export``-based exporter), verified with ONNX Runtime."""
+"""ONNX export (torch's ``torch.export``-based exporter), verified with ONNX Runtime.
+
+The file is opset 18 / IR 8 by default, readable by ONNX Runtime 1.14 and later (:mod:`.onnx_versions`),
+and carries its class names and preprocessing in ``metadata_props`` (:mod:`.onnx_metadata`).
+"""
 
 from __future__ import annotations
 
@@ -27,10 +31,11 @@ from .checks import (
     staged,
     verify,
 )
+from .onnx_metadata import onnx_metadata, set_metadata
+from .onnx_versions import DEFAULT_OPSET, EXPORTER_OPSET, check_opset, check_versions, convert
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 23
 INPUT_NAME = "input"  # (batch, 3, S, S) FP32
 OUTPUT_NAMES = ("logits", "probabilities")  # (batch, classes) FP32 each
 EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo", "torch.fx")
@@ -85,8 +90,14 @@ def export_onnx(
 ) -> ExportResult:
     """Write ``model`` as ONNX: input ``input`` ``(batch, 3, S, S)`` FP32, outputs ``logits`` and
     ``probabilities`` ``(batch, classes)`` FP32, batch axis dynamic. ``fp16`` computes in half
-    precision inside the graph (for GPUs). Verified with ONNX Runtime before it is moved into place;
+    precision inside the graph (for GPUs). ``opset``: :data:`~.onnx_versions.MIN_OPSET` to
+    :data:`~.onnx_versions.MAX_OPSET` (the default, 18, with IR version 8: ONNX Runtime 1.14 and later);
+    the file is read back to check its opset and IR version, and its ``metadata_props`` hold the class names
+    and preprocessing (:mod:`.onnx_metadata`). Verified with ONNX Runtime before it is moved into place;
     an existing file is replaced only with ``overwrite``."""
+    import onnx
+
+    check_opset(opset)
     path = Path(path)
     size = image_size or default_image_size(model)
     eager = eager_copy(model)
@@ -101,11 +112,15 @@ def export_onnx(
                 input_names=[INPUT_NAME],
                 output_names=list(OUTPUT_NAMES),
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-                opset_version=opset,
+                opset_version=max(opset, EXPORTER_OPSET),  # older ones: converted below
                 dynamo=True,
                 optimize=True,
                 verbose=False,
             )
-        program.save(str(staging))
+        written = convert(program.model_proto, opset)
+        metadata = onnx_metadata(model, image_size=size, precision="fp16" if fp16 else "fp32", opset=opset)
+        set_metadata(written, metadata)
+        onnx.save(written, str(staging))
+        check_versions(staging, opset, name=path.name)
         checks = verify_onnx(staging, eager, image_size=size, fp16=fp16, batches=verify_batches, name=path.name)
     return ExportResult("onnx", path, "fp16" if fp16 else "fp32", size, checks)

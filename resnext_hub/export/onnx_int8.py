@@ -6,7 +6,8 @@ The float ONNX graph is exported first (:func:`resnext_hub.export.export_onnx`, 
 int8 weights, uint8 activations with ranges from the calibration images (MinMax), which go through the
 model's own preset and the project's loader exactly as ``optimize_for_inference``'s. The classifier
 (``Gemm``) and the softmax stay in fp32: they cost nothing, and a quantized softmax would round the
-probabilities to 1/255.
+probabilities to 1/255. The file has the float file's opset and IR version (by default 18 and 8: ONNX
+Runtime 1.14 and later) and ``metadata_props`` (:mod:`.onnx_metadata`, with ``precision`` ``int8``).
 ``reduce_range`` (7-bit weights, for CPUs without VNNI where 8-bit products can saturate) defaults
 to whether the exporting CPU lacks int8 dot products.
 
@@ -33,7 +34,9 @@ from ..models import ResNet
 from ..models.cpu import cpu_has_int8_dot
 from ..models.quantize import calibration_batches
 from .checks import Check, ExportError, ExportResult, default_image_size, staged
-from .onnx_file import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAMES, export_onnx
+from .onnx_file import INPUT_NAME, OUTPUT_NAMES, export_onnx
+from .onnx_metadata import onnx_metadata, set_metadata
+from .onnx_versions import DEFAULT_OPSET, check_opset, check_versions, convert
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,7 @@ def export_onnx_int8(
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError as error:
         raise ImportError(f"an int8 ONNX export needs onnxruntime (pip install onnxruntime): {error}") from error
+    check_opset(opset)
     path = Path(path)
     size = image_size or default_image_size(model)
     batches = calibration_batches(calibration, model.preprocessing)
@@ -128,6 +132,11 @@ def export_onnx_int8(
             )
         except Exception as error:  # onnxruntime raises bare Exceptions from its graph passes
             raise ExportError(f"int8 quantization of {path.name} failed: {error}") from error
+        # ONNX Runtime's passes stamp their own opset imports and per-node records: back to the float file's versions.
+        quantized = convert(onnx.load(str(staging)), opset)
+        set_metadata(quantized, onnx_metadata(model, image_size=size, precision="int8", opset=opset))
+        onnx.save(quantized, str(staging))
+        check_versions(staging, opset, name=path.name)
         checks = verify_onnx_int8(staging, model, torch.cat(checked)[:VERIFY_IMAGES], name=path.name)
     return Int8ExportResult("onnx", path, "int8", size, checks)
 

@@ -5,7 +5,9 @@ against the eager model as every ONNX file is), then appends one ONNX ``TopK`` t
 graph answers the contract's ``probabilities`` (FP32) and ``indices`` (INT64), ``(batch, k)``,
 best first. Plain numeric operators, so ONNX Runtime and TensorRT both run it; the labels are
 added by the Python-backend postprocessing model (:mod:`.repository`). The appended graph is run
-with ONNX Runtime and must give exactly the top-k of the verified graph's probabilities.
+with ONNX Runtime and must give exactly the top-k of the verified graph's probabilities. It keeps the
+export's opset, IR version (by default 18 and 8: ONNX Runtime 1.14 and later, as in older Triton
+containers) and ``metadata_props`` (:mod:`resnext_hub.export.onnx_metadata`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import numpy as np
 from torch import nn
 
 from ..export.checks import VERIFY_BATCHES, ExportError, ExportResult, verification_inputs
-from ..export.onnx_file import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAMES, export_onnx
+from ..export.onnx_file import INPUT_NAME, OUTPUT_NAMES, export_onnx
+from ..export.onnx_versions import DEFAULT_OPSET, check_versions
 from .contract import INDICES, INPUT, PROBABILITIES, Contract
 
 MIN_TOPK_OPSET = 10  # TopK takes k as an input from opset 10
@@ -133,6 +136,7 @@ def write_classifier(
             model, full, image_size=contract.image_size, fp16=fp16, opset=opset, verify_batches=verify_batches
         )
         onnx.save(end_in_top_k(onnx.load(str(full)), contract.k), str(path))
+        check_versions(path, opset)
         _check_top_k(full, path, contract, verify_batches)
     finally:
         full.unlink(missing_ok=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..engine import clamp_top_k
 from ..export.checks import VERIFY_BATCHES, ExportError, ExportResult, default_image_size
-from ..export.onnx_file import DEFAULT_OPSET
+from ..export.onnx_versions import DEFAULT_OPSET
 from ..models import ResNet
 from ..processing import ImageClassification
 from ..processing import fetch as loader_fetch

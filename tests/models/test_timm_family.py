@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow  # timm and our models side by side, seconds per c
 
 TOLERANCE = 1e-4
 # timm's parameter counts (``timm.create_model(name).parameters()``, timm/models/resnet.py; its results table,
-# results/results-imagenet.csv, and model cards on huggingface.co/timm list them rounded to 16.81 / 16.81 /
+# results/results-imagenet.csv, and timm's model cards on the Hugging Face Hub list them rounded to 16.81 / 16.81 /
 # 27.56 M), written out here independently of both implementations.
 TIMM_PARAMS = {"seresnext26d_32x4d": 16_809_512, "seresnext26t_32x4d": 16_806_976, "seresnext50_32x4d": 27_559_896}
 NAMES = sorted(TIMM_PARAMS)

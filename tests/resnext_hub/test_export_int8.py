@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime
@@ -39,12 +41,17 @@ def test_int8_onnx_runs_in_onnx_runtime_and_is_faithful(model, tmp_path):
     result = export_onnx_int8(model, tmp_path / "m.onnx", calibration=torch.cat([photos, noise]), image_size=64)
     assert result.dtype == "int8" and result.path.exists() and "logit cosine" in result.summary()
     assert [c.batch_size for c in result.checks] == [1, 15] and all(c.cosine_min >= MIN_COSINE for c in result.checks)
-    graph = onnx.load(str(result.path)).graph
+    written = onnx.load(str(result.path))
+    assert [(o.domain, o.version) for o in written.opset_import] == [("", 18)] and written.ir_version == 8
+    graph = written.graph
     ops = {node.op_type for node in graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     weights = {init.name: init for init in graph.initializer}
     assert any(w.data_type == onnx.TensorProto.INT8 and len(w.dims) == 4 for w in weights.values())  # int8 convs
     session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    metadata = session.get_modelmeta().custom_metadata_map
+    assert (metadata["precision"], metadata["opset"], metadata["image_size"]) == ("int8", "18", "64")
+    assert json.loads(metadata["classes"]) == list(model.classes.names)
     logits, probabilities = session.run(None, {"input": photos[:3].numpy()})  # another batch size than verified
     with torch.inference_mode():
         want = model(photos[:3])

@@ -5,6 +5,7 @@ The repository is the ``triton_repo`` fixture (tests/conftest.py), written by th
 
 from __future__ import annotations
 
+import json
 import shutil
 import stat
 
@@ -99,12 +100,16 @@ def test_classifier_answers_the_eager_top_k_with_a_dynamic_batch(triton_repo, mo
     path = triton_repo / ROLES["classifier"] / "1" / "model.onnx"
     graph = onnx.load(str(path))
     assert max(op.version for op in graph.opset_import if op.domain in ("", "ai.onnx")) == DEFAULT_OPSET
+    assert graph.ir_version == 8  # opset 18, IR 8: the ONNX Runtime 1.14 of older Triton containers reads it
     assert [node.op_type for node in graph.graph.node][-2:] == ["Softmax", "TopK"]  # plain ops: ORT and TensorRT
     signature = onnx_signature(path)
     assert signature["inputs"] == {"input": ("TYPE_FP32", ["batch", 3, CROP, CROP])}
     top_k = {"probabilities": ("TYPE_FP32", ["batch", 5]), "indices": ("TYPE_INT64", ["batch", 5])}
     assert signature["outputs"] == top_k
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    metadata = session.get_modelmeta().custom_metadata_map
+    assert json.loads(metadata["classes"]) == list(model.classes.names)
+    assert json.loads(metadata["preprocessing"]) == model.preprocessing.as_dict()
     for batch in (1, 5):  # neither is the batch it was traced with
         assert batch != TRACE_BATCH
         x = torch.randn(batch, 3, CROP, CROP, generator=torch.Generator().manual_seed(batch))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,7 @@ def app(tmp_path_factory):
         patch.setenv("RESNEXT_HUB_WEIGHTS_MIRROR", str(mirror))
         patch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
         patch.setenv("RESNEXT_HUB_SPACE_PRECISION", "fp32")
+        patch.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("uploads")))  # where the demo reads uploads
         from space import app
 
         yield app
@@ -37,6 +40,16 @@ def app(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo(app):
     return app.Demo(default_model="seresnext26d_32x4d")
+
+
+def uploaded(path: Path) -> dict:
+    """``path`` as the file value of an upload: copied into Gradio's upload folder, the only place read."""
+    from gradio.utils import get_upload_folder
+
+    folder = Path(get_upload_folder()) / uuid.uuid4().hex
+    folder.mkdir(parents=True)
+    shutil.copy(path, folder / path.name)
+    return {"path": str(folder / path.name)}
 
 
 def _message(excinfo) -> str:
@@ -68,7 +81,7 @@ def test_a_large_upload_decodes_at_the_size_the_model_needs(demo, app, tmp_path)
 
     path = tmp_path / "large.jpg"
     path.write_bytes(camera_photo(1, (1400, 1050)))  # over four times the preset's 256: decoded at half size
-    _, top5, _ = demo.classify_upload("seresnext26d_32x4d", {"path": str(path)})
+    _, top5, _ = demo.classify_upload("seresnext26d_32x4d", uploaded(path))
     engine = demo._served("seresnext26d_32x4d").engine
     (result,) = engine.classify([str(path)], batch_size=1)  # the engine's own decode, at decode_size
     assert top5 == app.top5_dict(result.predictions)
@@ -84,7 +97,13 @@ def test_a_large_upload_decodes_at_the_size_the_model_needs(demo, app, tmp_path)
         (lambda d: d.classify_upload("nvidia_convnets_processing_utils", {"path": "x"}), "Pick one of the listed"),
         (lambda d: d.classify_url("seresnext26d_32x4d", "http://[::1]:8080/a.jpg"), "::1 is a local"),
         (lambda d: d.classify_url("seresnext26d_32x4d", "file:///etc/passwd"), "only http:// and https://"),
-        (lambda d: d.classify_upload("seresnext26d_32x4d", {"path": str(ROOT / "README.md")}), "not a usable image"),
+        (lambda d: d.classify_upload("seresnext26d_32x4d", uploaded(ROOT / "README.md")), "not a usable image"),
+        # A server file that was never uploaded (here a real photo): the app reads uploads and samples only.
+        (
+            lambda d: d.classify_upload("seresnext26d_32x4d", {"path": str(ROOT / "docs" / "space-demo.png")}),
+            "was not uploaded",
+        ),
+        (lambda d: d.classify_upload("seresnext26d_32x4d", {"path": "/etc/hostname"}), "was not uploaded"),
     ],
 )
 def test_bad_requests_get_a_short_message(demo, app, call, message: str) -> None:
@@ -181,14 +200,7 @@ def test_the_space_requirements_match_the_repo() -> None:
 def test_a_photo_that_raises_anything_gets_its_own_message_and_the_next_one_is_served(demo, app, tmp_path) -> None:
     from PIL import Image
 
-    # A path the loader expands as "~user" (pathlib raises RuntimeError), and a photo whose preprocessing raises.
-    with pytest.raises(app.gr.Error) as excinfo:
-        demo.classify_upload("seresnext26d_32x4d", {"path": "~no-such-user-h13/photo.jpg"})
-    assert _message(excinfo) == (
-        "That image could not be processed (RuntimeError: Could not determine home directory.)."
-    )
-    assert excinfo.value.title == "Could not process the image"
-
+    # A photo whose preprocessing raises.
     served = demo.models.get("seresnext26d_32x4d", 120)
     preprocess = served.engine.preprocessing
 
@@ -201,8 +213,9 @@ def test_a_photo_that_raises_anything_gets_its_own_message_and_the_next_one_is_s
     served.engine.preprocessing = faulty
     try:
         with pytest.raises(app.gr.Error) as excinfo:
-            demo.classify_upload("seresnext26d_32x4d", {"path": str(tmp_path / "odd.png")})
-        assert "ZeroDivisionError: division by zero" in _message(excinfo)
+            demo.classify_upload("seresnext26d_32x4d", uploaded(tmp_path / "odd.png"))
+        assert _message(excinfo) == "That image could not be processed (ZeroDivisionError: division by zero)."
+        assert excinfo.value.title == "Could not process the image"
         _, top5, _ = demo.classify_upload("seresnext26d_32x4d", {"path": str(IMAGES / "camera.png")})
         assert len(top5) == 5
     finally:
@@ -216,7 +229,7 @@ def test_a_finetuned_checkpoint_is_served_with_its_own_labels(app, finetuned) ->
     demo = app.Demo(checkpoint=finetuned["checkpoint"])  # the architecture comes from the file
     assert demo.entries == [finetuned["architecture"]] and demo.default_model == finetuned["architecture"]
     photo = sorted((finetuned["data"] / "val" / "square").iterdir())[0]
-    _, top5, card = demo.classify_upload(demo.default_model, {"path": str(photo)})
+    _, top5, card = demo.classify_upload(demo.default_model, uploaded(photo))
     assert sorted(top5) == sorted(finetuned["classes"])  # 3 classes: all of them, by the user's names
     assert abs(sum(top5.values()) - 1) < 1e-5
     assert "local checkpoint `best.pth`, 3 classes: circle, square, triangle" in card

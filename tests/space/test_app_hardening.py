@@ -187,8 +187,11 @@ def classify(app: App, photo: dict, entry: str = ARCH) -> list[str]:
 # -- the tests --------------------------------------------------------------------------------------------------------
 
 
-def test_every_failure_is_a_short_message_never_a_traceback(app):
+def test_every_failure_is_a_short_message_never_a_traceback(app, tmp_path):
     photo = upload(app, IMAGES / "chelsea.jpg")
+    # A real photo the server can read, but not one a visitor uploaded: the API must not open server paths.
+    elsewhere = tmp_path / "not-uploaded.jpg"
+    elsewhere.write_bytes((IMAGES / "chelsea.jpg").read_bytes())
     with RawServer(reply(b"<html>Not Found</html>", status="404 Not Found", content_type="text/html")) as server:
         wrong = {
             "a model that is not served": ("classify", "nvidia_se_resnext101_32x4d", photo),
@@ -203,6 +206,8 @@ def test_every_failure_is_a_short_message_never_a_traceback(app):
             ),
             "one value too few": ("classify", ARCH),
             "a file that is not an image": ("classify", ARCH, {"path": str(ROOT / "README.md")}),
+            "a photo that was not uploaded": ("classify", ARCH, {"path": str(elsewhere)}),
+            "a server file by its path": ("classify", ARCH, {"path": "/etc/hostname"}),
             "a URL that is not text": ("classify_url", ARCH, 7),
             "a URL that is a list": ("classify_url", ARCH, ["http://example.com/a.jpg"]),
             "a URL that is a local file": ("classify_url", ARCH, "file:///etc/passwd"),
