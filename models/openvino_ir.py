@@ -2,9 +2,11 @@
 
 The IR is a folder holding ``model.xml`` (the graph) and ``model.bin`` (the weights), the file names
 Triton's OpenVINO backend reads. Its ``rt_info`` (the IR's own metadata, in ``model.xml``) carries,
-under ``resnext_hub``, what the doors need to rebuild the model's labels and preset: the format
-(:data:`IR_FORMAT`), the architecture, the weights' manifest name, the precision it was written in
-(``int8``, ``bf16`` or ``fp32``), the class names (and WordNet ids) and the preset, as JSON text.
+under ``resnext_hub``, the keys an exported ONNX file has in its ``metadata_props``
+(:mod:`resnext_hub.export.onnx_metadata`: ``classes``, ``preprocessing``, ``image_size``,
+``architecture``, ``weights``, ``model_license``, ``precision``; ``int8``, ``bf16`` or ``fp32`` here) and
+``format`` (:data:`IR_FORMAT`). The doors rebuild the model's class names and preset from them
+(ImageNet-1k's WordNet ids too, when the names are ImageNet's).
 
 :func:`load_openvino_ir` reads it with OpenVINO alone (NNCF is never imported: the int8 ranges are in
 the graph) and compiles it through :class:`~.quantize.OpenVINORunner`, the runner of the in-process int8
@@ -18,13 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..processing.labels import ClassList
+from ..processing.labels import ClassList, imagenet_classes
 from ..processing.presets import ImageClassification
 from .checkpoint import CheckpointError
 from .cpu import cpu_has_native_bf16
@@ -39,6 +42,7 @@ RT_KEY = "resnext_hub"
 XML_FILE = "model.xml"
 BIN_FILE = "model.bin"
 PRECISIONS = ("fp32", "bf16", "int8")
+KEYS = ("format", "classes", "preprocessing", "image_size", "architecture", "weights", "model_license", "precision")
 # The CPU plugin's INFERENCE_PRECISION_HINT per saved precision; int8 keeps the defaults (as the in-process path).
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 
@@ -53,60 +57,52 @@ def openvino_ir_path(path: str | Path) -> Path | None:
     return None
 
 
-def ir_metadata(meta: ModelMeta, precision: str) -> dict[str, str]:
-    """What an IR records under ``rt_info['resnext_hub']`` (all text: rt_info holds strings)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"an OpenVINO IR is written in one of {PRECISIONS}, not {precision!r}")
-    classes = {"names": list(meta.classes.names), "wnids": list(meta.classes.wnids or []) or None}
-    return {
-        "format": IR_FORMAT,
-        "architecture": meta.architecture or "",
-        "weights": meta.weights.name if meta.weights is not None else "",
-        "precision": precision,
-        "classes": json.dumps(classes, ensure_ascii=True),
-        "preprocessing": json.dumps(meta.preprocessing.as_dict()),
-    }
+def set_ir_metadata(model: Any, metadata: Mapping[str, str]) -> None:
+    """Record ``metadata`` (the exported model's keys, all text) and :data:`IR_FORMAT` in an ``ov.Model``'s
+    ``rt_info`` (saved with it by ``ov.save_model``)."""
+    if metadata.get("precision") not in PRECISIONS:
+        raise ValueError(f"an OpenVINO IR is written in one of {PRECISIONS}, not {metadata.get('precision')!r}")
+    for key, value in {"format": IR_FORMAT, **metadata}.items():
+        model.set_rt_info(str(value), [RT_KEY, key])
 
 
-def set_ir_metadata(model: Any, meta: ModelMeta, precision: str) -> None:
-    """Record :func:`ir_metadata` in an ``ov.Model``'s ``rt_info`` (saved with it by ``ov.save_model``)."""
-    for key, value in ir_metadata(meta, precision).items():
-        model.set_rt_info(value, [RT_KEY, key])
+def ir_metadata(model: Any) -> dict[str, str]:
+    """What an ``ov.Model`` records under ``rt_info['resnext_hub']`` (an empty dict: nothing)."""
+    return {key: str(model.get_rt_info([RT_KEY, key]).astype(str)) for key in KEYS if model.has_rt_info([RT_KEY, key])}
 
 
 def read_ir_metadata(model: Any, where: str | Path) -> tuple[ModelMeta, str]:
     """The :class:`ModelMeta` and precision an ``ov.Model`` records; :class:`CheckpointError` saying what is wrong."""
-
-    def field(key: str) -> str:
-        if not model.has_rt_info([RT_KEY, key]):
-            raise CheckpointError(
-                f"{where} is an OpenVINO IR without resnext-hub's metadata (rt_info {RT_KEY}/{key} is missing): "
-                "only IRs written by `python -m resnext_hub export --format openvino` carry the class names and preset"
-            )
-        return str(model.get_rt_info([RT_KEY, key]).astype(str))
-
-    if field("format") != IR_FORMAT:
-        raise CheckpointError(f"{where} is a {field('format')!r} IR; this version reads {IR_FORMAT!r}: export it again")
+    found = ir_metadata(model)
+    if "format" not in found:
+        raise CheckpointError(
+            f"{where} is an OpenVINO IR without resnext-hub's metadata (rt_info {RT_KEY}/format is missing): "
+            "only IRs written by `python -m resnext_hub export --format openvino` carry the class names and preset"
+        )
+    if found["format"] != IR_FORMAT:
+        raise CheckpointError(f"{where} is a {found['format']!r} IR; this version reads {IR_FORMAT!r}: export it again")
     try:
-        precision = field("precision")
+        precision = found["precision"]
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
-        classes = json.loads(field("classes"))
-        names, wnids = classes["names"], classes.get("wnids")
-        class_list = ClassList(tuple(names), tuple(wnids) if wnids else None)
-        preset = ImageClassification.from_dict(json.loads(field("preprocessing")))
+        names = json.loads(found["classes"])
+        if not isinstance(names, list):
+            raise ValueError(f"classes must be a JSON list of names, got {type(names).__name__}")
+        imagenet = imagenet_classes()
+        classes = imagenet if tuple(names) == imagenet.names else ClassList.of(names)
+        preset = ImageClassification.from_dict(json.loads(found["preprocessing"]))
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(
             f"{where}: malformed resnext-hub metadata in the IR ({error}); export it again"
         ) from error
-    architecture = field("architecture") or None
+    architecture = found.get("architecture")
     weights = None
-    if architecture and field("weights"):
+    if architecture and found.get("weights"):
         try:
-            weights = get_weights(architecture, field("weights"))
+            weights = get_weights(architecture, found["weights"])
         except (KeyError, ValueError):  # a record this version no longer has: the IR still runs
-            log.info("%s: weights %r are not in this manifest", where, field("weights"))
-    return ModelMeta(architecture, preset, class_list, weights=weights, record=weights), precision
+            log.info("%s: weights %r are not in this manifest", where, found["weights"])
+    return ModelMeta(architecture, preset, classes, weights=weights, record=weights), precision
 
 
 class OpenVINOResNet(Described, nn.Module):

@@ -5,8 +5,9 @@ The graph is the one the in-process OpenVINO path builds (:func:`resnext_hub.mod
 ``torch.export`` of the exact fp32 copy, any batch and image size); int8 is that graph calibrated once
 by the same path as ``--precision int8`` (NNCF on the model's own preset of the ``calibration`` images).
 bf16 is the fp32 graph saved with ``precision`` ``bf16`` in its metadata: the loader compiles it with
-OpenVINO's bf16 inference hint (IR weights have no bf16 type). The metadata and the loader are
-:mod:`resnext_hub.models.openvino_ir`, which verification uses too: what is checked is what the doors load.
+OpenVINO's bf16 inference hint (IR weights have no bf16 type). The metadata are the ONNX file's keys
+(:mod:`.onnx_metadata`) in the IR's ``rt_info``; the loader is :mod:`resnext_hub.models.openvino_ir`, which
+verification uses too: what is checked is what the doors load.
 
 Verification: fp32 and bf16 as every float export (:mod:`.checks`: 1e-4 and 5e-2 of the logit scale, same
 top-1) on random batches; int8 as the int8 ONNX file (:func:`.onnx_int8.verify_int8`: logit cosine >= 0.99
@@ -41,6 +42,7 @@ from .checks import (
     verify,
 )
 from .onnx_int8 import VERIFY_IMAGES, Int8ExportResult, verify_int8
+from .onnx_metadata import onnx_metadata
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,7 @@ def export_openvino(
         exact = OptimizedResNet(model, dtype=torch.float32, channels_last=False)
         with torch.no_grad():
             graph = openvino_graph(exact, example_input(TRACE_BATCH, size, seed=0))
-    set_ir_metadata(graph, model.meta, precision)
+    set_ir_metadata(graph, onnx_metadata(model, image_size=size, precision=precision, opset=None))
     with staging_folder(path) as staging:
         folder = staging / path.name
         folder.mkdir()

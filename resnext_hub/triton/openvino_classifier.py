@@ -20,7 +20,7 @@ import torch
 from ..export.checks import VERIFY_BATCHES, ExportError, ExportResult, verification_inputs
 from ..export.openvino_ir import export_openvino
 from ..models import ResNet
-from ..models.openvino_ir import XML_FILE, OpenVINOResNet, load_openvino_ir, read_ir_metadata, set_ir_metadata
+from ..models.openvino_ir import XML_FILE, OpenVINOResNet, ir_metadata, load_openvino_ir, set_ir_metadata
 from ..processing.atomic import staging_folder
 from .contract import INDICES, INPUT, PROBABILITIES, Contract
 
@@ -52,8 +52,7 @@ def end_in_top_k(graph: Any, contract: Contract) -> Any:
     classifier = ov.Model(results, [parameter], contract.name)
     size = contract.image_size
     classifier.reshape({INPUT: ov.PartialShape([-1, 3, size, size])})
-    meta, precision = read_ir_metadata(graph, contract.name)
-    set_ir_metadata(classifier, meta, precision)
+    set_ir_metadata(classifier, {**ir_metadata(graph), "image_size": str(size)})
     return classifier
 
 

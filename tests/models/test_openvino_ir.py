@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from resnext_hub.engine import Engine
-from resnext_hub.models import CheckpointError, ModelMeta
+from resnext_hub.models import CheckpointError
 from resnext_hub.models.cpu import cpu_has_native_bf16
 from resnext_hub.models.openvino_ir import (
     BIN_FILE,
@@ -27,11 +27,11 @@ from resnext_hub.models.openvino_ir import (
     set_ir_metadata,
 )
 from resnext_hub.options import InferenceOptions
-from resnext_hub.processing import ClassList, ImageClassification
+from resnext_hub.processing import ClassList, ImageClassification, imagenet_classes
 
 ov = pytest.importorskip("openvino", reason="needs openvino ([int8] extra)")
 
-CLASSES = ClassList(("cat", "dog", "hot dog"), ("n1", "n2", "n3"))
+CLASSES = ClassList.of(("cat", "dog", "hot dog"))
 PRESET = ImageClassification(36, 32, "bicubic", (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
 WEIGHTS = np.arange(9, dtype=np.float32).reshape(3, 3) - 4
 
@@ -44,9 +44,17 @@ def tiny_graph():
     return ov.Model([ops.matmul(pooled, ops.constant(WEIGHTS), False, True)], [x], "tiny")
 
 
-def write(folder, precision="fp32", architecture="seresnext26d_32x4d", changed=None):
+def write(folder, precision="fp32", architecture="seresnext26d_32x4d", changed=None, classes=CLASSES):
+    """The tiny graph saved with the metadata an export records (the ONNX file's keys, see onnx_metadata)."""
     graph = tiny_graph()
-    set_ir_metadata(graph, ModelMeta(architecture, PRESET, CLASSES), precision)
+    metadata = {
+        "classes": json.dumps(list(classes.names)),
+        "preprocessing": json.dumps(PRESET.as_dict()),
+        "image_size": "32",
+        "architecture": architecture,
+        "precision": precision,
+    }
+    set_ir_metadata(graph, metadata)
     for key, value in (changed or {}).items():
         graph.set_rt_info(value, [RT_KEY, key])
     folder.mkdir(exist_ok=True)
@@ -59,7 +67,7 @@ def test_metadata_round_trips_and_the_model_runs_as_written(tmp_path):
     assert openvino_ir_path(folder) == openvino_ir_path(folder / XML_FILE) == folder / XML_FILE
     assert openvino_ir_path(tmp_path / "weights.pth") is None
     model = load_openvino_ir(folder, architecture="seresnext26d_32x4d")
-    assert model.classes == CLASSES and model.classes.wnids == ("n1", "n2", "n3")
+    assert model.classes == CLASSES and model.classes.wnids is None and model.architecture == "seresnext26d_32x4d"
     assert model.preprocessing == PRESET and model.precision == "fp32" and model.weights_record is None
     assert model.compile_config == {"INFERENCE_PRECISION_HINT": "f32"}
     x = torch.randn(5, 3, 8, 6, generator=torch.Generator().manual_seed(0))
@@ -69,6 +77,12 @@ def test_metadata_round_trips_and_the_model_runs_as_written(tmp_path):
     assert [p.label for p in ranked] == [CLASSES.names[i] for i in want[0].argsort(descending=True)]
     with pytest.raises(ValueError, match=r"expected a batch \(N, 3, H, W\), got shape \(3, 8, 6\)"):
         model(x[0])
+
+
+def test_imagenet_names_get_their_wordnet_ids_back(tmp_path):
+    """ImageNet-1k's names (an ImageNet model's export): evaluate matches class folders by WordNet id."""
+    model = load_openvino_ir(write(tmp_path / "ir", classes=imagenet_classes()))
+    assert model.classes == imagenet_classes() and model.classes.wnid(0) == "n01440764"
 
 
 def test_a_bf16_ir_is_compiled_with_the_bf16_hint_where_the_cpu_has_it(tmp_path):
@@ -83,7 +97,8 @@ def test_a_bf16_ir_is_compiled_with_the_bf16_hint_where_the_cpu_has_it(tmp_path)
     [
         ({"format": "resnext_hub.openvino/0"}, f"this version reads '{IR_FORMAT}': export it again"),
         ({"precision": "fp64"}, "malformed resnext-hub metadata in the IR .*precision 'fp64'"),
-        ({"classes": json.dumps({"names": []})}, "malformed resnext-hub metadata .*at least one class name"),
+        ({"classes": json.dumps([])}, "malformed resnext-hub metadata .*at least one class name"),
+        ({"classes": json.dumps({"names": ["a"]})}, "classes must be a JSON list of names, got dict"),
         ({"preprocessing": "{"}, "malformed resnext-hub metadata in the IR"),
     ],
 )

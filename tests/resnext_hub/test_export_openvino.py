@@ -23,9 +23,10 @@ from triton_servers import ServeProcess
 from resnext_hub.cli import main as cli_main
 from resnext_hub.engine import Engine
 from resnext_hub.export.checks import ExportError
+from resnext_hub.export.onnx_metadata import onnx_metadata
 from resnext_hub.export.openvino_ir import export_openvino
 from resnext_hub.models import CheckpointError, build_model
-from resnext_hub.models.openvino_ir import XML_FILE, OpenVINOResNet, load_openvino_ir
+from resnext_hub.models.openvino_ir import IR_FORMAT, XML_FILE, OpenVINOResNet, ir_metadata, load_openvino_ir
 from resnext_hub.options import InferenceOptions
 from resnext_hub.processing import imagenet_wnids
 
@@ -54,6 +55,11 @@ def test_fp32_ir_matches_eager_keeps_its_metadata_and_is_replaced_only_whole(mod
     assert [c.batch_size for c in result.checks] == [1, 3] and all(c.max_abs_diff < 1e-3 for c in result.checks)
     assert sorted(p.name for p in folder.parent.iterdir()) == ["ir"]  # no staging folder left
 
+    # The IR records what the ONNX file records (less its opset), read back as the model's own.
+    import openvino as ov
+
+    recorded = ir_metadata(ov.Core().read_model(str(folder / XML_FILE)))
+    assert recorded == {"format": IR_FORMAT, **onnx_metadata(model, image_size=64, precision="fp32", opset=None)}
     loaded = load_openvino_ir(folder / XML_FILE, architecture=ARCH)
     assert isinstance(loaded, OpenVINOResNet) and loaded.precision == "fp32" and loaded.architecture == ARCH
     assert loaded.classes == model.classes and loaded.classes.wnids == tuple(imagenet_wnids())
