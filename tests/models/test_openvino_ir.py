@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from resnext_hub.engine import Engine
-from resnext_hub.models import CheckpointError
+from resnext_hub.models import CheckpointError, build_model
 from resnext_hub.models.cpu import cpu_has_native_bf16
 from resnext_hub.models.openvino_ir import (
     BIN_FILE,
@@ -123,3 +123,9 @@ def test_an_ir_that_is_not_ours_or_not_whole_or_of_another_model_is_refused(tmp_
     other = write(tmp_path / "other", architecture="seresnext50_32x4d")
     with pytest.raises(CheckpointError, match="holds seresnext50_32x4d, not seresnext26d_32x4d: pass --model"):
         load_openvino_ir(other, architecture="seresnext26d_32x4d")
+
+
+def test_the_hub_builder_points_an_ir_to_its_loader(tmp_path):
+    folder = write(tmp_path / "ir")
+    with pytest.raises(CheckpointError, match="is an OpenVINO IR .*load_openvino_ir, or give it to the commands"):
+        build_model("seresnext26d_32x4d", pretrained_from_file=folder)
