@@ -51,10 +51,12 @@ def build_model(
 
     - ``pretrained``: load the published weights (downloaded once into torch.hub's cache).
     - ``pretrained_from_file``: load this local checkpoint instead (any NVIDIA or timm layout,
-      ``.pth``/``.pth.tar``/``.safetensors``); it wins over ``pretrained``. ``pretrained=False``
+      ``.pth``/``.pth.tar``/``.safetensors``, or a folder in timm's Hugging Face format, as ``export --format hf``
+      writes); it wins over ``pretrained``. ``pretrained=False``
       without a file gives random weights.
-    - ``weights``: a manifest tag or name (default: the architecture's default record). The
-      record supplies the download sources, ``model.preprocessing`` and ``model.classes``.
+    - ``weights``: a manifest tag or name, or timm's ``"hf-hub:timm/<name>.<tag>"`` id of a record (default: the
+      architecture's default record). The record supplies the sources (torch.hub's cache, then the Hugging Face
+      cache, then the network; see :mod:`.download`), ``model.preprocessing`` and ``model.classes``.
     - ``num_classes``: default the record's (1000); another N keeps the backbone, adds a fresh head;
       0: no head (timm's meaning: the model returns the pooled features).
       A fine-tuned checkpoint (``python -m resnext_hub finetune``) sets the default to its own

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..processing.labels import ClassList
 from ..processing.presets import ImageClassification
+from .hf_config import WEIGHTS_FILE, is_hf_folder, read_hf_config
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,11 @@ def torch_zip_problem(path: Path) -> str | None:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of a ``.pth``/``.pth.tar`` (``weights_only=True``) or ``.safetensors`` file."""
+    """Tensors of a ``.pth``/``.pth.tar`` (``weights_only=True``) or ``.safetensors`` file, or of a folder in
+    timm's Hugging Face format (its ``model.safetensors``)."""
     path = Path(path)
+    if is_hf_folder(path):
+        path = path / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
     if path.suffix == ".safetensors":
@@ -335,12 +339,18 @@ def _names_finetuned_format(path: Path) -> bool:
 
 
 def read_finetuned_meta(path: str | Path) -> FinetunedMeta | None:
-    """The metadata of a fine-tuned checkpoint (see :func:`finetuned_checkpoint`); None for any other file.
+    """The metadata of a fine-tuned checkpoint (see :func:`finetuned_checkpoint`) or of a folder in timm's Hugging
+    Face format (its ``config.json``: :mod:`.hf_config`); None for any other file.
 
     Only a torch zip file can be one: it is opened with ``weights_only=True`` and ``mmap=True``, so
     the tensors are not read. Files that cannot be opened so are left to :func:`read_checkpoint`.
     """
     path = Path(path)
+    if is_hf_folder(path):
+        try:
+            return FinetunedMeta(*read_hf_config(path))
+        except ValueError as error:
+            raise CheckpointError(str(error)) from error
     if path.suffix == ".safetensors" or not path.is_file() or not _names_finetuned_format(path):
         return None
     try:

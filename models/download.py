@@ -1,4 +1,8 @@
-"""Find a checkpoint file: torch.hub's cache, a mirror, or a download into that cache.
+"""Find a checkpoint file: torch.hub's cache, the Hugging Face cache, a mirror, or a download into torch.hub's cache.
+
+Sources on the Hugging Face Hub are first looked for in an existing Hugging Face cache (:mod:`.hf_cache`), used
+in place after the same checks as a download plus the cache's own blob name; ``HF_HUB_OFFLINE=1`` then forbids
+any request (a mirror folder is still read).
 
 Downloads stream through :func:`processing.fetch.stream` (connect/read timeouts, a total
 deadline that also cuts off a server dripping bytes, short bodies refused; the proxy variables
@@ -41,6 +45,7 @@ import torch.hub
 
 from ..processing.atomic import staged
 from ..processing.fetch import Body, DeadlineError, FetchError, is_url, redact, stream
+from .hf_cache import OFFLINE_ENV, blob_problem, hub_offline, snapshot_path
 from .integrity import (
     HASH_IN_NAME,
     cached_problem,
@@ -287,15 +292,44 @@ def _cached(dest: Path, source: Source, stamp: dict | None) -> tuple[bool, str |
     return False, (f"the cached {dest} is damaged ({problem}) and {not_deleted}" if not_deleted else None)
 
 
+def _from_hf_cache(source: Source, recorded: str | None) -> tuple[Path | None, str | None, str | None]:
+    """(the verified file, where it was looked for, why a file found there is refused) for a source on the
+    Hugging Face Hub, from the Hugging Face cache; all None for other sources.
+
+    The file is checked as a download would be (the manifest's size and SHA-256, the hash in a timm file
+    name, the file's structure, the SHA-256 recorded at first download), and against the blob name the
+    cache gives it. It is used in place, hashed on each load, and never deleted (the cache is not ours).
+    """
+    location = source.hf_location
+    if location is None:
+        return None, None, None
+    path, looked = snapshot_path(*location)
+    if path is None:
+        return None, looked, None
+    try:
+        sha256 = sha256_of(path)
+        problem = expected_problem(path, source, sha256) or blob_problem(path, sha256)
+        problem = problem or format_problem(path, source.file_format)
+    except OSError as error:
+        problem = f"it cannot be read: {error}"
+    if problem is None and recorded not in (None, sha256):
+        problem = f"sha256 {sha256}, but {recorded} was recorded when {source.file_name} was first downloaded"
+    if problem:
+        return None, looked, f"{path} (Hugging Face cache) is not {source.file_name}: {problem}; it was left as it is"
+    return path, looked, None
+
+
 def fetch_checkpoint(sources: tuple[Source, ...], *, progress: bool = True) -> tuple[Path, Source]:
     """Path of a verified local copy of the first source that can be had, and that source.
 
-    Order: torch.hub's cache; then ``$RESNEXT_HUB_WEIGHTS_MIRROR`` (a folder or base URL
-    holding the files by name) if set, else each source's URL. A corrupt cached file is
-    deleted and fetched once more, and must then match the SHA-256 recorded at first download.
+    Order: torch.hub's cache; the Hugging Face cache (sources on the Hub, see :mod:`.hf_cache`); then
+    ``$RESNEXT_HUB_WEIGHTS_MIRROR`` (a folder or base URL holding the files by name) if set, else each
+    source's URL. With ``HF_HUB_OFFLINE=1`` nothing is downloaded (a mirror folder is still used). A corrupt
+    cached file is deleted and fetched once more, and must then match the SHA-256 recorded at first download.
     """
     mirror = os.environ.get(MIRROR_ENV)
     failures = []
+    looked = [str(cache_dir() / source.file_name) for source in sources]
     recorded: dict[str, str | None] = {}
     # Every source's cache entry before any request: a cached alternative (say the safetensors
     # copy, used once because the primary URL failed) must load offline without retrying the primary.
@@ -310,7 +344,17 @@ def fetch_checkpoint(sources: tuple[Source, ...], *, progress: bool = True) -> t
             if note:
                 failures.append(note)
     for source in sources:
+        path, where, note = _from_hf_cache(source, recorded[source.file_name])
+        looked += [where] if where else []
+        if path is not None:
+            return path, source
+        if note:
+            failures.append(note)
+    offline = hub_offline()
+    for source in sources:
         dest = cache_dir() / source.file_name
+        if offline and (not mirror or is_url(mirror)):
+            continue
         try:
             if mirror:
                 return _from_mirror(mirror, source, dest, progress, recorded[source.file_name]), source
@@ -320,6 +364,13 @@ def fetch_checkpoint(sources: tuple[Source, ...], *, progress: bool = True) -> t
         except WeightsUnavailableError as error:
             failures.append(str(error))
     where = f"{MIRROR_ENV}={redact(mirror)!r}" if mirror else f"{MIRROR_ENV} (unset)"
+    if offline:
+        raise WeightsUnavailableError(
+            f"{OFFLINE_ENV} is set, so nothing was downloaded, and no usable local copy was found. Looked for:\n  - "
+            + "\n  - ".join(looked + failures)
+            + f"\nMirror: {where}. Put the file in one of these places, set {MIRROR_ENV} to a folder holding it, "
+            f"pass pretrained_from_file=PATH, or unset {OFFLINE_ENV} to download it."
+        )
     raise WeightsUnavailableError(
         "no source of these weights could be used:\n  - "
         + "\n  - ".join(failures)

@@ -67,7 +67,8 @@ def seresnext26d_32x4d(*, pretrained: bool = True, **kwargs: Any) -> ResNet:
 
     Its weights expect timm's preprocessing (bicubic): pass the model to the utilities
     (``preprocessing=model``). Keyword-only: pretrained (bool), pretrained_from_file (str), weights (default
-    "bt_in1k"), num_classes, state_dict_key_map_fn, channels_last, fused_se, progress,
+    "bt_in1k", or timm's id "hf-hub:timm/seresnext26d_32x4d.bt_in1k"), num_classes, state_dict_key_map_fn,
+    channels_last, fused_se, progress,
     and timm's in_chans, global_pool, drop_rate, drop_path_rate (num_classes=0: no head); see ``build_model``.
     """
     return build_model("seresnext26d_32x4d", pretrained=pretrained, **kwargs)
@@ -77,7 +78,8 @@ def seresnext26d_32x4d(*, pretrained: bool = True, **kwargs: Any) -> ResNet:
 def seresnext26t_32x4d(*, pretrained: bool = True, **kwargs: Any) -> ResNet:
     """timm's SE-ResNeXt26t-32x4d (tiered deep stem, avg-pool shortcuts; 16,806,976 parameters, top-1 77.98%).
 
-    Keyword-only: pretrained (bool), pretrained_from_file (str), weights (default "bt_in1k"), num_classes,
+    Keyword-only: pretrained (bool), pretrained_from_file (str), weights (default "bt_in1k", or timm's id
+    "hf-hub:timm/seresnext26t_32x4d.bt_in1k"), num_classes,
     state_dict_key_map_fn, channels_last, fused_se, progress,
     and timm's in_chans, global_pool, drop_rate, drop_path_rate (num_classes=0: no head); see ``build_model``.
     """
@@ -88,7 +90,8 @@ def seresnext26t_32x4d(*, pretrained: bool = True, **kwargs: Any) -> ResNet:
 def seresnext50_32x4d(*, pretrained: bool = True, **kwargs: Any) -> ResNet:
     """timm's SE-ResNeXt50-32x4d (27,559,896 parameters, top-1 81.27%).
 
-    Keyword-only: pretrained (bool), pretrained_from_file (str), weights (default "racm_in1k"), num_classes,
+    Keyword-only: pretrained (bool), pretrained_from_file (str), weights (default "racm_in1k", or timm's id
+    "hf-hub:timm/seresnext50_32x4d.racm_in1k"), num_classes,
     state_dict_key_map_fn, channels_last, fused_se, progress,
     and timm's in_chans, global_pool, drop_rate, drop_path_rate (num_classes=0: no head); see ``build_model``.
     """

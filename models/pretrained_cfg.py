@@ -15,8 +15,6 @@ from typing import Any
 from ..processing.presets import ImageClassification
 from .weights import Weights
 
-# A source on the Hugging Face Hub: https://<hub host>/<org>/<repo>/resolve/<revision>/<file>
-_HF_URL = re.compile(r"^https://huggingface\.co/([^/]+/[^/]+)/resolve/")
 # A license given as an identifier (SPDX), which timm writes in lower case; other text is kept as it is.
 _LICENSE_ID = re.compile(r"^[A-Za-z0-9.+-]+$")
 REDUCTION = 32  # the network's output stride
@@ -39,11 +37,7 @@ def crop_pct(preset: ImageClassification) -> float:
 
 def hf_hub_id(record: Weights) -> str | None:
     """The Hugging Face repo id (``"timm/<name>.<tag>"``) of the first source on the Hub; None without one."""
-    for source in record.sources:
-        found = _HF_URL.match(source.url)
-        if found:
-            return found.group(1)
-    return None
+    return record.hf_hub_id
 
 
 def pretrained_cfg(

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from .weights import HF_HUB_PREFIX, hf_hub_ids, weights_for_hf_hub_id
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -67,12 +69,24 @@ def get_entry(name: str) -> Entry:
     return _ENTRIES[name]
 
 
+def split_model_id(name: str) -> tuple[str, str | None]:
+    """(entry point or architecture, weights record name or None) that ``name`` asks for.
+
+    An ``hf-hub:<org>/<name>.<tag>`` id (timm's spelling) names both; ``ValueError`` listing the ids served.
+    """
+    if name.startswith(HF_HUB_PREFIX):
+        record = weights_for_hf_hub_id(name)
+        return record.architecture, record.name
+    return name, None
+
+
 def architecture_of(name: str) -> str:
-    """The architecture a model entry point (or an architecture name itself) builds."""
+    """The architecture a model entry point, an architecture name itself or an ``hf-hub:`` id builds."""
+    name = split_model_id(name)[0]
     for entry in _ENTRIES.values():
         if entry.is_model and name in (entry.name, entry.architecture):
             return entry.architecture  # type: ignore[return-value]
-    raise ValueError(f"unknown model {name!r}; expected one of {sorted(model_names())}")
+    raise ValueError(f"unknown model {name!r}; expected one of {sorted(model_names())} or {hf_hub_ids()}")
 
 
 def model_names() -> set[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -15,6 +16,10 @@ FORMAT_VERSION = 2
 FILE_FORMATS = ("torch", "safetensors")
 # The metric every record publishes: ImageNet-1k validation top-1/top-5 at 224x224.
 IMAGENET_224 = "imagenet-1k@224"
+# timm's scheme for a model on the Hugging Face Hub: ``timm.create_model("hf-hub:timm/<name>.<tag>")``.
+HF_HUB_PREFIX = "hf-hub:"
+# A source on the Hugging Face Hub: https://<hub host>/<org>/<repo>/resolve/<revision>/<file>
+_HF_URL = re.compile(r"^https://huggingface\.co/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
 
 
 class ManifestError(ValueError):
@@ -30,6 +35,12 @@ class Source:
     file_format: str = "torch"
     sha256: str | None = None
     size_bytes: int | None = None
+
+    @property
+    def hf_location(self) -> tuple[str, str, str] | None:
+        """(repo id, revision, file name in the repo) of a file on the Hugging Face Hub; None for other URLs."""
+        found = _HF_URL.match(self.url)
+        return (found.group(1), found.group(2), found.group(3)) if found else None
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,11 @@ class Weights:
     @property
     def sources(self) -> tuple[Source, ...]:
         return (self.source, *self.alternatives)
+
+    @property
+    def hf_hub_id(self) -> str | None:
+        """The Hugging Face repo id (``"timm/<name>.<tag>"``) of the first source on the Hub; None without one."""
+        return next((source.hf_location[0] for source in self.sources if source.hf_location), None)
 
     @property
     def class_list(self) -> ClassList:
@@ -171,8 +187,25 @@ def weights_for(architecture: str) -> list[Weights]:
     return sorted(found, key=lambda w: not w.default)
 
 
+def hf_hub_ids() -> list[str]:
+    """Every ``hf-hub:<repo id>`` that names a record (weights with a source on the Hugging Face Hub)."""
+    return sorted(HF_HUB_PREFIX + w.hf_hub_id for w in load_manifest().values() if w.hf_hub_id)
+
+
+def weights_for_hf_hub_id(model_id: str) -> Weights:
+    """The record that ``hf-hub:<org>/<name>.<tag>`` (timm's spelling) names; ``ValueError`` listing the ids served."""
+    repo_id = model_id[len(HF_HUB_PREFIX) :] if model_id.startswith(HF_HUB_PREFIX) else model_id
+    for record in load_manifest().values():
+        if record.hf_hub_id is not None and record.hf_hub_id == repo_id:
+            return record
+    raise ValueError(
+        f"unknown Hugging Face model id {model_id!r}: these weights are not in {MANIFEST_PATH.name}. "
+        f"Expected one of {hf_hub_ids()} (or an entry point / architecture name)"
+    )
+
+
 def get_weights(architecture: str, weights: str | Weights | None = None) -> Weights:
-    """Resolve a weights argument: ``None`` (the default), a tag, a full name, or a record."""
+    """Resolve a weights argument: ``None`` (the default), a tag, a full name, an ``hf-hub:`` id, or a record."""
     available = weights_for(architecture)
     if isinstance(weights, Weights):
         if weights.architecture != architecture:
@@ -184,6 +217,11 @@ def get_weights(architecture: str, weights: str | Weights | None = None) -> Weig
         raise ValueError(f"no published weights for {architecture!r} in {MANIFEST_PATH.name}")
     if weights is None:
         return available[0]
+    if weights.startswith(HF_HUB_PREFIX):
+        record = weights_for_hf_hub_id(weights)
+        if record.architecture != architecture:
+            raise ValueError(f"weights {weights!r} are for {record.architecture!r}, not {architecture!r}")
+        return record
     for record in available:
         if weights in (record.name, record.name.split(".", 1)[1]):
             return record

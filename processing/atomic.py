@@ -46,7 +46,9 @@ def staging_folder(beside: str | Path) -> Iterator[Path]:
 def staged(path: str | Path, *, fsync: bool = False, replace: bool = True) -> Iterator[Path]:
     """Where to write ``path``: ``<a private folder beside it>/<its name>``. If the block succeeds, what was
     written there becomes ``path`` (flushed to disk first with ``fsync``); whatever happens, the folder
-    is gone afterwards. The folder is the caller's: scratch files may go beside the staged one.
+    is gone afterwards. The folder is the caller's: scratch files may go beside the staged one. A folder
+    made there (a format that is a folder of files) replaces an existing ``path`` whole, as
+    :func:`install_folders` does (``fsync`` applies to files only).
 
     ``replace=False``: an existing ``path`` (one made meanwhile too) is left as it is and
     ``FileExistsError`` raised instead."""
@@ -54,10 +56,12 @@ def staged(path: str | Path, *, fsync: bool = False, replace: bool = True) -> It
     with staging_folder(path) as folder:
         staging = folder / path.name
         yield staging
-        if fsync:
+        if fsync and not staging.is_dir():
             with open(staging, "rb+") as handle:
                 os.fsync(handle.fileno())
-        if replace:
+        if staging.is_dir() and not staging.is_symlink():  # a folder written there: swapped in whole
+            install_folders(folder, path.parent, [path.name], replace=replace)
+        elif replace:
             os.replace(staging, path)
         else:
             _link_new(staging, path)

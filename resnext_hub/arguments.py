@@ -1,7 +1,8 @@
 """Command-line options shared by the subcommands: which model, where and how it runs, progress.
 
 ``--model`` takes any name of the entry-point registry: a hub entry point
-(``nvidia_se_resnext101_32x4d``) or an architecture (``se_resnext101_32x4d``).
+(``nvidia_se_resnext101_32x4d``), an architecture (``se_resnext101_32x4d``) or timm's
+``hf-hub:timm/<name>.<tag>`` id of a manifest record (architecture and weights).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from .engine import resolve_device
 from .models import ResNet, build_model
 from .models.openvino_ir import OpenVINOResNet, load_openvino_ir, openvino_ir_path
 from .models.optimize import PRECISIONS
-from .models.registry import architecture_of, model_names
+from .models.registry import architecture_of, model_names, split_model_id
+from .models.weights import hf_hub_ids
 from .options import InferenceOptions, default_workers
 
 DEFAULT_MODEL = "se_resnext101_32x4d"
@@ -31,9 +33,10 @@ def add_model_options(parser: argparse.ArgumentParser, *, random_weights: bool =
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        choices=names,
+        type=model_name,
         metavar="NAME",
-        help=f"a hub entry point or architecture (default {DEFAULT_MODEL}): {', '.join(names)}",
+        help=f"a hub entry point or architecture (default {DEFAULT_MODEL}): {', '.join(names)}; or timm's "
+        f"Hugging Face id of its weights: {', '.join(hf_hub_ids())}",
     )
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--weights", help="manifest tag or name (default: the model's default weights)")
@@ -44,6 +47,15 @@ def add_model_options(parser: argparse.ArgumentParser, *, random_weights: bool =
     )
     if random_weights:
         weights.add_argument("--random-weights", action="store_true", help="random weights (to try the pipeline)")
+
+
+def model_name(name: str) -> str:
+    """``--model``'s value, checked: a registry name or a served ``hf-hub:`` id (else the choices, for argparse)."""
+    try:
+        architecture_of(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} ({error})") from None
+    return name
 
 
 def add_inference_options(
@@ -101,11 +113,21 @@ def check_options(args: argparse.Namespace) -> str | None:
             resolve_device(args.device)
         except ValueError as error:
             return f"--device: {error}"
-    problem = _check_precision(args)
+    problem = _check_precision(args) or _check_weights(args)
     if problem:
         return problem
     check = getattr(args, "check_options", None)
     return check(args) if check is not None else None
+
+
+def _check_weights(args: argparse.Namespace) -> str | None:
+    """An ``hf-hub:`` id names its weights: a ``--weights`` other than those is a contradiction."""
+    if getattr(args, "model", None) is None or getattr(args, "weights", None) is None:
+        return None
+    weights = split_model_id(args.model)[1]
+    if weights is not None and args.weights not in (weights, weights.split(".", 1)[1]):
+        return f"--model {args.model} names the weights {weights}; --weights {args.weights} contradicts it: give one"
+    return None
 
 
 def report_skipped(skipped: list[Skipped]) -> None:
@@ -218,16 +240,17 @@ def model_from_args(
     ``model.xml``) gives that IR, compiled, with its own classes and preset (no calibration).
     With ``ctx`` (several processes), rank 0 fetches the weights first and the others then read the cache.
     """
+    architecture, weights = split_model_id(args.model)
     ir = openvino_ir_path(args.checkpoint) if getattr(args, "checkpoint", None) else None
     if ir is not None:
-        return load_openvino_ir(ir, architecture=architecture_of(args.model))
+        return load_openvino_ir(ir, architecture=architecture_of(architecture))
     if ctx is not None:
         with ctx.main_first():
             return model_from_args(args, progress=ctx.is_main, **kwargs)
     return build_model(
-        architecture_of(args.model),
+        architecture_of(architecture),
         pretrained=not getattr(args, "random_weights", False),
         pretrained_from_file=args.checkpoint,
-        weights=args.weights,
+        weights=args.weights or weights,
         **kwargs,
     )

@@ -1,4 +1,5 @@
-"""Inputs: files, folders, list files and class folders (``root/<class>/``), and the dataset that decodes them.
+"""Inputs: files, folders, list files, class folders (``root/<class>/``) and flat folders with a ground-truth file,
+and the dataset that decodes them.
 
 Every image goes through the one hardened loader (``processing.load_image``) and the model's
 preset; a file that is not a usable image gives its reason, never an exception. That boundary
@@ -165,8 +166,10 @@ def quoted(names: Sequence[str], limit: int = _LISTED) -> str:
     return ", ".join(repr(name) for name in names[:limit]) + (" ..." if len(names) > limit else "")
 
 
-def match_classes(folders: Sequence[str], classes: ClassList) -> dict[str, int]:
+def match_classes(folders: Sequence[str], classes: ClassList, *, what: str = "folder") -> dict[str, int]:
     """The class index of each folder name, or ``ValueError`` naming the folders that match none (or several).
+
+    ``what``: what the names are, for the message (``"folder"``, or ``"label"`` of a ground-truth file).
 
     The rules, in order:
 
@@ -207,10 +210,13 @@ def match_classes(folders: Sequence[str], classes: ClassList) -> dict[str, int]:
         problems = []
         if unmatched:
             problems.append(
-                f"{len(unmatched)} folder(s) match none of the model's {len(classes)} classes: {quoted(unmatched)}"
+                f"{len(unmatched)} {what}(s) match none of the model's {len(classes)} classes: {quoted(unmatched)}"
             )
         if ambiguous:
-            problems.append(f"{len(ambiguous)} folder(s) match no single class: {', '.join(ambiguous[:_LISTED])}")
+            problems.append(f"{len(ambiguous)} {what}(s) match no single class: {', '.join(ambiguous[:_LISTED])}")
+        if what != "folder":
+            ids = f" (or their WordNet ids, e.g. {classes.wnids[0]})" if classes.wnids else ""
+            raise ValueError(f"{'; '.join(problems)}. The model's classes are {quoted(classes.names, 3)}{ids}")
         ids = (
             f" (or their WordNet ids, e.g. {classes.wnids[0]}/; docs/distributed.md sorts ImageNet's flat "
             "validation set into such folders)"
@@ -225,18 +231,136 @@ def match_classes(folders: Sequence[str], classes: ClassList) -> dict[str, int]:
     return matched
 
 
+ILSVRC2012_CLASSES = 1000
+DEVKIT_META = "meta.mat"  # the devkit's data/ folder holds it beside ILSVRC2012_validation_ground_truth.txt
+
+
+def ilsvrc2012_wnids(meta: str | Path) -> dict[int, str]:
+    """The WordNet id of each ILSVRC2012 class id (1..1000) in the devkit's ``meta.mat``.
+
+    Those ids number the classes in the devkit's own order (1 = n02119789, kit fox), not in the
+    sorted-WordNet-id order of the models' outputs (0 = n01440764, tench): the devkit's readme
+    describes ``meta.mat``'s ``synsets`` (``ILSVRC2012_ID``, ``WNID``, ``num_children``), and
+    torchvision's ``datasets/imagenet.py`` (``parse_meta_mat``) maps them the same way, keeping the
+    1,000 leaf synsets (no children). Reading it needs scipy.
+    """
+    try:
+        from scipy.io import loadmat
+        from scipy.io.matlab import MatReadError
+    except ImportError as error:
+        raise ValueError(
+            f"reading the devkit's {DEVKIT_META} needs scipy (pip install scipy); or give the ground truth as "
+            "WordNet ids, one per line"
+        ) from error
+    try:
+        synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
+        table = {int(row["ILSVRC2012_ID"]): str(row["WNID"]) for row in synsets if int(row["num_children"]) == 0}
+    except (OSError, ValueError, KeyError, TypeError, IndexError, MatReadError) as error:
+        raise ValueError(
+            f"{printable(meta)} is not the ILSVRC2012 devkit's {DEVKIT_META} (a struct array 'synsets' with "
+            f"ILSVRC2012_ID, WNID and num_children): {error}"
+        ) from error
+    if sorted(table) != list(range(1, ILSVRC2012_CLASSES + 1)):
+        raise ValueError(
+            f"{printable(meta)} lists {len(table)} leaf synsets, not ILSVRC2012's ids 1..{ILSVRC2012_CLASSES}"
+        )
+    return table
+
+
+def read_ground_truth(path: str | Path, classes: ClassList) -> list[int]:
+    """The class index (the model's) of each line of a ground-truth file: one label per image, in file-name order.
+
+    A line is an ILSVRC2012 class id (``ILSVRC2012_validation_ground_truth.txt`` of the devkit:
+    1..1000, mapped to WordNet ids through the devkit's ``meta.mat`` found beside the file, see
+    :func:`ilsvrc2012_wnids`), or a WordNet id or class name of the model (:func:`match_classes`).
+    Blank lines are errors (one would shift every label after it); a trailing newline is not.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as error:
+        raise ValueError(f"ground-truth file {printable(path)} could not be read: {error.strerror or error}") from None
+    lines = [line.strip() for line in text.splitlines()]
+    blank = [number for number, line in enumerate(lines, 1) if not line]
+    if blank:
+        raise ValueError(
+            f"ground-truth file {printable(path)}: line {blank[0]} is blank; it needs one label per line (an "
+            "ILSVRC2012 class id, WordNet id or class name), one line per image"
+        )
+    ids = {line for line in lines if line.isascii() and line.isdigit()}
+    by_id: dict[str, int] = {}
+    if ids:
+        meta = Path(path).parent / DEVKIT_META
+        if not meta.is_file():
+            first = next(number for number, line in enumerate(lines, 1) if line in ids)
+            raise ValueError(
+                f"ground-truth file {printable(path)} holds ILSVRC2012 class ids (line {first}: {lines[first - 1]}), "
+                "which number the classes in the devkit's order, not the "
+                f"model's: put the devkit's {DEVKIT_META} beside it (ILSVRC2012_devkit_t12/data/ holds both), or "
+                "give WordNet ids, one per line"
+            )
+        table = ilsvrc2012_wnids(meta)
+        wnid_index = {wnid: i for i, wnid in enumerate(classes.wnids or ())}
+        for number, line in enumerate(lines, 1):
+            if line in ids and line not in by_id:
+                if int(line) not in table:
+                    raise ValueError(
+                        f"ground-truth file {printable(path)}, line {number}: {line} is no ILSVRC2012 class id "
+                        f"(1..{ILSVRC2012_CLASSES})"
+                    )
+                if table[int(line)] not in wnid_index:
+                    raise ValueError(
+                        f"ground-truth file {printable(path)}, line {number}: ILSVRC2012 class {line} "
+                        f"({table[int(line)]}) is none of the model's classes: ILSVRC2012 ids need an ImageNet-1k model"
+                    )
+                by_id[line] = wnid_index[table[int(line)]]
+    names = sorted({line for line in lines if line not in ids})
+    try:
+        by_name = match_classes(names, classes, what="label")
+    except ValueError as error:
+        raise ValueError(f"ground-truth file {printable(path)}: {error}") from None
+    return [by_id[line] if line in by_id else by_name[line] for line in lines]
+
+
+def find_flat_samples(root: str | Path, ground_truth: str | Path, classes: ClassList) -> list[tuple[str, int]]:
+    """``(path, class index)`` of every image directly in ``root``, sorted by file name, labelled by the lines of
+    ``ground_truth`` (:func:`read_ground_truth`) in that order: ImageNet's flat validation folder
+    (``ILSVRC2012_val_00000001.JPEG`` ...) as the archive unpacks. The counts must agree."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"folder {printable(root)} does not exist (or is not a folder)")
+    try:
+        images = sorted(p.name for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+    except OSError as error:
+        raise ValueError(f"folder {printable(root)} could not be read: {error.strerror or error}") from error
+    labels = read_ground_truth(ground_truth, classes)
+    if len(labels) != len(images):
+        raise ValueError(
+            f"ground-truth file {printable(ground_truth)} has {len(labels)} line(s) but {printable(root)} holds "
+            f"{len(images)} image(s) ({', '.join(sorted(IMAGE_SUFFIXES))}): it needs one line per image, in "
+            "file-name order"
+        )
+    return [(str(root / name), label) for name, label in zip(images, labels)]
+
+
 def find_samples(
-    root: str | Path, classes: ClassList | None = None, skipped: list[Skipped] | None = None
+    root: str | Path,
+    classes: ClassList | None = None,
+    skipped: list[Skipped] | None = None,
+    *,
+    ground_truth: str | Path | None = None,
 ) -> list[tuple[str, int]]:
     """``(path, class index)`` of every image under ``root/<class>/``, folder by folder, for a model with ``classes``.
 
     Folders are matched to the classes by :func:`match_classes` (name, WordNet id, letter case);
     ``classes`` defaults to ImageNet-1k. Class indices are the model's, not the sort order of the
     folders present, so a subset of the classes still scores against the right outputs.
-    Unreadable class folders go to ``skipped`` (:func:`read_class_folders`).
+    Unreadable class folders go to ``skipped`` (:func:`read_class_folders`). With ``ground_truth``,
+    ``root`` is a flat folder labelled by that file instead (:func:`find_flat_samples`).
     """
-    found = read_class_folders(root, skipped)
     classes = classes if classes is not None else imagenet_classes()
+    if ground_truth is not None:
+        return find_flat_samples(root, ground_truth, classes)
+    found = read_class_folders(root, skipped)
     try:
         matched = match_classes(found.names, classes)
     except ValueError as error:

@@ -69,6 +69,14 @@ class DistContext:
         dist.all_gather_object(gathered, obj)
         return gathered
 
+    def gather_object(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` (picklable), in rank order, on rank 0; None on the other ranks."""
+        if not self.distributed:
+            return [obj]
+        gathered: list[Any] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, gathered, dst=0)
+        return gathered
+
     def raise_together(self, error: Exception | None) -> None:
         """Raise on every rank the error of the first rank (by rank) that had one; return if none had.
 

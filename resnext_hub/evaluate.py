@@ -3,8 +3,10 @@
 The dataset holds one sub-folder per class, named after one of the model's classes: its class name
 (a fine-tuned model's own folders) or, for ImageNet-1k models, its WordNet id (``n01440764/``, as
 ImageNet's validation set is laid out); :func:`resnext_hub.data.match_classes` has the rules.
-Every image is counted exactly once whatever the number of processes; the counts are summed over
-the ranks, so every rank returns the same summary.
+ImageNet's flat validation folder is read with a ground-truth file instead (``ground_truth``:
+:func:`resnext_hub.data.read_ground_truth`). Every image is counted exactly once whatever the number
+of processes; the counts are summed over the ranks, so every rank returns the same summary.
+With ``report=True`` the summary also holds the evaluation report (:mod:`resnext_hub.report`).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from .console import progress_bar
 from .data import Skipped, find_samples
 from .distributed import DistContext, agreed_precision, current_context, shard_batches
 from .engine import Engine, resolve_device
-from .metrics import TopKMeter
+from .metrics import ReportMeter, TopKMeter
 from .models import ResNet
 from .options import InferenceOptions
+from .report import report_contents
 
 
 def evaluate(
@@ -29,6 +32,8 @@ def evaluate(
     options: InferenceOptions | None = None,
     *,
     ctx: DistContext | None = None,
+    ground_truth: str | Path | None = None,
+    report: bool = False,
 ) -> dict[str, Any]:
     """Score ``model`` on the class folders of ``root`` (``root/<class>/``) as ``options`` say (``top_k``
     aside: top-1 and top-5 are counted); the same summary on every rank. ``ctx``: the process group
@@ -41,15 +46,21 @@ def evaluate(
     counted and listed under ``failures`` (``input``, ``error``), not scored. Folders that could
     not be read are listed under ``skipped`` (``path``, ``reason``): their images are not counted
     at all, so a non-empty ``skipped`` means the numbers are of a subset.
+
+    ``ground_truth``: ``root`` is a flat folder of images labelled by this file, one line per image
+    in file-name order (ImageNet's ``ILSVRC2012_validation_ground_truth.txt``, or WordNet ids).
+    ``report``: also count the confusion matrix, per-class accuracy and calibration, under ``report``
+    (:func:`resnext_hub.report.report_contents`; :func:`resnext_hub.report.write_report` writes it).
     """
     options = options or InferenceOptions()
     ctx = ctx or current_context(resolve_device(options.device))
     skipped: list[Skipped] = []
-    samples = find_samples(root, model.classes, skipped=skipped)
+    samples = find_samples(root, model.classes, skipped=skipped, ground_truth=ground_truth)
     batches = shard_batches(len(samples), options.batch_size, ctx.rank, ctx.world_size)
     engine = Engine(model, dataclasses.replace(options, device=ctx.device))
     precision = agreed_precision(ctx, engine.precision)
     meter = TopKMeter(model.num_classes)
+    report_meter = ReportMeter(model.num_classes) if report else None
     failures: list[tuple[int, str]] = []
     ctx.barrier()  # time the run, not the slowest rank's start-up
     started = time.perf_counter()
@@ -59,11 +70,14 @@ def evaluate(
         failures += scored.failed
         if scored.logits is not None:
             meter.update(scored.logits, scored.targets)
+            if report_meter is not None:
+                report_meter.update(scored.logits, scored.targets, scored.indices)
         if bar is not None:
             bar.update(len(scored.indices) + len(scored.failed))
     if bar is not None:
         bar.close()
     totals = meter.merged(ctx)
+    report_counts = report_meter.merged(ctx) if report_meter is not None else None
     all_failures = sorted(f for part in ctx.all_gather_object(failures) for f in part)
     seconds = time.perf_counter() - started
 
@@ -74,10 +88,11 @@ def evaluate(
         )
     record = model.weights_record
     published = record.accuracy if record is not None else {}
-    return {
+    summary = {
         "model": model.architecture or type(model).__name__,
         "weights": record.name if record is not None else None,
         "dataset": str(root),
+        **({"ground_truth": str(ground_truth)} if ground_truth is not None else {}),
         "images": len(samples),
         "evaluated": evaluated,
         "failed": failed,
@@ -97,3 +112,6 @@ def evaluate(
         "failures": [{"input": samples[i][0], "error": reason} for i, reason in all_failures],
         "skipped": [entry._asdict() for entry in skipped],
     }
+    if report_counts is not None:
+        summary["report"] = report_contents(summary, report_counts, model.classes)
+    return summary

@@ -48,6 +48,7 @@ from resnext_hub import processing  # noqa: E402
 from resnext_hub.console import printable  # noqa: E402
 from resnext_hub.models import CheckpointError, list_models  # noqa: E402
 from resnext_hub.models.checkpoint import read_finetuned_meta  # noqa: E402
+from resnext_hub.models.hf_config import is_hf_folder  # noqa: E402
 from resnext_hub.models.optimize import PRECISIONS  # noqa: E402
 from resnext_hub.models.registry import architecture_of  # noqa: E402
 from resnext_hub.processing.fetch import FetchError, URLRefusedError, is_public_address  # noqa: E402
@@ -280,8 +281,8 @@ def checkpoint_entry(checkpoint: Path, model: str | None = None) -> str:
     ``SystemExit`` with the reason when the file is missing, names another architecture than ``model``,
     or names none and ``model`` is not given.
     """
-    if not checkpoint.is_file():
-        raise SystemExit(f"--checkpoint {checkpoint} does not exist (or is not a file)")
+    if not (checkpoint.is_file() or is_hf_folder(checkpoint)):  # a file, or export --format hf's folder
+        raise SystemExit(f"--checkpoint {checkpoint} does not exist (or is neither a file nor an hf export folder)")
     try:
         meta = read_finetuned_meta(checkpoint)
     except CheckpointError as error:

@@ -38,10 +38,13 @@ def small_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def torch_home(tmp_path, monkeypatch) -> Path:
-    """An empty torch.hub cache (TORCH_HOME) and no weights mirror."""
+    """An empty torch.hub cache (TORCH_HOME), no weights mirror, an empty Hugging Face cache, online."""
     home = tmp_path / "torch_home"
     monkeypatch.setenv("TORCH_HOME", str(home))
     monkeypatch.delenv("RESNEXT_HUB_WEIGHTS_MIRROR", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_hub_cache"))  # a user's own cache would serve files
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     return home
 
 

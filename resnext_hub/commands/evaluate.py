@@ -10,9 +10,18 @@ one class does. Run it alone or under ``torchrun``::
     torchrun --nproc_per_node=8 -m resnext_hub evaluate /data/imagenet/val --model se_resnext101_32x4d
     python -m resnext_hub evaluate DATA/val --model seresnext26d_32x4d --checkpoint runs/mine/best.pth
 
+ImageNet's validation set as its archive unpacks (one flat folder of 50,000 images) is read with
+the devkit's ground-truth file, one label per image in file-name order (``--ground-truth``)::
+
+    python -m resnext_hub evaluate ILSVRC2012_img_val/ --model se_resnext101_32x4d \\
+        --ground-truth ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt
+
+``--report DIR`` also writes per-class accuracy, the confusion matrix (``report.json``,
+``confusion_matrix.png``) and the calibration (ECE before and after temperature scaling).
+
 Every image is counted exactly once whatever the number of processes; counts are summed
-over the ranks and rank 0 prints (and writes) the JSON summary. The summary is printed first, so
-an ``--output`` that fails to be written (checked before the model loads) loses nothing. Folders
+over the ranks and rank 0 prints (and writes) the JSON summary and the report. The summary is
+printed first, so an ``--output`` that fails to be written (checked before the model loads) loses nothing. Folders
 that could not be read are listed under ``skipped`` and make the exit status 1, as unreadable
 images do: the numbers are then of a subset.
 """
@@ -37,17 +46,24 @@ from ..data import Skipped, read_class_folders
 from ..distributed import distributed, quiet_unless_main, sigterm_as_exit
 from ..evaluate import evaluate
 from ..outputs import check_output
+from ..report import REPORT_JSON, write_report
 
 
 def run(args: argparse.Namespace) -> int:
     with sigterm_as_exit(), distributed(args.device) as ctx:
         quiet_unless_main(ctx)
         try:
-            read_class_folders(args.root, skipped=[])  # fail before the (slow) model load; reported later
+            if args.ground_truth is None:
+                read_class_folders(args.root, skipped=[])  # fail before the (slow) model load; reported later
             if args.output is not None:
                 check_output(args.output)
+            if args.report is not None:
+                check_output(Path(args.report) / REPORT_JSON, "--report", replaced=True)
             options = inference_options(args)
-            summary = evaluate(model_from_args(args, ctx=ctx), args.root, options, ctx=ctx)
+            model = model_from_args(args, ctx=ctx)
+            summary = evaluate(
+                model, args.root, options, ctx=ctx, ground_truth=args.ground_truth, report=args.report is not None
+            )
         except ValueError:
             if ctx.is_main:
                 raise  # the CLI prints it once
@@ -56,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
             # Success: a non-zero status would make torchrun stop rank 0 before it has written the summary.
             return exit_codes.OK
         summary["checkpoint"] = args.checkpoint
+        report = summary.pop("report", None)
         text = json.dumps(summary, indent=2)
         print(text, flush=True)  # first: whatever happens to --output, the numbers are out
         problem = None
@@ -67,6 +84,14 @@ def run(args: argparse.Namespace) -> int:
                 problem = (
                     f"error: writing {printable(args.output)} failed ({error.strerror or error}); "
                     "the summary is on stdout above"
+                )
+        if report is not None:
+            try:
+                written = write_report(report, args.report)
+                print(f"report: {', '.join(printable(p) for p in written)}", file=sys.stderr)
+            except OSError as error:
+                problem = (problem + "\n" if problem else "") + (
+                    f"error: writing the report to {printable(args.report)} failed ({error.strerror or error})"
                 )
         top1 = "n/a" if summary["top1"] is None else f"{summary['top1']:.3f}%"
         top5 = "n/a" if summary["top5"] is None else f"{summary['top5']:.3f}%"
@@ -99,9 +124,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("root", help="folder with one sub-folder of images per class (its name, or WordNet id)")
+    parser.add_argument(
+        "root",
+        help="folder with one sub-folder of images per class (its name, or WordNet id); with --ground-truth, a flat "
+        "folder of images",
+    )
     add_model_options(parser)
     add_inference_options(parser, batch_size=64, top_k=False, per_process=True)
     add_progress_options(parser)
     parser.add_argument("--output", "-o", help="also write the JSON summary to this file (rank 0)")
+    parser.add_argument(
+        "--ground-truth",
+        metavar="FILE",
+        help="ROOT is a flat folder; FILE has one label per image, in file-name order: ILSVRC2012 class ids (the "
+        "devkit's ILSVRC2012_validation_ground_truth.txt, with the devkit's meta.mat beside it), WordNet ids or "
+        "class names",
+    )
+    parser.add_argument(
+        "--report",
+        metavar="DIR",
+        help="also write per-class accuracy, the confusion matrix and calibration (ECE before/after temperature "
+        "scaling) to DIR: report.json, confusion_matrix.png (rank 0)",
+    )
     parser.set_defaults(func=run)

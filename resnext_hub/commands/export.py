@@ -23,6 +23,7 @@ from ..export import (
     export_torchscript,
 )
 from ..export.onnx_versions import MAX_OPSET, MIN_OPSET, opset_problem
+from ..models.hf_config import timm_architecture
 from ..models.openvino_ir import openvino_ir_path
 from ..models.registry import architecture_of
 from ..outputs import check_output, write_problem
@@ -35,6 +36,7 @@ PRECISIONS = {
     "torchscript": ("fp32",),
     "pt2": ("fp32", "bf16", "fp16"),
     "triton": ("fp32", "fp16"),
+    "hf": ("fp32",),
     "openvino": ("fp32", "bf16", "int8"),  # an IR folder (model.xml + model.bin) for OpenVINO's runtime
 }
 
@@ -59,6 +61,11 @@ def check(args: argparse.Namespace) -> str | None:
         )
     if args.checkpoint and openvino_ir_path(args.checkpoint):
         return f"--checkpoint {printable(args.checkpoint)} is an OpenVINO IR, an export already: give the weights file"
+    if args.format == "hf":
+        try:
+            timm_architecture(architecture_of(args.model))
+        except ValueError as error:
+            return str(error)
     if args.format != "pt2" and resolve_device(args.device).type != "cpu":  # checked valid before
         return "--device applies to pt2 exports (the package is compiled for one device); the others run anywhere"
     if args.format == "triton":
@@ -87,6 +94,12 @@ def _check_paths(args: argparse.Namespace) -> str | None:
             return f"--output {shown}: no permission to create folders in it: give a repository this user may write to"
         name = args.name or architecture_of(args.model)
         targets = [output / folder for folder in model_folders(name, image_ensemble=args.image_ensemble)]
+    elif args.format == "hf":
+        if output.exists() and not output.is_dir():
+            return f"--output {shown} is not a folder (timm's Hugging Face format is one): give a folder path"
+        if not output.exists():
+            check_output(output)  # a folder can be created there
+        targets = [output]
     elif args.format == "openvino":  # a folder, swapped whole (processing.atomic.install_folders)
         if output.exists() and not output.is_dir():
             return f"--output {shown} is not a folder (an OpenVINO IR is one: model.xml + model.bin)"
@@ -168,6 +181,10 @@ def _export(args: argparse.Namespace) -> ExportResult:
         return export_onnx(model, args.output, image_size=args.image_size, fp16=fp16, opset=args.opset, **replace)
     if args.format == "torchscript":
         return export_torchscript(model, args.output, image_size=args.image_size, **replace)
+    if args.format == "hf":
+        from ..export.hf_folder import export_hf
+
+        return export_hf(model, args.output, image_size=args.image_size, **replace)
     names = ("name", "image_size", "opset", "max_batch_size", "preferred_batch_sizes", "queue_delay_us", "top_k")
     names += ("instance_kind", "instance_count", "accelerator", "image_ensemble", "classifier")
     given = {name: getattr(args, name) for name in names}
@@ -180,7 +197,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``export`` subcommand."""
     parser = subparsers.add_parser(
         "export",
-        help="export a model to ONNX, TorchScript, pt2 (AOTInductor) or a Triton model repository (verified)",
+        help="export a model to ONNX, TorchScript, pt2 (AOTInductor), a Triton repository or an hf folder (verified)",
         description=exporting.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -190,8 +207,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--output",
         "-o",
         required=True,
-        help="file (onnx, torchscript, pt2), IR folder (openvino: model.xml + model.bin) or model repository folder "
-        "(triton)",
+        help="file (onnx, torchscript, pt2), model repository folder (triton), folder (hf) or IR folder (openvino: "
+        "model.xml + model.bin)",
     )
     parser.add_argument("--image-size", type=int, help="input height = width (default: the weights' crop size)")
     add_precision_options(

@@ -86,3 +86,17 @@ def test_staged_folders_are_installed_whole_or_not_at_all(tmp_path):
         install_folders(staging, destination, ["a", "b"], replace=True)
     assert sorted(os.listdir(destination)) == ["a", "b", "other"]  # no staging folder left either
     assert (destination / "a" / "new").read_text() == "a's new model" and os.listdir(destination / "a") == ["new"]
+
+
+def test_a_staged_folder_replaces_the_old_one_whole(tmp_path):
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with staged(target) as staging:
+        staging.mkdir()
+        (staging / "new.txt").write_text("new")
+        assert sorted(os.listdir(target)) == ["old.txt"]  # the old folder stays whole until the block succeeds
+    assert sorted(os.listdir(target)) == ["new.txt"]
+    with pytest.raises(FileExistsError), staged(target, replace=False) as staging:
+        staging.mkdir()
+    assert sorted(os.listdir(tmp_path)) == ["export"] and sorted(os.listdir(target)) == ["new.txt"]

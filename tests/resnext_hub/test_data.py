@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT
@@ -19,6 +20,7 @@ from resnext_hub.data import (
     collate,
     collect_inputs,
     find_samples,
+    ilsvrc2012_wnids,
     match_classes,
     read_class_folders,
 )
@@ -200,3 +202,95 @@ def test_a_decode_target_reduces_large_photos_only(tmp_path):
     assert sizes[0] == (1008, 756) and sizes[1] == (252, 189)
     with pytest.raises(ValueError, match="min_size must be None or a positive int"):
         ImageListDataset([], preset, min_size=0)
+
+
+# -- issue 23: ImageNet's flat validation folder with a ground-truth file ------------------------------------------
+
+
+def write_devkit_meta(folder, order: list[str]) -> None:
+    """A ``meta.mat`` as ILSVRC2012's devkit lays it out: struct array ``synsets``, leaves numbered 1..1000 in
+    ``order``, then inner synsets (children, ids above 1000), which the mapping must leave out."""
+    from scipy.io import savemat
+
+    fields = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O"), ("children", "O")]
+    synsets = np.zeros(len(order) + 2, dtype=fields)
+    for i, wnid in enumerate(order):
+        synsets[i] = (i + 1, wnid, f"words {i}", 0, np.zeros((1, 0)))
+    synsets[len(order)] = (len(order) + 1, "n00001740", "entity", 2, np.array([1, 2]))
+    synsets[len(order) + 1] = (len(order) + 2, "n00002137", "abstraction", 1, np.array([3]))
+    savemat(folder / "meta.mat", {"synsets": synsets[:, None]})
+
+
+@pytest.fixture(scope="module")
+def flat_val(tmp_path_factory) -> dict:
+    """A flat folder of 6 tiny images named as ImageNet's, and the devkit's meta.mat in a shuffled class order."""
+    base = tmp_path_factory.mktemp("flat")
+    root = base / "ILSVRC2012_img_val"
+    root.mkdir()
+    for i in range(6, 0, -1):  # written out of order: the file names give the order
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / f"ILSVRC2012_val_{i:08d}.JPEG")
+    (root / "README.txt").write_text("not an image: not a sample\n")
+    devkit = base / "ILSVRC2012_devkit_t12" / "data"
+    devkit.mkdir(parents=True)
+    order = list(imagenet_wnids())
+    np.random.default_rng(0).shuffle(order)  # the devkit's order is not the sorted one
+    write_devkit_meta(devkit, order)
+    return {"root": root, "devkit": devkit, "order": order}
+
+
+def test_ilsvrc2012_ids_map_through_the_devkit_to_the_models_classes(flat_val):
+    ids = [1, 1000, 17, 17, 500, 2]
+    truth = flat_val["devkit"] / "ILSVRC2012_validation_ground_truth.txt"
+    truth.write_text("".join(f"{i}\n" for i in ids))
+    samples = find_samples(flat_val["root"], imagenet_classes(), ground_truth=truth)
+    wnids = imagenet_wnids()
+    assert [os.path.basename(p) for p, _ in samples] == [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, 7)]
+    assert [wnids[c] for _, c in samples] == [flat_val["order"][i - 1] for i in ids]
+    assert ilsvrc2012_wnids(flat_val["devkit"] / "meta.mat")[1] == flat_val["order"][0]
+
+
+def test_wordnet_ids_and_class_names_per_line_need_no_devkit(flat_val, tmp_path):
+    wnids = imagenet_wnids()
+    truth = tmp_path / "labels.txt"
+    truth.write_text(f"{wnids[3]}\n{wnids[0]}\nn01440764\r\n{wnids[999]}\ntench, Tinca tinca\n {wnids[7]} ")
+    samples = find_samples(flat_val["root"], imagenet_classes(), ground_truth=truth)
+    assert [c for _, c in samples] == [3, 0, 0, 999, 0, 7]
+    shapes = ClassList(("circle", "square"))
+    truth.write_text("square\ncircle\n" * 3)
+    assert [c for _, c in find_samples(flat_val["root"], shapes, ground_truth=truth)] == [1, 0] * 3
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("1\n2\n3\n", r"has 3 line\(s\) but .* holds 6 image\(s\).*one line per image, in file-name order"),
+        ("1\n2\n3\n4\n5\n6\n7\n", r"has 7 line\(s\) but .* holds 6 image\(s\)"),
+        ("1\n2\n0\n4\n5\n6\n", r"line 3: 0 is no ILSVRC2012 class id \(1\.\.1000\)"),
+        ("1\n2\n3\n1001\n5\n6\n", r"line 4: 1001 is no ILSVRC2012 class id"),
+        ("1\n\n3\n4\n5\n6\n", r"line 2 is blank"),
+        ("1\n2\nn99999999\n4\n5\n6\n", r"1 label\(s\) match none of the model's 1000 classes: 'n99999999'"),
+    ],
+)
+def test_a_ground_truth_that_does_not_fit_is_refused_saying_why(flat_val, content, message):
+    truth = flat_val["devkit"] / "bad_ground_truth.txt"
+    truth.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        find_samples(flat_val["root"], imagenet_classes(), ground_truth=truth)
+
+
+def test_ilsvrc2012_ids_without_the_devkit_or_a_missing_file_are_refused(flat_val, tmp_path):
+    truth = tmp_path / "ILSVRC2012_validation_ground_truth.txt"
+    truth.write_text("65\n970\n230\n809\n516\n57\n")
+    with pytest.raises(ValueError, match=r"line 1: 65\).*devkit's order, not the model's: put the devkit's meta.mat"):
+        find_samples(flat_val["root"], imagenet_classes(), ground_truth=truth)
+    with pytest.raises(ValueError, match=r"ground-truth file .*missing.txt could not be read: No such file"):
+        find_samples(flat_val["root"], imagenet_classes(), ground_truth=tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match=r"folder .*nowhere does not exist"):
+        find_samples(tmp_path / "nowhere", imagenet_classes(), ground_truth=truth)
+    (tmp_path / "meta.mat").write_bytes(b"not a MATLAB file")
+    with pytest.raises(ValueError, match=r"is not the ILSVRC2012 devkit's meta.mat"):
+        find_samples(flat_val["root"], imagenet_classes(), ground_truth=truth)
+    beside_devkit = flat_val["devkit"] / "gt.txt"
+    beside_devkit.write_text("1\n2\n3\n4\n5\n6\n")
+    with pytest.raises(ValueError, match=r"ILSVRC2012 ids need an ImageNet-1k model"):
+        find_samples(flat_val["root"], ClassList(("a", "b")), ground_truth=beside_devkit)

@@ -126,12 +126,13 @@ def dataset(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def single(dataset) -> dict:
     """The CLI in one plain process (no torchrun): its summary file, stdout and stderr."""
-    out = dataset["base"] / "single.json"
+    out, report = dataset["base"] / "single.json", dataset["base"] / "single_report"
     args = ["evaluate", str(dataset["root"]), "--model", ARCH, "--checkpoint", str(dataset["checkpoint"])]
+    args += ["--report", str(report)]
     run = run_cli(
         [*args, "--batch-size", "4", "--workers", "2", "--precision", "fp32", "-o", str(out)], dataset["base"]
     )
-    return {"run": run, "summary": json.loads(out.read_text()) if out.exists() else None}
+    return {"run": run, "summary": json.loads(out.read_text()) if out.exists() else None, "report": report}
 
 
 # -- tests ----------------------------------------------------------------------------------------------
@@ -182,12 +183,17 @@ def test_one_process_counts_every_image_once_and_scores_it_right(dataset, single
     assert failure["input"].endswith("broken.jpg") and failure["error"]
     assert summary["world_size"] == 1 and summary["precision"] == "fp32" and summary["images_per_second"] > 0
     assert summary["model"] == ARCH and summary["preprocessing"]["interpolation"] == "bicubic"  # timm's weights
+    report = json.loads((single["report"] / "report.json").read_text())
+    assert sum(c["images"] for c in report["per_class"]) == 12 and report["top1"] == summary["top1"]
+    assert sum(c["correct_top1"] for c in report["per_class"]) == 4
+    assert report["calibration"]["nll"] == pytest.approx(dataset["loss"], rel=1e-4)
 
 
 @pytest.mark.slow
 def test_torchrun_two_processes_give_identical_counts_and_accuracy(dataset, single):
-    out = dataset["base"] / "two.json"
+    out, report = dataset["base"] / "two.json", dataset["base"] / "two_report"
     args = ["evaluate", str(dataset["root"]), "--model", ARCH, "--checkpoint", str(dataset["checkpoint"])]
+    args += ["--report", str(report)]
     run = run_cli(
         [*args, "--batch-size", "4", "--workers", "1", "--precision", "fp32", "-o", str(out)], dataset["base"], nproc=2
     )
@@ -201,6 +207,12 @@ def test_torchrun_two_processes_give_identical_counts_and_accuracy(dataset, sing
     # Only rank 0 printed: one summary on stdout, one result line on stderr.
     assert json.loads(run.stdout) == two
     assert run.stderr.count("top-1 33.333%") == 1 and run.stderr.count("broken.jpg: ERROR") == 1
+    # The report (issue 23): written once, by rank 0, with the same numbers as in one process.
+    assert run.stderr.count("report: ") == 1 and (report / "confusion_matrix.png").is_file()
+    two_report = json.loads((report / "report.json").read_text())
+    one_report = json.loads((single["report"] / "report.json").read_text())
+    assert two_report.pop("loss") == pytest.approx(one_report.pop("loss"), rel=1e-12)
+    assert two_report == one_report  # counts, confusion matrix, temperature and ECE: computed in dataset order
 
 
 @pytest.mark.slow
