@@ -43,12 +43,14 @@ chromium:
 # `test`: the whole suite (what CI runs). `test-fast`: the same less the tests marked slow (processes,
 # servers, compiles, the browser, seconds-long forward passes: see pyproject.toml's markers).
 test-fast: MARKERS := -m "not slow"
+OPENVINO_TESTS := tests/models/test_quantize.py tests/models/test_openvino_ir.py tests/resnext_hub/test_export_openvino.py \
+	tests/resnext_hub/test_triton_openvino.py
 test test-fast: setup chromium
 	$(BIN)/ruff check .
-	# The int8 tests load OpenVINO, whose thread pool crashed a later fork() (DataLoader workers) in the same
-	# process: they run in a pytest process of their own.
-	$(BIN)/python -m pytest $(MARKERS) tests --ignore=tests/models/test_quantize.py
-	$(BIN)/python -m pytest $(MARKERS) tests/models/test_quantize.py
+	# The int8 and OpenVINO IR tests load OpenVINO, whose thread pool crashed a later fork() (DataLoader workers)
+	# in the same process: they run in a pytest process of their own.
+	$(BIN)/python -m pytest $(MARKERS) tests $(OPENVINO_TESTS:%=--ignore=%)
+	$(BIN)/python -m pytest $(MARKERS) $(OPENVINO_TESTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -21,6 +21,7 @@ from .checkpoint import (
 from .download import fetch_checkpoint, forget
 from .features import ResNetFeatures
 from .meta import ModelMeta, default_classes
+from .openvino_ir import openvino_ir_path
 from .resnet import ResNet, check_options, feature_indices
 from .variants import VARIANTS, get_config
 from .weights import Weights, get_weights
@@ -77,6 +78,11 @@ def build_model(
         raise ValueError("out_indices needs features_only=True")
     if features_only:
         feature_indices(out_indices)  # a bad index fails before any download
+    if pretrained_from_file is not None and openvino_ir_path(pretrained_from_file) is not None:
+        raise CheckpointError(
+            f"{pretrained_from_file} is an OpenVINO IR (export --format openvino), not a weights file: load it with "
+            "resnext_hub.models.openvino_ir.load_openvino_ir, or give it to the commands as --checkpoint"
+        )
     config = get_config(architecture)
     record = get_weights(architecture, weights)
     finetuned = _finetuned(pretrained_from_file, architecture)

@@ -206,18 +206,20 @@ def _example(batches: list[Tensor]) -> Tensor:
 # -- OpenVINO + NNCF ----------------------------------------------------------------------------------
 
 
-class _OpenVINORunner:
-    """OpenVINO compiled copies of one int8 model: latency-tuned (batch 1) and throughput streams (batch > 1).
+class OpenVINORunner:
+    """OpenVINO compiled copies of one model: latency-tuned (batch 1) and throughput streams (batch > 1).
 
-    One lock: OpenVINO's infer requests are not reentrant, and the engine may call from several threads.
+    ``config``: more CPU plugin properties for both (a saved IR's ``INFERENCE_PRECISION_HINT``). One lock:
+    OpenVINO's infer requests are not reentrant, and the engine may call from several threads.
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, config: dict[str, str] | None = None) -> None:
         import openvino as ov
 
         self._core = ov.Core()
         self.model = model
-        self._latency = self._core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+        self.config = dict(config or {})
+        self._latency = self._core.compile_model(model, "CPU", {**self.config, "PERFORMANCE_HINT": "LATENCY"})
         self._request = self._latency.create_infer_request()
         self._queue: Any = None
         self._lock = threading.Lock()
@@ -226,7 +228,7 @@ class _OpenVINORunner:
         if self._queue is None:
             import openvino as ov
 
-            compiled = self._core.compile_model(self.model, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"})
+            compiled = self._core.compile_model(self.model, "CPU", {**self.config, "PERFORMANCE_HINT": "THROUGHPUT"})
             self._queue = ov.AsyncInferQueue(compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         return self._queue
 
@@ -281,15 +283,21 @@ def _se_as_convs(model: nn.Module) -> nn.Module:
     return model
 
 
-def _openvino(model: nn.Module, batches: list[Tensor]) -> _OpenVINORunner:
-    nncf = importlib.import_module("nncf")
+def openvino_graph(model: nn.Module, example: Tensor) -> Any:
+    """``model`` (a float NCHW copy, changed in place: SE layers as 1x1 convolutions) as an OpenVINO ``ov.Model``
+    taking any batch and image size; ``example``: a batch of 2 or more to export with."""
     ov = importlib.import_module("openvino")
-    nncf.set_log_level(logging.ERROR)  # its INFO lines are not the caller's business
     model = _se_as_convs(model)
     # From torch.export (any batch and image size): 3x faster than the converter's own torch.jit trace.
     dims = {0: torch.export.Dim("batch", min=1, max=4096), 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
-    program = torch.export.export(model.eval(), (_example(batches),), dynamic_shapes=(dims,), strict=False)
-    converted = ov.convert_model(program)
+    program = torch.export.export(model.eval(), (example,), dynamic_shapes=(dims,), strict=False)
+    return ov.convert_model(program)
+
+
+def _openvino(model: nn.Module, batches: list[Tensor]) -> OpenVINORunner:
+    nncf = importlib.import_module("nncf")
+    nncf.set_log_level(logging.ERROR)  # its INFO lines are not the caller's business
+    converted = openvino_graph(model, _example(batches))
     # One image per item: NNCF's statistics (and its bias correction) assume batch 1.
     images = [image[None].numpy() for batch in batches for image in batch]
     # The classifier stays in float: int8 saves nothing there and costs accuracy. NNCF draws
@@ -297,7 +305,7 @@ def _openvino(model: nn.Module, batches: list[Tensor]) -> _OpenVINORunner:
     float_matmuls = nncf.IgnoredScope(types=["MatMul"], validate=False)
     with contextlib.redirect_stdout(sys.stderr):
         quantized = nncf.quantize(converted, nncf.Dataset(images), subset_size=len(images), ignored_scope=float_matmuls)
-    return _OpenVINORunner(quantized)
+    return OpenVINORunner(quantized)
 
 
 # -- torchao PT2E + inductor --------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from .data import Skipped, expand_inputs
 from .distributed import DistContext
 from .engine import resolve_device
 from .models import ResNet, build_model
+from .models.openvino_ir import OpenVINOResNet, load_openvino_ir, openvino_ir_path
 from .models.optimize import PRECISIONS
 from .models.registry import architecture_of, model_names, split_model_id
 from .models.weights import hf_hub_ids
@@ -39,7 +40,11 @@ def add_model_options(parser: argparse.ArgumentParser, *, random_weights: bool =
     )
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--weights", help="manifest tag or name (default: the model's default weights)")
-    weights.add_argument("--checkpoint", help="a local checkpoint file instead of the published weights")
+    weights.add_argument(
+        "--checkpoint",
+        help="a local checkpoint file instead of the published weights, or a saved OpenVINO IR (export --format "
+        "openvino: its folder or model.xml)",
+    )
     if random_weights:
         weights.add_argument("--random-weights", action="store_true", help="random weights (to try the pipeline)")
 
@@ -226,15 +231,22 @@ def inference_options(args: argparse.Namespace) -> InferenceOptions:
     return InferenceOptions(**given)
 
 
-def model_from_args(args: argparse.Namespace, *, ctx: DistContext | None = None, **kwargs: Any) -> ResNet:
+def model_from_args(
+    args: argparse.Namespace, *, ctx: DistContext | None = None, **kwargs: Any
+) -> ResNet | OpenVINOResNet:
     """The model that :func:`add_model_options`' options name.
 
+    A ``--checkpoint`` that is a saved OpenVINO IR (``export --format openvino``: the folder or its
+    ``model.xml``) gives that IR, compiled, with its own classes and preset (no calibration).
     With ``ctx`` (several processes), rank 0 fetches the weights first and the others then read the cache.
     """
+    architecture, weights = split_model_id(args.model)
+    ir = openvino_ir_path(args.checkpoint) if getattr(args, "checkpoint", None) else None
+    if ir is not None:
+        return load_openvino_ir(ir, architecture=architecture_of(architecture))
     if ctx is not None:
         with ctx.main_first():
             return model_from_args(args, progress=ctx.is_main, **kwargs)
-    architecture, weights = split_model_id(args.model)
     return build_model(
         architecture_of(architecture),
         pretrained=not getattr(args, "random_weights", False),

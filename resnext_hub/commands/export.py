@@ -24,6 +24,7 @@ from ..export import (
 )
 from ..export.onnx_versions import MAX_OPSET, MIN_OPSET, opset_problem
 from ..models.hf_config import timm_architecture
+from ..models.openvino_ir import openvino_ir_path
 from ..models.registry import architecture_of
 from ..outputs import check_output, write_problem
 from ..triton import config as triton_config
@@ -36,6 +37,7 @@ PRECISIONS = {
     "pt2": ("fp32", "bf16", "fp16"),
     "triton": ("fp32", "fp16"),
     "hf": ("fp32",),
+    "openvino": ("fp32", "bf16", "int8"),  # an IR folder (model.xml + model.bin) for OpenVINO's runtime
 }
 
 
@@ -45,12 +47,20 @@ def check(args: argparse.Namespace) -> str | None:
         return f"--image-size must be at least 1, got {args.image_size}"
     if args.format in ("onnx", "triton") and opset_problem(args.opset):
         return f"--{opset_problem(args.opset)}"
-    if args.precision not in PRECISIONS[args.format]:
+    openvino_triton = args.format == "triton" and args.classifier == "openvino"
+    if openvino_triton and (args.accelerator is not None or args.instance_kind == "gpu"):
+        return "--classifier openvino runs on CPU instances (Triton's OpenVINO backend): drop the GPU options"
+    if openvino_triton and args.precision not in PRECISIONS["openvino"]:
+        shown = ", ".join(PRECISIONS["openvino"])
+        return f"--classifier openvino is written in {shown}, not {args.precision}: use --classifier onnx for fp16"
+    if args.precision not in PRECISIONS[args.format] and not openvino_triton:
         formats = [name for name, precisions in PRECISIONS.items() if args.precision in precisions]
         return (
             f"--format {args.format} is written in {', '.join(PRECISIONS[args.format])}, not {args.precision}: "
             f"for --precision {args.precision} use --format {' or '.join(formats)}"
         )
+    if args.checkpoint and openvino_ir_path(args.checkpoint):
+        return f"--checkpoint {printable(args.checkpoint)} is an OpenVINO IR, an export already: give the weights file"
     if args.format == "hf":
         try:
             timm_architecture(architecture_of(args.model))
@@ -89,6 +99,14 @@ def _check_paths(args: argparse.Namespace) -> str | None:
             return f"--output {shown} is not a folder (timm's Hugging Face format is one): give a folder path"
         if not output.exists():
             check_output(output)  # a folder can be created there
+        targets = [output]
+    elif args.format == "openvino":  # a folder, swapped whole (processing.atomic.install_folders)
+        if output.exists() and not output.is_dir():
+            return f"--output {shown} is not a folder (an OpenVINO IR is one: model.xml + model.bin)"
+        if not output.exists():
+            check_output(output)  # a folder can be created there
+        elif not os.access(output.parent, os.W_OK | os.X_OK):
+            return f"--output {shown}: no permission to replace it in {printable(output.parent)}: give another path"
         targets = [output]
     else:
         check_output(args.output, replaced=True)
@@ -141,7 +159,14 @@ def _export(args: argparse.Namespace) -> ExportResult:
     model = model_from_args(args)
     precision = options.precision
     replace = {"overwrite": args.overwrite}
-    if precision == "int8":  # onnxruntime's quantization tools load only here
+    if args.format == "openvino":  # OpenVINO (and NNCF for int8) load only here
+        from ..export.openvino_ir import export_openvino
+
+        size, calibration = args.image_size, options.calibration
+        return export_openvino(
+            model, args.output, precision=precision, calibration=calibration, image_size=size, **replace
+        )
+    if precision == "int8" and args.format == "onnx":  # onnxruntime's quantization tools load only here
         from ..export.onnx_int8 import export_onnx_int8
 
         calibration = options.calibration
@@ -161,8 +186,10 @@ def _export(args: argparse.Namespace) -> ExportResult:
 
         return export_hf(model, args.output, image_size=args.image_size, **replace)
     names = ("name", "image_size", "opset", "max_batch_size", "preferred_batch_sizes", "queue_delay_us", "top_k")
-    names += ("instance_kind", "instance_count", "accelerator", "image_ensemble")
+    names += ("instance_kind", "instance_count", "accelerator", "image_ensemble", "classifier")
     given = {name: getattr(args, name) for name in names}
+    if args.classifier == "openvino":
+        given.update(precision=precision, calibration=options.calibration)
     return export_triton(model, args.output, fp16=precision == "fp16", **given, **replace)
 
 
@@ -180,7 +207,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--output",
         "-o",
         required=True,
-        help="file (onnx, torchscript, pt2), model repository folder (triton) or folder (hf)",
+        help="file (onnx, torchscript, pt2), model repository folder (triton), folder (hf) or IR folder (openvino: "
+        "model.xml + model.bin)",
     )
     parser.add_argument("--image-size", type=int, help="input height = width (default: the weights' crop size)")
     add_precision_options(
@@ -188,7 +216,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("fp32", "bf16", "fp16", "int8"),
         default="fp32",
         help="what the model computes in (default fp32): fp16 (ONNX/Triton graph; pt2 on CUDA), bf16 (pt2 on a CPU "
-        "with native bf16), int8 (a QDQ ONNX file for ONNX Runtime on CPUs, calibrated on --calibration)",
+        "with native bf16; an OpenVINO IR), int8 (a QDQ ONNX file for ONNX Runtime on CPUs, or an OpenVINO IR; "
+        "calibrated on --calibration)",
         aliases=("--fp16", "--bf16"),
     )
     parser.add_argument("--device", default="cpu", help="pt2: the device it is compiled for, cpu or cuda[:N]")
@@ -215,6 +244,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     triton.add_argument("--instance-kind", choices=triton_config.INSTANCE_KINDS, help="default: Triton decides")
     triton.add_argument("--instance-count", type=int, default=1)
     triton.add_argument("--accelerator", choices=triton_config.ACCELERATORS, help="ONNX Runtime's TensorRT provider")
+    triton.add_argument(
+        "--classifier",
+        choices=triton_config.CLASSIFIERS,
+        default="onnx",
+        help="the classifier's runtime: onnx (ONNX Runtime, default) or openvino (an OpenVINO IR for Triton's OpenVINO "
+        "backend, CPU: --precision fp32, bf16 or int8 with --calibration)",
+    )
     triton.add_argument(
         "--no-image-ensemble",
         dest="image_ensemble",

@@ -34,6 +34,7 @@ from ..console import printable
 from ..data import Skipped, collect_inputs
 from ..distributed import distributed, quiet_unless_main, sigterm_as_exit
 from ..models.download import sha256_of
+from ..models.openvino_ir import openvino_ir_path
 from ..models.registry import architecture_of
 from ..models.weights import get_weights
 from ..predict import FORMATS, describe_job, open_job, parts_dir, predict
@@ -44,8 +45,9 @@ def _provenance(args: argparse.Namespace) -> dict:
     if not args.checkpoint:
         return {}
     path = Path(args.checkpoint).expanduser()
+    ir = openvino_ir_path(path)  # a saved OpenVINO IR: its weights file
     try:
-        sha = sha256_of(path)
+        sha = sha256_of(ir.with_suffix(".bin") if ir else path)
     except OSError:
         sha = None  # the model load says what is wrong with it
     return {"checkpoint": str(path.resolve()), "checkpoint_sha256": sha}

@@ -12,7 +12,8 @@ ONNX files are opset 18 with IR version 8 unless ``--opset`` says otherwise (ONN
 read them; checked after writing) and carry their class names and preprocessing in ``metadata_props``
 (docs/onnx.md).
 
-Which format for what: ONNX for ONNX Runtime, TensorRT and Triton (the repository); pt2 for C++ or
+Which format for what: ONNX for ONNX Runtime, TensorRT and Triton (the repository); an OpenVINO IR
+(:mod:`.openvino_ir`, int8/bf16/fp32) for OpenVINO's runtime and every command here (``--checkpoint``); pt2 for C++ or
 Python without this source code; TorchScript only for deployments that already load it; hf for timm and the
 Hugging Face Hub (:mod:`.hf_folder`, read back with ``pretrained_from_file``). The Triton
 repository is written by :func:`resnext_hub.triton.repository.export_triton` (it builds on
@@ -40,7 +41,7 @@ from .pt2_package import PRECISIONS as PT2_PRECISIONS
 from .pt2_package import export_pt2, run_isolated, verify_pt2
 from .torchscript_file import export_torchscript, verify_torchscript
 
-FORMATS = ("onnx", "torchscript", "pt2", "triton", "hf")
+FORMATS = ("onnx", "torchscript", "pt2", "triton", "hf", "openvino")
 
 __all__ = [
     "BF16_TOLERANCE",

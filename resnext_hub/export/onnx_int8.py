@@ -21,7 +21,7 @@ between near-equal logits is rounding, not a change of answer).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,8 @@ class Int8ExportResult(ExportResult):
 
     def summary(self) -> str:
         runs = ", ".join(f"batch {c.batch_size}: logit cosine >= {c.cosine_min:.5f}" for c in self.checks)
-        return f"{self.format} (int8 QDQ, {self.image_size}x{self.image_size}) -> {self.path}; verified {runs}"
+        kind = "int8 QDQ" if self.format == "onnx" else "int8"
+        return f"{self.format} ({kind}, {self.image_size}x{self.image_size}) -> {self.path}; verified {runs}"
 
 
 def export_onnx_int8(
@@ -147,20 +148,30 @@ def verify_onnx_int8(
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    eager = model.eval().float().cpu()
     what = f"int8 ONNX {name or Path(path).name}"
+
+    def run(batch: torch.Tensor) -> np.ndarray:
+        logits, probabilities = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch.numpy()})
+        if not np.allclose(probabilities, torch.from_numpy(logits).double().softmax(1).numpy(), atol=1e-4):
+            raise ExportError(f"{what}: the probabilities output is not softmax(logits)")
+        return logits
+
+    return verify_int8(run, model, images, what)
+
+
+def verify_int8(run: Callable[[torch.Tensor], Any], model: ResNet, images: torch.Tensor, what: str) -> list[Int8Check]:
+    """Hold an int8 export (``run``: a batch in, logits out) to the module docstring's rule on ``images`` (batch 1,
+    then the rest) against ``model``; :class:`ExportError` if it fails."""
+    eager = model.eval().float().cpu()
     checks = []
     for batch in (images[:1], images[1:]):
         if not len(batch):
             continue
         with torch.inference_mode():
             want = eager(batch).double()
-        logits, probabilities = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch.numpy()})
-        got = torch.from_numpy(logits).double()
+        got = torch.as_tensor(np.asarray(run(batch))).double()
         if got.shape != want.shape:
             raise ExportError(f"{what} gives shape {tuple(got.shape)}, the eager model {tuple(want.shape)}")
-        if not np.allclose(probabilities, got.softmax(1).numpy(), atol=1e-4):
-            raise ExportError(f"{what}: the probabilities output is not softmax(logits)")
         top2 = want.topk(2, dim=1).values
         clear = (top2[:, 0] - top2[:, 1]) > CLEAR_MARGIN * want.std(dim=1)
         check = Int8Check(

@@ -32,8 +32,11 @@ from ..models.meta import Described
 KEYS = ("classes", "preprocessing", "image_size", "architecture", "weights", "model_license", "precision", "opset")
 
 
-def onnx_metadata(model: nn.Module, *, image_size: int, precision: str, opset: int) -> dict[str, str]:
-    """The ``metadata_props`` of ``model``'s ONNX file (keys in the module docstring), from its own record."""
+def onnx_metadata(model: nn.Module, *, image_size: int, precision: str, opset: int | None) -> dict[str, str]:
+    """The ``metadata_props`` of ``model``'s ONNX file (keys in the module docstring), from its own record.
+
+    ``opset=None`` leaves ``opset`` out: the OpenVINO IR records the other keys in its ``rt_info``
+    (:mod:`resnext_hub.models.openvino_ir`)."""
     metadata: dict[str, str] = {}
     if isinstance(model, Described):
         meta = model.meta
@@ -47,7 +50,9 @@ def onnx_metadata(model: nn.Module, *, image_size: int, precision: str, opset: i
             metadata["weights"] = meta.weights.name
             if meta.weights.license:
                 metadata["model_license"] = meta.weights.license
-    metadata.update(precision=precision, opset=str(opset))
+    metadata["precision"] = precision
+    if opset is not None:
+        metadata["opset"] = str(opset)
     return metadata
 
 

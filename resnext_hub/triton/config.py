@@ -22,6 +22,9 @@ from .contract import ERROR, IMAGE, INDICES, INPUT, PROBABILITIES, Contract, Mod
 
 PLATFORM = "onnxruntime_onnx"
 MODEL_FILE = "model.onnx"
+# The classifier's runtimes: ONNX Runtime (model.onnx), or Triton's OpenVINO backend (model.xml + model.bin, CPU).
+CLASSIFIERS = ("onnx", "openvino")
+OPENVINO_BACKEND, OPENVINO_MODEL_FILE = "openvino", "model.xml"
 PYTHON_MODEL_FILE = "model.py"
 INSTANCE_KINDS = ("cpu", "gpu")
 ACCELERATORS = ("tensorrt",)
@@ -104,6 +107,8 @@ def build_classifier_config(
     instance_count: int = 1,
     accelerator: str | None = None,
     fp16: bool = False,
+    classifier: str = "onnx",
+    bf16: bool = False,
 ):
     """The ``ModelConfig`` of the ONNX classifier ``<name>_classifier`` (see docs/triton.md for each field):
     the contract's ``input`` in, its top-k ``probabilities`` and ``indices`` out.
@@ -111,6 +116,9 @@ def build_classifier_config(
     Inputs and outputs are FP32 even for an fp16 export (the graph casts inside). ``instance_kind``
     ``None`` leaves the choice to Triton (GPU where present). ``accelerator="tensorrt"`` asks
     ONNX Runtime's TensorRT execution provider (FP16 precision when ``fp16``).
+    ``classifier="openvino"``: the OpenVINO IR instead, run by Triton's OpenVINO backend on CPU instances
+    (latency hint, one stream: the dynamic batcher sends whole batches; ``HINT_BF16`` for a ``bf16`` IR),
+    warmed up at load with zero-filled batches of 1 and the largest preferred size (``model_warmup``).
     """
     pb = _pb()
     problems = _batching_problems(max_batch_size, preferred_batch_sizes, queue_delay_us)
@@ -122,11 +130,19 @@ def build_classifier_config(
         problems.append(f"accelerator must be one of {ACCELERATORS} or None, got {accelerator!r}")
     if accelerator == "tensorrt" and instance_kind == "cpu":
         problems.append("the TensorRT accelerator needs GPU instances; drop --instance-kind cpu or the accelerator")
+    if classifier not in CLASSIFIERS:
+        problems.append(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
+    if classifier == "openvino" and (accelerator is not None or instance_kind == "gpu" or fp16):
+        problems.append("the OpenVINO classifier runs on CPU instances in fp32, bf16 or int8: drop the GPU options")
     if problems:
         raise TritonConfigError("Triton config", problems)
     name = contract.name + CLASSIFIER_SUFFIX
-    config = _model(pb, name, (contract.tensor_input,), classifier_outputs(contract), max_batch_size, platform=PLATFORM)
+    runtime = {"backend": OPENVINO_BACKEND} if classifier == "openvino" else {"platform": PLATFORM}
+    config = _model(pb, name, (contract.tensor_input,), classifier_outputs(contract), max_batch_size, **runtime)
     _batched(config, preferred_batch_sizes, queue_delay_us)
+    if classifier == "openvino":
+        _openvino_settings(pb, config, contract, instance_count, bf16=bf16, warmup=(1, max(preferred_batch_sizes)))
+        return config
     if instance_kind is not None:
         kind = pb.ModelInstanceGroup.KIND_GPU if instance_kind == "gpu" else pb.ModelInstanceGroup.KIND_CPU
         config.instance_group.add(kind=kind, count=instance_count)
@@ -135,6 +151,20 @@ def build_classifier_config(
         trt.parameters["precision_mode"] = "FP16" if fp16 else "FP32"
         trt.parameters["max_workspace_size_bytes"] = str(1 << 30)
     return config
+
+
+def _openvino_settings(pb, config, contract: Contract, instance_count: int, *, bf16: bool, warmup: Sequence[int]):
+    """The OpenVINO backend's parameters, CPU instances and ``model_warmup`` (its first requests compile kernels)."""
+    parameters = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", **({"HINT_BF16": "YES"} if bf16 else {})}
+    for key, value in parameters.items():
+        config.parameters[key].string_value = value
+    config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=instance_count)
+    data_type = pb.DataType.Value(CONFIG_TYPES[contract.tensor_input.datatype])
+    for batch in sorted(set(warmup)):
+        warm = config.model_warmup.add(name=f"zeros_batch_{batch}", batch_size=batch)
+        warm.inputs[INPUT].CopyFrom(
+            pb.ModelWarmup.Input(data_type=data_type, dims=list(contract.tensor_input.dims), zero_data=True)
+        )
 
 
 def build_python_config(
@@ -197,6 +227,8 @@ def repository_configs(
     instance_count: int = 1,
     accelerator: str | None = None,
     fp16: bool = False,
+    classifier: str = "onnx",
+    bf16: bool = False,
 ) -> dict[str, object]:
     """Every model of the exported repository, ``{name: ModelConfig}``, generated from ``contract``.
 
@@ -205,7 +237,8 @@ def repository_configs(
     ``<name>_image`` (ensemble): ``image`` -> ``<name>_preprocess`` (Python: the hardened loader and
     the preset; a placeholder tensor and the reason for a bad image) -> the same classifier ->
     ``<name>_image_postprocess`` (Python: labels, and a blank top-k where preprocessing gave a reason).
-    ``image_ensemble=False`` leaves out the image model and the models only it runs.
+    ``image_ensemble=False`` leaves out the image model and the models only it runs. ``classifier="openvino"``:
+    the classifier is an OpenVINO IR (:func:`build_classifier_config`).
     """
     roles = model_roles(contract)
     batching = dict(
@@ -221,6 +254,8 @@ def repository_configs(
             instance_count=instance_count,
             accelerator=accelerator,
             fp16=fp16,
+            classifier=classifier,
+            bf16=bf16,
             **batching,
         ),
         roles["postprocess"]: build_python_config(
@@ -361,11 +396,14 @@ def _check_io(kind: str, declared, graph: dict, batched: bool, pb) -> list[str]:
 
 
 def model_kind(config) -> str:
-    """``"onnx"``, ``"python"``, ``"ensemble"`` or ``"other"``: which of the models written here ``config`` is."""
+    """``"onnx"``, ``"openvino"``, ``"python"``, ``"ensemble"`` or ``"other"``: which of the models written here
+    ``config`` is."""
     if config.platform == PLATFORM or config.backend == "onnxruntime":
         return "onnx"
     if config.backend == "python":
         return "python"
+    if config.backend == OPENVINO_BACKEND:
+        return "openvino"
     if config.platform == "ensemble":
         return "ensemble"
     return "other"
@@ -387,8 +425,39 @@ def _onnx_problems(model_dir: Path, version: str, config, pb) -> list[str]:
     return problems
 
 
+def openvino_signature(path: str | Path) -> dict[str, dict[str, tuple[str, list[int | str]]]]:
+    """:func:`onnx_signature` of an OpenVINO IR (``model.xml``): tensor names, Triton types, dims (``"?"``: dynamic)."""
+    import openvino as ov
+
+    graph = ov.Core().read_model(str(path))
+    types = {ov.Type.f32: "TYPE_FP32", ov.Type.f16: "TYPE_FP16", ov.Type.i64: "TYPE_INT64", ov.Type.i32: "TYPE_INT32"}
+
+    def describe(ports) -> dict[str, tuple[str, list[int | str]]]:
+        found = {}
+        for port in ports:
+            dims = [d.get_length() if d.is_static else "?" for d in port.get_partial_shape()]
+            found[port.get_any_name()] = (types.get(port.get_element_type(), str(port.get_element_type())), dims)
+        return found
+
+    return {"inputs": describe(graph.inputs), "outputs": describe(graph.outputs)}
+
+
+def _openvino_problems(model_dir: Path, version: str, config, pb) -> list[str]:
+    model_file = model_dir / version / (config.default_model_filename or OPENVINO_MODEL_FILE)
+    missing = [path for path in (model_file, model_file.with_suffix(".bin")) if not path.is_file()]
+    if missing:
+        return [f"no model file {path.relative_to(model_dir)}" for path in missing]
+    if any(group.kind != pb.ModelInstanceGroup.KIND_CPU for group in config.instance_group):
+        return ["Triton's OpenVINO backend runs on the CPU: instance groups must be KIND_CPU"]
+    signature = openvino_signature(model_file)
+    batched = config.max_batch_size > 0
+    return _check_io("input", config.input, signature["inputs"], batched, pb) + _check_io(
+        "output", config.output, signature["outputs"], batched, pb
+    )
+
+
 def validate_model_dir(model_dir: str | Path, *, version: str = "1"):
-    """Check one model folder of a Triton repository (ONNX, Python backend or ensemble); return its parsed config.
+    """Check one model folder of a Triton repository (ONNX, OpenVINO, Python backend or ensemble); return its config.
 
     Raises :class:`TritonConfigError` naming every problem found.
     """
@@ -401,6 +470,8 @@ def validate_model_dir(model_dir: str | Path, *, version: str = "1"):
     kind = model_kind(config)
     if kind == "onnx":
         problems += _onnx_problems(model_dir, version, config, pb)
+    elif kind == "openvino":
+        problems += _openvino_problems(model_dir, version, config, pb)
     elif kind == "python":
         if not (model_dir / version / PYTHON_MODEL_FILE).is_file():
             problems.append(f"no {version}/{PYTHON_MODEL_FILE} (the Python backend's entry point)")
@@ -411,7 +482,7 @@ def validate_model_dir(model_dir: str | Path, *, version: str = "1"):
             problems.append("an ensemble needs ensemble_scheduling steps")
     else:
         found = f"platform {config.platform!r}, backend {config.backend!r}"
-        problems.append(f"{found}: expected {PLATFORM}, python or ensemble")
+        problems.append(f"{found}: expected {PLATFORM}, {OPENVINO_BACKEND}, python or ensemble")
     if config.max_batch_size < 0:
         problems.append(f"max_batch_size is {config.max_batch_size}; 0 disables batching, > 0 enables it")
     if config.HasField("dynamic_batching"):

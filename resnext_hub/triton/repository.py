@@ -19,6 +19,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ..engine import clamp_top_k
 from ..export.checks import VERIFY_BATCHES, ExportError, ExportResult, default_image_size
@@ -113,6 +114,9 @@ def export_triton(
     image_ensemble: bool = True,
     overwrite: bool = False,
     verify_batches: Sequence[int] = VERIFY_BATCHES,
+    classifier: str = "onnx",
+    precision: str | None = None,
+    calibration: Any = None,
 ) -> ExportResult:
     """Write the repository's models (see the module docstring) into ``repository``.
 
@@ -121,7 +125,9 @@ def export_triton(
     (``<name>``, its classifier and postprocessing). The folders are built beside their final place,
     the ONNX file verified and every config checked against Triton's schema, the graph, each other
     (:func:`.config.validate_repository`) and the contract, then moved into place. The result's
-    ``path`` is ``<repository>/<name>``.
+    ``path`` is ``<repository>/<name>``. ``classifier="openvino"``: the classifier is an OpenVINO IR for
+    Triton's OpenVINO backend (:mod:`.openvino_classifier`) in ``precision`` ``fp32`` (default), ``bf16`` or
+    ``int8`` (calibrated on ``calibration``, as :func:`resnext_hub.export.openvino_ir.export_openvino`).
     """
     repository = Path(repository)
     name = name or model.architecture or type(model).__name__.lower()
@@ -142,6 +148,8 @@ def export_triton(
         instance_count=instance_count,
         accelerator=accelerator,
         fp16=fp16,
+        classifier=classifier,
+        bf16=precision == "bf16",
     )
     existing = [repository / n for n in configs if os.path.lexists(repository / n)]
     if existing and not overwrite:
@@ -163,8 +171,16 @@ def export_triton(
                 continue
             (staging / folder / "1").mkdir(parents=True)  # an ensemble's stays empty: Triton needs one
             (staging / folder / "config.pbtxt").write_text(triton_config.config_text(config), encoding="utf-8")
-        onnx_file = staging / roles["classifier"] / "1" / triton_config.MODEL_FILE
-        result = write_classifier(model, onnx_file, contract, fp16=fp16, opset=opset, verify_batches=verify_batches)
+        if classifier == "openvino":  # OpenVINO (and NNCF for int8) load only here
+            from .openvino_classifier import write_openvino_classifier
+
+            version, ir_precision = staging / roles["classifier"] / "1", precision or "fp32"
+            result = write_openvino_classifier(
+                model, version, contract, precision=ir_precision, calibration=calibration, verify_batches=verify_batches
+            )
+        else:
+            onnx_file = staging / roles["classifier"] / "1" / triton_config.MODEL_FILE
+            result = write_classifier(model, onnx_file, contract, fp16=fp16, opset=opset, verify_batches=verify_batches)
         written = triton_config.validate_repository(staging)
         problems = triton_config.contract_problems(written, contract, image_model=image_ensemble)
         if problems:
