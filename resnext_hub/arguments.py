@@ -228,6 +228,8 @@ def inference_options(args: argparse.Namespace) -> InferenceOptions:
     given = {name: getattr(args, name) for name in _OPTION_FIELDS if getattr(args, name, None) is not None}
     given["calibration"] = _calibration_images(getattr(args, "calibration", None))
     given["progress"] = bool(given.get("progress"))
+    if given.get("device", "auto") == "auto" and openvino_ir_path(getattr(args, "checkpoint", None) or ""):
+        given["device"] = "cpu"  # a saved IR runs on the CPU only: there "auto" means the CPU, even beside a GPU
     return InferenceOptions(**given)
 
 

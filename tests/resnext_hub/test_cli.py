@@ -396,6 +396,16 @@ def test_every_inference_command_and_export_take_precision(tmp_path, command, pr
     assert capsys.readouterr().err == ""  # the one spelling: no warning
 
 
+@pytest.mark.parametrize("command", ["classify", "evaluate", "predict", "serve"])
+def test_a_saved_openvino_ir_runs_on_the_cpu_when_the_device_is_auto(tmp_path, command):
+    (tmp_path / "ir").mkdir()
+    (tmp_path / "ir" / "model.xml").write_text("<net/>")  # only its name matters here
+    args, _ = _parsed(tmp_path, command, "--checkpoint", str(tmp_path / "ir"))
+    assert inference_options(args).device == "cpu"
+    args, _ = _parsed(tmp_path, command)
+    assert inference_options(args).device == "auto"  # a checkpoint file: CUDA where present
+
+
 @pytest.mark.parametrize(
     ("command", "flag", "precision"),
     [
