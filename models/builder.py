@@ -165,8 +165,9 @@ def _meta(
     architecture: str, record: Weights, num_classes: int, loaded: Weights | None, finetuned: FinetunedMeta | None = None
 ) -> ModelMeta:
     if finetuned is not None:
-        classes = finetuned.classes if num_classes == len(finetuned.classes) else default_classes(num_classes)
-        return ModelMeta(architecture, finetuned.preprocessing, classes)
+        if num_classes == len(finetuned.classes):  # its own head: its names, and a multi-label head's thresholds
+            return ModelMeta(architecture, finetuned.preprocessing, finetuned.classes, thresholds=finetuned.thresholds)
+        return ModelMeta(architecture, finetuned.preprocessing, default_classes(num_classes))
     classes = record.class_list if num_classes == record.num_classes else default_classes(num_classes)
     return ModelMeta(architecture, record.preprocessing, classes, weights=loaded, record=record)
 

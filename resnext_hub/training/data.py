@@ -35,16 +35,21 @@ _PROBE_BATCH = 32
 
 @dataclass(frozen=True)
 class Split:
-    """The image files of one split and their class indices."""
+    """The image files of one split and their class indices.
+
+    Multi-label (``rows``: the 0/1 targets of the split's images, one row per image, one column per label):
+    ``targets`` are the images' row numbers in ``rows``.
+    """
 
     items: list[str]
     targets: list[int]
+    rows: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.items)
 
     def subset(self, keep: Sequence[int]) -> Split:
-        return Split([self.items[i] for i in keep], [self.targets[i] for i in keep])
+        return Split([self.items[i] for i in keep], [self.targets[i] for i in keep], self.rows)
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,11 @@ class FolderData:
     train: Split
     val: Split
     skipped: tuple[Skipped, ...] = ()
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether the images have any number of labels each (read from labels files), not one class folder."""
+        return self.train.rows is not None
 
 
 def read_folder(root: str | Path) -> FolderData:
