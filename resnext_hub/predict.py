@@ -167,8 +167,12 @@ def open_job(output: str | Path, fmt: str | None = None) -> PredictJob:
 
 def write_records(records: Iterable[Record], path: str | Path, fmt: str) -> None:
     """Write the merged output atomically: a reader never sees half a file, a failure leaves the old one."""
+    records = list(records)
     with open_atomic(path, "w", newline="", encoding=ENCODING, errors=ERRORS) as out:
-        (write_csv if fmt == "csv" else write_jsonl)(records, out)
+        if fmt == "csv":  # a multi-label model's records name their labels above threshold
+            write_csv(records, out, multi_label=any("labels" in record for record in records))
+        else:
+            write_jsonl(records, out)
 
 
 def read_records(path: str | Path, fmt: str) -> list[Record]:
@@ -233,7 +237,7 @@ def predict(
         model=model.architecture,
         weights=record.name if record is not None else None,
         num_classes=model.num_classes,
-        top_k=options.top_k,
+        top_k=model.num_classes if model.multi_label else options.top_k,  # multi-label: every label's probability
         **(provenance or {}),
     )
     job.check(description)
