@@ -34,6 +34,7 @@ from ..models import ResNet
 from ..models.cpu import cpu_has_int8_dot
 from ..models.quantize import calibration_batches
 from .checks import Check, ExportError, ExportResult, default_image_size, staged
+from .labels import is_multi_label, output_probabilities
 from .onnx_file import INPUT_NAME, OUTPUT_NAMES, export_onnx
 from .onnx_metadata import onnx_metadata, set_metadata
 from .onnx_versions import DEFAULT_OPSET, check_opset, check_versions, convert
@@ -159,8 +160,8 @@ def verify_onnx_int8(
         got = torch.from_numpy(logits).double()
         if got.shape != want.shape:
             raise ExportError(f"{what} gives shape {tuple(got.shape)}, the eager model {tuple(want.shape)}")
-        if not np.allclose(probabilities, got.softmax(1).numpy(), atol=1e-4):
-            raise ExportError(f"{what}: the probabilities output is not softmax(logits)")
+        if not np.allclose(probabilities, output_probabilities(got, is_multi_label(model)).numpy(), atol=1e-4):
+            raise ExportError(f"{what}: the probabilities output is not what the head's logits give")
         top2 = want.topk(2, dim=1).values
         clear = (top2[:, 0] - top2[:, 1]) > CLEAR_MARGIN * want.std(dim=1)
         check = Int8Check(
