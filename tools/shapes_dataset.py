@@ -11,6 +11,7 @@ for quick tests. Shared by the fine-tuning tests and ``benchmarks.finetune_shape
 ``finetune --multi-label`` reads them::
 
     python -m tools.shapes_dataset OUT [--train 150] [--val 50] [--size 80] [--seed 0] [--colour-coded]
+    python -m tools.shapes_dataset OUT --multi-label [--train 150] [--val 50] [--size 80] [--seed 0]
 """
 
 from __future__ import annotations
@@ -133,7 +134,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=80, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--colour-coded", action="store_true", help="each shape in its class's colour (an easy set)")
+    parser.add_argument(
+        "--multi-label",
+        action="store_true",
+        help="images/ holding any of the shapes, train.csv and val.csv (--train/--val: images per split)",
+    )
     args = parser.parse_args()
+    if args.multi_label:
+        root = write_multilabel_shapes(args.root, train=args.train, val=args.val, size=args.size, seed=args.seed)
+        print(f"{root}: {args.train} + {args.val} images holding any of {', '.join(CLASSES)}; train.csv, val.csv")
+        return
     root = write_shapes_dataset(
         args.root, train=args.train, val=args.val, size=args.size, seed=args.seed, colour_coded=args.colour_coded
     )
