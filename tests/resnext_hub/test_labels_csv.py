@@ -89,3 +89,15 @@ def test_a_training_file_without_any_label_is_refused(images):
     _write(images / "val.csv", "images/b.png,\n")
     with pytest.raises(LabelsFileError, match="names no label"):
         read_labelled(images, "train.csv", "val.csv")
+
+
+def test_finetune_refuses_bad_labels_files_before_any_model_loads(images, tmp_path, capsys):
+    from resnext_hub import cli
+
+    _write(images / "train.csv", "path,labels\nimages/a.png,cat\nimages/b.png;dog\n")
+    _write(images / "val.csv", "images/a.png,cat\n")
+    out = str(tmp_path / "run")
+    assert cli.main(["finetune", str(images), "--multi-label", "-o", out, "--no-progress"]) == 2
+    assert "train.csv, line 3: expected 2 fields" in capsys.readouterr().err
+    assert cli.main(["finetune", str(images), "--labels", str(images / "val.csv"), "-o", out, "--no-progress"]) == 2
+    assert "add --multi-label" in capsys.readouterr().err

@@ -100,3 +100,11 @@ def test_the_triton_contract_answers_above_threshold_for_a_multi_label_model():
         [False, False, False],  # a failed sample
     ]
     assert contract.ABOVE_THRESHOLD not in contract.answer(probabilities, indices, contract.encode_labels(LABELS.names))
+
+
+def test_a_multi_label_predict_job_writes_every_label_whatever_the_top_k():
+    from resnext_hub.predict import describe_job
+
+    job = describe_job(model=ARCH, weights=None, num_classes=10, top_k=5, multi_label=True)
+    assert job["top_k"] == 10 and job["multi_label"] is True
+    assert "multi_label" not in describe_job(model=ARCH, weights=None, num_classes=10, top_k=5)  # as before
