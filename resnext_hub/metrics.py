@@ -131,3 +131,10 @@ def f1_thresholds(probabilities: torch.Tensor, targets: torch.Tensor) -> list[fl
         below = float(ranked[best + 1]) if best + 1 < len(ranked) else 0.0
         thresholds.append((float(ranked[best]) + below) / 2)
     return thresholds
+
+
+def f1_scores(chosen: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per label, the F1 of 0/1 decisions ``chosen`` against 0/1 ``targets`` (N, labels); 0 where both are empty."""
+    chosen, targets = chosen.bool().cpu(), targets.bool().cpu()
+    hits = (chosen & targets).sum(0).double()
+    return 2 * hits / (chosen.sum(0) + targets.sum(0)).clamp(min=1)

@@ -10,6 +10,12 @@ one class does. Run it alone or under ``torchrun``::
     torchrun --nproc_per_node=8 -m resnext_hub evaluate /data/imagenet/val --model se_resnext101_32x4d
     python -m resnext_hub evaluate DATA/val --model seresnext26d_32x4d --checkpoint runs/mine/best.pth
 
+A multi-label model (``finetune --multi-label``) is scored on a labels file instead of class folders
+(``path,labels``, as finetune reads them): mAP, per-label average precision, macro F1 at the model's
+thresholds, binary cross-entropy::
+
+    python -m resnext_hub evaluate DATA/val.csv --model seresnext26d_32x4d --checkpoint runs/multi/best.pth
+
 Every image is counted exactly once whatever the number of processes; counts are summed
 over the ranks and rank 0 prints (and writes) the JSON summary. The summary is printed first, so
 an ``--output`` that fails to be written (checked before the model loads) loses nothing. Folders
@@ -35,7 +41,8 @@ from ..arguments import (
 from ..console import printable
 from ..data import Skipped, read_class_folders
 from ..distributed import distributed, quiet_unless_main, sigterm_as_exit
-from ..evaluate import evaluate
+from ..evaluate import evaluate, evaluate_multi_label
+from ..labels_csv import read_labels_csv
 from ..outputs import check_output
 
 
@@ -43,11 +50,16 @@ def run(args: argparse.Namespace) -> int:
     with sigterm_as_exit(), distributed(args.device) as ctx:
         quiet_unless_main(ctx)
         try:
-            read_class_folders(args.root, skipped=[])  # fail before the (slow) model load; reported later
+            labels_file = Path(args.root).suffix.lower() == ".csv"
+            if labels_file:  # a multi-label model's images and labels
+                read_labels_csv(args.root)
+            else:
+                read_class_folders(args.root, skipped=[])  # fail before the (slow) model load; reported later
             if args.output is not None:
                 check_output(args.output)
             options = inference_options(args)
-            summary = evaluate(model_from_args(args, ctx=ctx), args.root, options, ctx=ctx)
+            score = evaluate_multi_label if labels_file else evaluate
+            summary = score(model_from_args(args, ctx=ctx), args.root, options, ctx=ctx)
         except ValueError:
             if ctx.is_main:
                 raise  # the CLI prints it once
@@ -68,10 +80,16 @@ def run(args: argparse.Namespace) -> int:
                     f"error: writing {printable(args.output)} failed ({error.strerror or error}); "
                     "the summary is on stdout above"
                 )
-        top1 = "n/a" if summary["top1"] is None else f"{summary['top1']:.3f}%"
-        top5 = "n/a" if summary["top5"] is None else f"{summary['top5']:.3f}%"
+        if summary.get("multi_label"):
+            mean_ap = "n/a" if summary["map"] is None else f"{summary['map']:.3f}%"
+            f1 = "n/a" if summary["f1"] is None else f"{summary['f1']:.3f}%"
+            scores = f"mAP {mean_ap}, macro F1 {f1}"
+        else:
+            top1 = "n/a" if summary["top1"] is None else f"{summary['top1']:.3f}%"
+            top5 = "n/a" if summary["top5"] is None else f"{summary['top5']:.3f}%"
+            scores = f"top-1 {top1}, top-5 {top5}"
         print(
-            f"{summary['model']}: top-1 {top1}, top-5 {top5} on {summary['evaluated']} images "
+            f"{summary['model']}: {scores} on {summary['evaluated']} images "
             f"({summary['failed']} unreadable), {summary['images_per_second']:.1f} img/s, {ctx.world_size} process(es)",
             file=sys.stderr,
         )
@@ -99,7 +117,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("root", help="folder with one sub-folder of images per class (its name, or WordNet id)")
+    parser.add_argument(
+        "root",
+        help="folder with one sub-folder of images per class (its name, or WordNet id); for a multi-label model, "
+        "a labels file (.csv: path,labels)",
+    )
     add_model_options(parser)
     add_inference_options(parser, batch_size=64, top_k=False, per_process=True)
     add_progress_options(parser)

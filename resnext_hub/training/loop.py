@@ -49,7 +49,7 @@ from torch.nn import functional as F
 from ..console import printable, progress_bar
 from ..data import ImageListDataset, make_loader
 from ..distributed import DistContext, agreed_precision, distributed, shard_batches
-from ..metrics import DEFAULT_THRESHOLD, TopKMeter, f1_thresholds, mean_average_precision
+from ..metrics import DEFAULT_THRESHOLD, TopKMeter, f1_scores, f1_thresholds, mean_average_precision
 from ..models import CheckpointError, ModelMeta, ResNet, WeightsUnavailableError, build_model
 from ..models.blocks import Bottleneck
 from ..models.builder import architecture_of_weights
@@ -64,11 +64,11 @@ from .data import (
     drop_unreadable,
     epoch_batches,
     read_folder,
+    read_labelled,
     scaled_preset,
     steps_per_epoch,
     train_transform,
 )
-from .labels_csv import read_labelled
 from .state import FIELDS, FinetuneSettings
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def _prepare(
 
 def _read_data(data: str | Path, settings: Mapping[str, Any]) -> FolderData:
     """The run's images: class folders, or for a multi-label run (``settings``) its two labels files (by default
-    ``train.csv`` and ``val.csv`` in ``data``, see :mod:`.labels_csv`)."""
+    ``train.csv`` and ``val.csv`` in ``data``, see :mod:`resnext_hub.labels_csv`)."""
     if settings.get("multi_label") is not True:
         return read_folder(data)
     root = Path(data)
@@ -499,9 +499,7 @@ class Trainer:
         targets = torch.cat([rows for _, rows in gathered])
         probabilities = logits.sigmoid()
         self.thresholds = f1_thresholds(probabilities, targets)
-        chosen = probabilities >= torch.tensor(self.thresholds)
-        tp = (chosen & (targets > 0)).sum(0).double()
-        f1 = 2 * tp / (chosen.sum(0) + targets.sum(0)).clamp(min=1)  # 0 for a label never present nor chosen
+        f1 = f1_scores(probabilities >= torch.tensor(self.thresholds), targets)
         score = mean_average_precision(probabilities, targets)
         return {
             "val_loss": float(F.binary_cross_entropy_with_logits(logits, targets)),

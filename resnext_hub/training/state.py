@@ -61,7 +61,7 @@ class FinetuneSettings:
     seed: int = 0
     sync_bn: bool = False
     precision: str = "auto"  # auto, fp32, bf16, fp16
-    multi_label: bool = False  # labels from CSV files (training.labels_csv), a sigmoid head, BCE, mAP
+    multi_label: bool = False  # labels from CSV files (resnext_hub.labels_csv), a sigmoid head, BCE, mAP
     labels: str | None = None  # multi-label training file; None: DATA/train.csv
     val_labels: str | None = None  # multi-label validation file; None: DATA/val.csv
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from resnext_hub.training.labels_csv import LabelsFileError, read_labelled, read_labels_csv
+from resnext_hub.labels_csv import LabelsFileError, read_labels_csv
+from resnext_hub.training.data import read_labelled
 
 
 @pytest.fixture

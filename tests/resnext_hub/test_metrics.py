@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from resnext_hub.metrics import DEFAULT_THRESHOLD, average_precisions, f1_thresholds, mean_average_precision
+from resnext_hub.metrics import (
+    DEFAULT_THRESHOLD,
+    average_precisions,
+    f1_scores,
+    f1_thresholds,
+    mean_average_precision,
+)
 
 # Four images, two labels.
 SCORES = torch.tensor([[0.9, 0.1], [0.8, 0.6], [0.3, 0.7], [0.2, 0.2]])
@@ -56,3 +62,10 @@ def test_a_label_without_positive_images_gets_the_default_threshold():
 def test_shapes_must_agree():
     with pytest.raises(ValueError, match="one shape"):
         average_precisions(SCORES, TARGETS[:2])
+
+
+def test_f1_per_label():
+    chosen = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 0, 0]])
+    targets = torch.tensor([[1, 1, 0], [0, 1, 0], [0, 0, 0]])
+    # Label 0: 1 hit, 2 chosen, 1 present: 2/3. Label 1: 1 hit, 1 chosen, 2 present: 2/3. Label 2: none: 0.
+    assert f1_scores(chosen, targets).tolist() == pytest.approx([2 / 3, 2 / 3, 0.0])

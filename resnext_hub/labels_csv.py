@@ -1,6 +1,7 @@
-"""Multi-label fine-tuning data: images and their labels listed in CSV files, checked at the boundary.
+"""Multi-label data: images and their labels listed in a CSV file, checked at the boundary.
 
-The format (``finetune --multi-label``; one file for the training images, one for the validation ones)::
+``finetune --multi-label`` reads one for its training images and one for its validation images;
+``evaluate`` scores a multi-label model on one. The format::
 
     path,labels
     photos/beach.jpg,sea;sky;people
@@ -27,9 +28,8 @@ from pathlib import Path
 
 import torch
 
-from ..console import printable
-from ..processing.labels import name_problem
-from .data import FolderData, Split
+from .console import printable
+from .processing.labels import name_problem
 
 HEADER = ("path", "labels")
 SEPARATOR = ";"
@@ -127,20 +127,3 @@ def read_labels_csv(path: str | Path) -> LabelledImages:
     if not paths:
         raise LabelsFileError(f"labels file {shown} lists no image: expected lines of path,labels")
     return LabelledImages(path, paths, labels, lines)
-
-
-def read_labelled(root: str | Path, train_csv: str | Path, val_csv: str | Path) -> FolderData:
-    """The multi-label data of two labels files (relative paths: below ``root``), as the fine-tuning folder
-    record: the training file's sorted label names as classes, each split's 0/1 targets in ``rows``."""
-    root = Path(root)
-    train, val = (read_labels_csv(_below(root, name)) for name in (train_csv, val_csv))
-    names = train.names()
-    if not names:
-        raise LabelsFileError(f"labels file {printable(train.source)} names no label: every row's labels are empty")
-    splits = [Split(part.paths, list(range(len(part))), part.multi_hot(names)) for part in (train, val)]
-    return FolderData(root, names, *splits)
-
-
-def _below(root: Path, name: str | Path) -> Path:
-    path = Path(name).expanduser()
-    return path if path.is_absolute() else root / path
