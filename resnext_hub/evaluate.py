@@ -125,7 +125,7 @@ def evaluate_multi_label(
     options = options or InferenceOptions()
     ctx = ctx or current_context(resolve_device(options.device))
     images = read_labels_csv(labels_file)
-    rows = images.multi_hot(model.classes.names)
+    rows = images.multi_hot(model.classes.names, "the model's labels")
     batches = shard_batches(len(images), options.batch_size, ctx.rank, ctx.world_size)
     engine = Engine(model, dataclasses.replace(options, device=ctx.device))
     precision = agreed_precision(ctx, engine.precision)

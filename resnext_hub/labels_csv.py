@@ -55,16 +55,17 @@ class LabelledImages:
         """The label names met in these rows, sorted."""
         return tuple(sorted({name for row in self.labels for name in row}))
 
-    def multi_hot(self, names: Sequence[str]) -> torch.Tensor:
-        """The rows as 0/1 targets (images, len(names)) over ``names``; ``LabelsFileError`` for an unknown label."""
+    def multi_hot(self, names: Sequence[str], whose: str = "the training labels") -> torch.Tensor:
+        """The rows as 0/1 targets (images, len(names)) over ``names`` (``whose`` they are, for the message);
+        ``LabelsFileError`` for a label not among them."""
         index = {name: i for i, name in enumerate(names)}
         rows = torch.zeros(len(self.paths), len(names))
         for row, (line, labels) in enumerate(zip(self.lines, self.labels)):
             for name in labels:
                 if name not in index:
                     raise LabelsFileError(
-                        f"{printable(self.source)}, line {line}: label {printable(name)!r} is not one of the training "
-                        f"labels [{', '.join(printable(n) for n in names)}]; every label must have training images"
+                        f"{printable(self.source)}, line {line}: label {printable(name)!r} is not one of {whose} "
+                        f"[{', '.join(printable(n) for n in names)}]"
                     )
                 rows[row, index[name]] = 1.0
         return rows

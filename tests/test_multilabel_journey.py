@@ -1,9 +1,10 @@
 """One multi-label fine-tuned checkpoint through every door, as a user walks it (README, "Multi-label").
 
 ``finetune --multi-label`` on generated images holding any of three colour-coded shapes (labels in
-``train.csv``/``val.csv``), then the same ``best.pth`` through ``torch.hub.load``, ``classify``, ``predict``,
-``export`` (ONNX, TorchScript, a Triton repository), ``serve`` and the web demo. Every door must know the model is
-multi-label: sigmoid probabilities for every label, the same labels above the same thresholds (exact fp32).
+``train.csv``/``val.csv``), then the same ``best.pth`` through ``torch.hub.load``, ``classify``, ``evaluate``,
+``predict``, ``export`` (ONNX, TorchScript, a Triton repository), ``serve`` and the web demo. Every door must know
+the model is multi-label: sigmoid probabilities for every label, the same labels above the same thresholds (exact
+fp32).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def test_a_multi_label_checkpoint_works_through_every_door(tmp_path, capsys):
     data = write_multilabel_shapes(tmp_path / "shapes", train=16, val=8, size=40, seed=1)
     out = tmp_path / "run"
     # 1. finetune --multi-label: a sigmoid head for the three shapes, mAP recorded, thresholds chosen.
-    train = ["--model", ARCH, "--no-pretrained", "--image-size", "32", "--epochs", "1", "--batch-size", "8"]
+    train = ["--model", ARCH, "--no-pretrained", "--image-size", "32", "--epochs", "1", "--batch-size", "8", *FP32]
     _run(["finetune", str(data), "--multi-label", *train, "--workers", "0", "-o", str(out)])
     summary = json.loads(capsys.readouterr().out)
     (metrics,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -72,7 +73,15 @@ def test_a_multi_label_checkpoint_works_through_every_door(tmp_path, capsys):
             dict(zip(CLASSES, row.tolist())), abs=1e-5
         )
 
-    # 3. predict (CSV): the same labels, one above_threshold flag per label.
+    # 3. evaluate on the validation labels file: the mAP and F1 that finetune recorded.
+    capsys.readouterr()
+    _run(["evaluate", str(data / "val.csv"), *ckpt, *FP32])
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["evaluated"] == len(paths) and scores["multi_label"]
+    assert scores["map"] == pytest.approx(metrics["val_map"], abs=1e-3)
+    assert scores["f1"] == pytest.approx(metrics["val_f1"], abs=1e-3)
+
+    # 4. predict (CSV): the same labels, one above_threshold flag per label.
     _run(["predict", *paths, *ckpt, *FP32, "--workers", "0", "-o", str(tmp_path / "p.csv")])
     with open(tmp_path / "p.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -82,7 +91,7 @@ def test_a_multi_label_checkpoint_works_through_every_door(tmp_path, capsys):
     }
     assert flagged == expected
 
-    # 4. export: ONNX's probabilities are the sigmoid, and ONNX and TorchScript name the labels and thresholds.
+    # 5. export: ONNX's probabilities are the sigmoid, and ONNX and TorchScript name the labels and thresholds.
     exports = tmp_path / "exports"
     _run(["export", *ckpt, "--format", "onnx", "-o", str(exports / "model.onnx")])
     _run(["export", *ckpt, "--format", "torchscript", "-o", str(exports / "model.pt")])
@@ -98,7 +107,7 @@ def test_a_multi_label_checkpoint_works_through_every_door(tmp_path, capsys):
         assert json.loads((folder / "1" / THRESHOLDS_FILE).read_text()) == list(model.thresholds)
     assert "above_threshold" in (exports / "triton" / ARCH / "config.pbtxt").read_text()
 
-    # 5. serve: image bytes in; every label's sigmoid probability and its above_threshold flag out.
+    # 6. serve: image bytes in; every label's sigmoid probability and its above_threshold flag out.
     server = ServeProcess(ARCH, best, tmp_path / "serve.log", top_k=1)
     try:
         client = httpclient.InferenceServerClient(server.url)
@@ -113,7 +122,7 @@ def test_a_multi_label_checkpoint_works_through_every_door(tmp_path, capsys):
     served = [sorted(n.decode() for n, a in zip(row, flags) if a) for row, flags in zip(labels, above)]
     assert served == [expected[path] for path in paths[:4]]
 
-    # 6. the web demo: every label's sigmoid probability, and the card says multi-label.
+    # 7. the web demo: every label's sigmoid probability, and the card says multi-label.
     from space import app
 
     demo = app.Demo(checkpoint=best, precision="fp32")

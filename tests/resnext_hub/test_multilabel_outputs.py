@@ -28,7 +28,7 @@ THRESHOLDS = (0.3, 0.6, 0.9)
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
+def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     weights = build_model(ARCH, pretrained=False, num_classes=3).state_dict()
     preset = replace(as_preset(None), resize_size=73, crop_size=64)
@@ -37,7 +37,12 @@ def engine(tmp_path_factory):
         weights, architecture=ARCH, classes=LABELS, preprocessing=preset, thresholds=list(THRESHOLDS)
     )
     torch.save(content, path)
-    return Engine(build_model(ARCH, pretrained_from_file=path), InferenceOptions(precision="fp32", workers=1))
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    return Engine(build_model(ARCH, pretrained_from_file=checkpoint), InferenceOptions(precision="fp32", workers=1))
 
 
 def _logits(probabilities):
@@ -108,3 +113,28 @@ def test_a_multi_label_predict_job_writes_every_label_whatever_the_top_k():
     job = describe_job(model=ARCH, weights=None, num_classes=10, top_k=5, multi_label=True)
     assert job["top_k"] == 10 and job["multi_label"] is True
     assert "multi_label" not in describe_job(model=ARCH, weights=None, num_classes=10, top_k=5)  # as before
+
+
+def test_evaluate_scores_a_multi_label_model_on_a_labels_file(checkpoint, tmp_path):
+    from resnext_hub.evaluate import evaluate_multi_label
+    from resnext_hub.metrics import mean_average_precision
+
+    for i, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        Image.new("RGB", (64, 64), colour).save(tmp_path / f"{i}.png")
+    (tmp_path / "val.csv").write_text("0.png,sea;sky\n1.png,tree\n2.png,\n", encoding="utf-8")
+    model = build_model(ARCH, pretrained_from_file=checkpoint)
+    options = InferenceOptions(precision="fp32", workers=0, device="cpu")
+    summary = evaluate_multi_label(model, tmp_path / "val.csv", options)
+    images = torch.stack([model.preprocessing(Image.open(tmp_path / f"{i}.png")) for i in range(3)])
+    with torch.inference_mode():
+        probabilities = model(images).sigmoid()
+    targets = torch.tensor([[1, 1, 0], [0, 0, 1], [0, 0, 0]])
+    assert summary["evaluated"] == 3 and summary["multi_label"]
+    assert summary["map"] == pytest.approx(100 * mean_average_precision(probabilities, targets), abs=1e-4)
+    assert set(summary["average_precision"]) == set(LABELS.names)
+    (tmp_path / "other.csv").write_text("0.png,cloud\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="label 'cloud' is not one of"):
+        evaluate_multi_label(model, tmp_path / "other.csv", options)
+    model.reset_classifier(3, classes=LABELS)  # single-label again
+    with pytest.raises(ValueError, match="this model is single-label"):
+        evaluate_multi_label(model, tmp_path / "val.csv", options)
