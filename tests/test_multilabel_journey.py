@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime
 import pytest
 import torch
@@ -23,7 +22,7 @@ from conftest import ROOT
 from triton_servers import ServeProcess
 
 from resnext_hub import cli
-from resnext_hub.export.labels import ONNX_KEY, TORCHSCRIPT_FILE
+from resnext_hub.export.labels import TORCHSCRIPT_FILE
 from resnext_hub.processing import load_image
 from resnext_hub.triton import contract
 from resnext_hub.triton.repository import THRESHOLDS_FILE
@@ -97,11 +96,16 @@ def test_a_multi_label_checkpoint_works_through_every_door(tmp_path, capsys):
     _run(["export", *ckpt, "--format", "torchscript", "-o", str(exports / "model.pt")])
     session = onnxruntime.InferenceSession(str(exports / "model.onnx"))
     assert np.allclose(session.run(["probabilities"], {"input": batch.numpy()})[0], eager, atol=1e-5)
-    carried = {p.key: p.value for p in onnx.load(str(exports / "model.onnx")).metadata_props}[ONNX_KEY]
+    carried = session.get_modelmeta().custom_metadata_map
+    assert json.loads(carried["classes"]) == list(CLASSES) and carried["multi_label"] == "true"
+    assert json.loads(carried["thresholds"]) == list(model.thresholds)
     extra = {TORCHSCRIPT_FILE: ""}
     torch.jit.load(str(exports / "model.pt"), _extra_files=extra)
-    for text in (carried, extra[TORCHSCRIPT_FILE]):
-        assert json.loads(text) == {"classes": list(CLASSES), "multi_label": True, "thresholds": list(model.thresholds)}
+    assert json.loads(extra[TORCHSCRIPT_FILE]) == {
+        "classes": list(CLASSES),
+        "multi_label": True,
+        "thresholds": list(model.thresholds),
+    }
     _run(["export", *ckpt, "--format", "triton", "-o", str(exports / "triton")])
     for folder in (exports / "triton").glob("*postprocess"):
         assert json.loads((folder / "1" / THRESHOLDS_FILE).read_text()) == list(model.thresholds)

@@ -32,7 +32,18 @@ from torch import nn
 
 from ..models.meta import Described
 
-KEYS = ("classes", "multi_label", "thresholds", "preprocessing", "image_size", "architecture", "weights", "model_license", "precision", "opset")
+KEYS = (
+    "classes",
+    "multi_label",
+    "thresholds",
+    "preprocessing",
+    "image_size",
+    "architecture",
+    "weights",
+    "model_license",
+    "precision",
+    "opset",
+)
 
 
 def onnx_metadata(model: nn.Module, *, image_size: int, precision: str, opset: int) -> dict[str, str]:
