@@ -18,6 +18,11 @@ The recipe:
 - **Optimization**: AdamW (weight decay 0.05 on weights, none on biases and BatchNorm), linear
   warmup over the first 10% of the steps, then cosine decay to 0, updated every step;
   cross-entropy with label smoothing 0.1 (the reported val loss is plain cross-entropy).
+- **Multi-label** (``multi_label``; labels from CSV files, :mod:`resnext_hub.labels_csv`): binary
+  cross-entropy on the logits (no label smoothing); validation gives the loss, mAP and macro F1 (%) and
+  chooses each label's threshold, the one maximising its F1 on the validation images
+  (:func:`~resnext_hub.metrics.f1_thresholds`), saved with the label names in the checkpoint; the best
+  epoch is the one with the best mAP.
 - **Speed**: mixed precision where the hardware has it (bf16 autocast on CPUs with native bf16;
   bf16 on CUDA GPUs that have it, else fp16 with a GradScaler), channels-last.
 - **Many processes**: DistributedDataParallel (gloo on CPU, NCCL on CUDA); ``batch_size`` is the
