@@ -58,6 +58,8 @@ def build_model(
       0: no head (timm's meaning: the model returns the pooled features).
       A fine-tuned checkpoint (``python -m resnext_hub finetune``) sets the default to its own
       classes and gives the model its class names and preset; another N keeps its backbone only.
+      A multi-label one (``finetune --multi-label``) gives a multi-label model: ``model.multi_label``,
+      ``model.thresholds`` (per label, on ``model(x).sigmoid()``).
       Left unset, a file whose head has another class count is refused (``CheckpointError``),
       never given a random head; so is a fine-tuned file whose head disagrees with its class names.
     - ``state_dict_key_map_fn``: renames each checkpoint key before loading (NVIDIA's option).
