@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ def _run(argv: list[str]) -> None:
     assert cli.main([*argv, "--no-progress"] if argv[0] in ("finetune", "predict") else argv) == 0, argv
 
 
-def test_a_multi_label_checkpoint_works_through_every_door(tmp_path, capsys):
+def test_a_multi_label_checkpoint_works_through_every_door(tmp_path, capsys, monkeypatch):
     data = write_multilabel_shapes(tmp_path / "shapes", train=16, val=8, size=40, seed=1)
     out = tmp_path / "run"
     # 1. finetune --multi-label: a sigmoid head for the three shapes, mAP recorded, thresholds chosen.
@@ -127,9 +128,15 @@ def test_a_multi_label_checkpoint_works_through_every_door(tmp_path, capsys):
     assert served == [expected[path] for path in paths[:4]]
 
     # 7. the web demo: every label's sigmoid probability, and the card says multi-label.
+    from gradio.utils import get_upload_folder
+
     from space import app
 
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))  # the demo reads uploads from there only
+    upload = Path(get_upload_folder()) / "photo" / Path(paths[0]).name
+    upload.parent.mkdir(parents=True)
+    shutil.copy(paths[0], upload)
     demo = app.Demo(checkpoint=best, precision="fp32")
-    _, shown, card = demo.classify_upload(demo.default_model, {"path": paths[0]})
+    _, shown, card = demo.classify_upload(demo.default_model, {"path": str(upload)})
     assert shown == pytest.approx(dict(zip(CLASSES, eager[0].tolist())), abs=1e-5)
     assert "Multi-label" in card
