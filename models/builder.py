@@ -61,6 +61,8 @@ def build_model(
       0: no head (timm's meaning: the model returns the pooled features).
       A fine-tuned checkpoint (``python -m resnext_hub finetune``) sets the default to its own
       classes and gives the model its class names and preset; another N keeps its backbone only.
+      A multi-label one (``finetune --multi-label``) gives a multi-label model: ``model.multi_label``,
+      ``model.thresholds`` (per label, on ``model(x).sigmoid()``).
       Left unset, a file whose head has another class count is refused (``CheckpointError``),
       never given a random head; so is a fine-tuned file whose head disagrees with its class names.
     - ``state_dict_key_map_fn``: renames each checkpoint key before loading (NVIDIA's option).
@@ -173,8 +175,9 @@ def _meta(
     architecture: str, record: Weights, num_classes: int, loaded: Weights | None, finetuned: FinetunedMeta | None = None
 ) -> ModelMeta:
     if finetuned is not None:
-        classes = finetuned.classes if num_classes == len(finetuned.classes) else default_classes(num_classes)
-        return ModelMeta(architecture, finetuned.preprocessing, classes)
+        if num_classes == len(finetuned.classes):  # its own head: its names, and a multi-label head's thresholds
+            return ModelMeta(architecture, finetuned.preprocessing, finetuned.classes, thresholds=finetuned.thresholds)
+        return ModelMeta(architecture, finetuned.preprocessing, default_classes(num_classes))
     classes = record.class_list if num_classes == record.num_classes else default_classes(num_classes)
     return ModelMeta(architecture, record.preprocessing, classes, weights=loaded, record=record)
 

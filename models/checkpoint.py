@@ -6,7 +6,7 @@ import logging
 import pickle
 import re
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -292,27 +292,55 @@ FINETUNED_FORMAT = "resnext_hub.finetuned/1"
 
 @dataclass(frozen=True)
 class FinetunedMeta:
-    """What a fine-tuned checkpoint says about its model: architecture, class names and preset."""
+    """What a fine-tuned checkpoint says about its model: architecture, class names and preset; a multi-label
+    head's per-class thresholds (None: single-label)."""
 
     architecture: str
     classes: ClassList
     preprocessing: ImageClassification
+    thresholds: tuple[float, ...] | None = None
 
 
 def finetuned_checkpoint(
-    state_dict: Mapping[str, Tensor], *, architecture: str, classes: ClassList, preprocessing: ImageClassification
+    state_dict: Mapping[str, Tensor],
+    *,
+    architecture: str,
+    classes: ClassList,
+    preprocessing: ImageClassification,
+    thresholds: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """The content of a fine-tuned checkpoint file: the weights and, as plain values, its metadata.
 
-    Plain values (a list of str, a dict of numbers) load under ``weights_only=True``.
+    Plain values (a list of str, a dict of numbers) load under ``weights_only=True``. A multi-label head
+    (``thresholds``: one per class, on its sigmoid probabilities) adds ``"multi_label": True`` and
+    ``"thresholds"``; a file without them is single-label (softmax), as every file written before.
     """
-    return {
+    content = {
         "format": FINETUNED_FORMAT,
         "architecture": architecture,
         "classes": list(classes.names),
         "preprocessing": preprocessing.as_dict(),
         "state_dict": {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()},
     }
+    if thresholds is not None:
+        content.update(multi_label=True, thresholds=[float(t) for t in thresholds])
+    return content
+
+
+def _thresholds(data: Mapping[str, Any], count: int) -> tuple[float, ...] | None:
+    """A fine-tuned file's multi-label thresholds (``ValueError`` for ones that contradict the file), or None."""
+    if not data.get("multi_label", False):
+        if "thresholds" in data:
+            raise ValueError("thresholds are given, but multi_label is not true")
+        return None
+    if data["multi_label"] is not True:
+        raise ValueError(f"multi_label must be true or false, got {data['multi_label']!r}")
+    thresholds = data.get("thresholds")
+    if not isinstance(thresholds, list) or len(thresholds) != count:
+        raise ValueError(f"a multi-label file needs {count} thresholds (one per class), got {thresholds!r:.80}")
+    if not all(isinstance(t, float) and 0.0 <= t <= 1.0 for t in thresholds):
+        raise ValueError("thresholds must be probabilities between 0 and 1")
+    return tuple(thresholds)
 
 
 _MAX_PICKLE_SCAN = 1 << 26  # bytes: a fine-tuned checkpoint's pickle is a few hundred KB
@@ -366,7 +394,10 @@ def read_finetuned_meta(path: str | Path) -> FinetunedMeta | None:
         if not isinstance(data["architecture"], str):
             raise ValueError("architecture must be a name")
         meta = FinetunedMeta(
-            data["architecture"], ClassList.of(classes), ImageClassification.from_dict(data["preprocessing"])
+            data["architecture"],
+            ClassList.of(classes),
+            ImageClassification.from_dict(data["preprocessing"]),
+            _thresholds(data, len(classes)),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: malformed fine-tuned checkpoint metadata ({error})") from error

@@ -92,6 +92,17 @@ class Headed(Described):
         names = self.meta.classes
         return names if len(names) == size else default_classes(size)
 
+    @property
+    def thresholds(self) -> tuple[float, ...] | None:
+        """A multi-label head's per-class thresholds; None for a single-label head, or a head replaced since."""
+        thresholds = self.meta.thresholds
+        return thresholds if thresholds is not None and head_size(self.fc) == len(thresholds) else None
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether the head is multi-label (a sigmoid per class, see ``thresholds``)."""
+        return self.thresholds is not None
+
     def get_classifier(self, name_only: bool = False) -> nn.Module | str:
         """timm's: the head module (``fc``), or its name."""
         return "fc" if name_only else self.fc

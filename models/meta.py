@@ -19,6 +19,8 @@ class ModelMeta:
     ``preprocessing``: the preset its weights expect. ``classes``: the names of its outputs.
     ``record``: the manifest record the model was built for (its preset and classes come from it),
     loaded or not (``pretrained=False``); None for a fine-tuned checkpoint's model or a bare one.
+    ``thresholds``: a multi-label head's per-class decision thresholds on its sigmoid probabilities
+    (``finetune --multi-label`` chooses them on validation); None for a single-label (softmax) head.
     """
 
     architecture: str | None
@@ -26,6 +28,16 @@ class ModelMeta:
     classes: ClassList
     weights: Weights | None = None
     record: Weights | None = None
+    thresholds: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.thresholds is not None and len(self.thresholds) != len(self.classes):
+            raise ValueError(f"{len(self.thresholds)} thresholds for {len(self.classes)} classes: one per class")
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether the head is multi-label: one sigmoid per class, each class present above its threshold."""
+        return self.thresholds is not None
 
     @classmethod
     def default(cls, num_classes: int = 1000) -> ModelMeta:
@@ -33,7 +45,10 @@ class ModelMeta:
         return cls(None, as_preset(None), default_classes(num_classes))
 
     def with_classes(self, classes: ClassList) -> ModelMeta:
-        return replace(self, classes=classes)
+        """The same record for ``classes``; a multi-label head's thresholds are kept for the same names only
+        (another head's would not fit it)."""
+        same = classes.names == self.classes.names
+        return replace(self, classes=classes, thresholds=self.thresholds if same else None)
 
 
 def default_classes(num_classes: int) -> ClassList:
@@ -70,6 +85,16 @@ class Described:
     @property
     def num_classes(self) -> int:
         return len(self.meta.classes)
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether the model is multi-label (sigmoid per class, see ``thresholds``); False: softmax over classes."""
+        return self.meta.multi_label
+
+    @property
+    def thresholds(self) -> tuple[float, ...] | None:
+        """A multi-label model's per-class thresholds on its sigmoid probabilities; None for a single-label one."""
+        return self.meta.thresholds
 
     @property
     def pretrained_cfg(self) -> dict[str, Any]:

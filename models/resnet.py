@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -247,7 +247,8 @@ class ResNet(Optimizable, Explainable, Headed, nn.Module):
         self.global_pool = GlobalPool(pool).train(self.training)
         self.fc = self._classifier(num_classes, device="cpu" if weight.is_meta else weight.device).train(self.training)
         if num_classes:
-            self.meta = self.meta.with_classes(classes or default_classes(num_classes))
+            # A fresh head: a multi-label one's thresholds were chosen for the weights it replaces.
+            self.meta = replace(self.meta.with_classes(classes or default_classes(num_classes)), thresholds=None)
 
     def adapt_input_channels(self, in_chans: int) -> None:
         """Take ``in_chans`` input channels: the first conv's weights derived from its current ones by

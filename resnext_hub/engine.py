@@ -94,6 +94,8 @@ class Engine:
         self.options = options = options or InferenceOptions()
         self.device = resolve_device(options.device)
         self.classes = model.classes  # a head without classes (model.fc = nn.Identity()) is refused here, not mid-run
+        # A multi-label head's per-label thresholds (ranked by sigmoid, not softmax); None: single-label.
+        self.thresholds: tuple[float, ...] | None = model.thresholds
         self.model = (
             model.eval()
             .to(self.device)
@@ -110,9 +112,15 @@ class Engine:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def multi_label(self) -> bool:
+        """Whether the model is multi-label: sigmoid probabilities, each label present at or above its threshold."""
+        return self.thresholds is not None
+
     def clamp_k(self, k: int) -> int:
-        """The top-``k`` this model gives (:func:`clamp_top_k`)."""
-        return clamp_top_k(k, self.num_classes)
+        """The top-``k`` this model gives (:func:`clamp_top_k`); a multi-label model gives every label's."""
+        k = clamp_top_k(k, self.num_classes)
+        return self.num_classes if self.multi_label else k
 
     # -- tensors in -------------------------------------------------------------------------------
 
@@ -126,7 +134,9 @@ class Engine:
         return self.rank(self.logits(images), k)
 
     def rank(self, logits: torch.Tensor, k: int = 5) -> list[list[Prediction]]:
-        """Logits -> the ``k`` best classes of each row."""
+        """Logits -> the ``k`` best classes of each row (softmax; a multi-label model's: every label, by sigmoid)."""
+        if self.multi_label:
+            return top_k(logits.float().sigmoid(), self.num_classes, labels=self.classes)
         return top_k(logits, k, logits=True, labels=self.classes)
 
     # -- explanation maps ---------------------------------------------------------------------------
@@ -168,11 +178,19 @@ class Engine:
             if batch.images is not None:
                 explained = self.explain(batch.images)
                 ranked = self.rank(explained.logits, k)
+                present = self.above_threshold(explained.logits) if self.multi_label else [None] * len(ranked)
                 for row, i in enumerate(batch.indices):
                     picture = overlay(batch.photos[row], explained.maps[row], self.preprocessing)
-                    done[i] = (Result(items[i], predictions=ranked[row]), picture)
+                    done[i] = (Result(items[i], predictions=ranked[row], labels=present[row]), picture)
             for i in sorted(done):
                 yield done[i]
+
+    def above_threshold(self, logits: torch.Tensor) -> list[tuple[str, ...]]:
+        """A multi-label model's labels at or above their thresholds, per row, in label order."""
+        if self.thresholds is None:
+            raise ValueError("the model is not multi-label: it has no per-label thresholds")
+        present = logits.float().sigmoid() >= torch.tensor(self.thresholds)
+        return [tuple(self.classes.names[i] for i in row.nonzero().flatten().tolist()) for row in present]
 
     # -- inputs in (paths, URLs, encoded bytes) -----------------------------------------------------
 
@@ -243,8 +261,9 @@ class Engine:
         for scored in self.score(items, batches, workers=workers, threads=threads):
             results = {i: Result(items[i], error=reason) for i, reason in scored.failed}
             if scored.logits is not None:
-                for i, ranked in zip(scored.indices, self.rank(scored.logits, k)):
-                    results[i] = Result(items[i], predictions=ranked)
+                present = self.above_threshold(scored.logits) if self.multi_label else [None] * len(scored.indices)
+                for i, ranked, labels in zip(scored.indices, self.rank(scored.logits, k), present):
+                    results[i] = Result(items[i], predictions=ranked, labels=labels)
             yield sorted(results.items(), key=lambda pair: pair[0])
 
     def classify(

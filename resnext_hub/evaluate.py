@@ -7,6 +7,8 @@ ImageNet's flat validation folder is read with a ground-truth file instead (``gr
 :func:`resnext_hub.data.read_ground_truth`). Every image is counted exactly once whatever the number
 of processes; the counts are summed over the ranks, so every rank returns the same summary.
 With ``report=True`` the summary also holds the evaluation report (:mod:`resnext_hub.report`).
+A multi-label model is scored on a labels file instead (:func:`evaluate_multi_label`: mAP, F1 at
+its thresholds).
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .console import progress_bar
+import torch
+from torch.nn import functional as F
+
+from .console import printable, progress_bar
 from .data import Skipped, find_samples
 from .distributed import DistContext, agreed_precision, current_context, shard_batches
 from .engine import Engine, resolve_device
-from .metrics import ReportMeter, TopKMeter
+from .labels_csv import read_labels_csv
+from .metrics import ReportMeter, TopKMeter, average_precisions, f1_scores, mean_average_precision
 from .models import ResNet
 from .options import InferenceOptions
 from .report import report_contents
@@ -115,3 +121,72 @@ def evaluate(
     if report_counts is not None:
         summary["report"] = report_contents(summary, report_counts, model.classes)
     return summary
+
+
+def evaluate_multi_label(
+    model: ResNet,
+    labels_file: str | Path,
+    options: InferenceOptions | None = None,
+    *,
+    ctx: DistContext | None = None,
+) -> dict[str, Any]:
+    """Score a multi-label ``model`` on the images of a labels file (``path,labels``, the format of
+    :mod:`resnext_hub.labels_csv`): mAP and per-label average precision, macro F1 at the model's own
+    thresholds, binary cross-entropy, in % where a share; the same summary on every rank.
+
+    ``ValueError`` for a single-label model, a bad labels file, or a label the model does not have.
+    """
+    if not model.multi_label:
+        raise ValueError(
+            f"{printable(labels_file)} is a labels file, for multi-label models; this model is single-label: "
+            "give it a folder of class folders"
+        )
+    options = options or InferenceOptions()
+    ctx = ctx or current_context(resolve_device(options.device))
+    images = read_labels_csv(labels_file)
+    rows = images.multi_hot(model.classes.names, "the model's labels")
+    batches = shard_batches(len(images), options.batch_size, ctx.rank, ctx.world_size)
+    engine = Engine(model, dataclasses.replace(options, device=ctx.device))
+    precision = agreed_precision(ctx, engine.precision)
+    parts: list[tuple[torch.Tensor, list[int]]] = []
+    failures: list[tuple[int, str]] = []
+    ctx.barrier()
+    started = time.perf_counter()
+    for scored in engine.score(images.paths, batches, targets=range(len(images))):
+        failures += scored.failed
+        if scored.logits is not None:
+            parts.append((scored.logits, scored.indices))
+    gathered = [part for rank in ctx.all_gather_object(parts) for part in rank]
+    all_failures = sorted(f for part in ctx.all_gather_object(failures) for f in part)
+    seconds = time.perf_counter() - started
+    logits = torch.cat([logits for logits, _ in gathered]) if gathered else torch.empty(0, rows.shape[1])
+    targets = rows[[i for _, indices in gathered for i in indices]]
+    probabilities = logits.sigmoid()
+    precisions = average_precisions(probabilities, targets)
+    score = mean_average_precision(probabilities, targets)
+    f1 = f1_scores(probabilities >= torch.tensor(model.thresholds), targets)
+    evaluated = len(logits)
+    return {
+        "model": model.architecture or type(model).__name__,
+        "dataset": str(labels_file),
+        "multi_label": True,
+        "images": len(images),
+        "evaluated": evaluated,
+        "failed": len(all_failures),
+        "map": None if score is None else 100 * score,
+        "f1": 100 * float(f1.mean()) if evaluated else None,
+        "loss": float(F.binary_cross_entropy_with_logits(logits, targets)) if evaluated else None,
+        "average_precision": {
+            name: None if ap is None else 100 * ap for name, ap in zip(model.classes.names, precisions)
+        },
+        "thresholds": dict(zip(model.classes.names, model.thresholds)),
+        "images_per_second": len(images) / seconds if seconds > 0 else None,
+        "seconds": seconds,
+        "world_size": ctx.world_size,
+        "device": ctx.device.type,
+        "precision": precision,
+        "batch_size": options.batch_size,
+        "preprocessing": model.preprocessing.as_dict(),
+        "failures": [{"input": images.paths[i], "error": reason} for i, reason in all_failures],
+        "skipped": [],
+    }

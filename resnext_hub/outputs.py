@@ -101,9 +101,15 @@ def open_output(path: str | Path) -> TextIO:
 
 
 def write_output(
-    records: Iterable[Record], fmt: str, path: str | Path | None, stdout: TextIO | None = None
+    records: Iterable[Record],
+    fmt: str,
+    path: str | Path | None,
+    stdout: TextIO | None = None,
+    *,
+    multi_label: bool = False,
 ) -> str | None:
     """Write ``records`` to ``path`` (None: ``stdout``), each as it comes; never lose one to the file.
+    ``multi_label``: the records of a multi-label model (CSV gets its ``above_threshold`` column).
 
     Should ``path`` fail (a full disk, a lost mount), the record being written and all after it go
     to ``stdout`` instead, in the same format. Returns None, or the message that says so (for stderr).
@@ -111,7 +117,7 @@ def write_output(
     stdout = stdout or sys.stdout
     records = iter(records)
     if path is None:
-        writer = RecordWriter(fmt, stdout)
+        writer = RecordWriter(fmt, stdout, multi_label=multi_label)
         for record in records:
             writer.write(record)
         return None
@@ -121,7 +127,7 @@ def write_output(
     except OSError as error:
         out, problem = None, error
     if out is not None:
-        writer = RecordWriter(fmt, out)
+        writer = RecordWriter(fmt, out, multi_label=multi_label)
         try:
             writer.start()
         except OSError as error:
@@ -139,7 +145,7 @@ def write_output(
             problem = problem or error
     if problem is None:
         return None
-    fallback = RecordWriter(fmt, stdout)
+    fallback = RecordWriter(fmt, stdout, multi_label=multi_label)
     for record in _chain(pending, records):
         fallback.write(record)
     return (

@@ -76,13 +76,24 @@ def check_paths(output: str | Path) -> Path:
 
 
 def describe_job(
-    *, model: str | None, weights: str | None, num_classes: int | None, top_k: int, **provenance: Any
+    *,
+    model: str | None,
+    weights: str | None,
+    num_classes: int | None,
+    top_k: int,
+    multi_label: bool = False,
+    **provenance: Any,
 ) -> dict[str, Any]:
     """What identifies a job: the model, its weights (a published name, or a checkpoint and its sha256),
-    and the top-k it writes, as clamped to the class count. ``num_classes`` None: not known yet (a
-    checkpoint's, before it loads); ``top_k`` is then as asked."""
+    and the top-k it writes, as clamped to the class count (a multi-label model's: every label, and the
+    description says ``multi_label``). ``num_classes`` None: not known yet (a checkpoint's, before it
+    loads); ``top_k`` is then as asked."""
     k = top_k if num_classes is None else clamp_top_k(top_k, num_classes)
+    if multi_label and num_classes is not None:
+        k = num_classes
     job = {"model": model, "weights": weights, "num_classes": num_classes, "top_k": k}
+    if multi_label:
+        job["multi_label"] = True
     job.update({key: value for key, value in provenance.items() if key in JOB_KEYS})
     return job
 
@@ -129,7 +140,9 @@ class PredictJob:
             return
         stored, job = self.stored or {}, dict(job)
         if job.get("num_classes") is None and stored.get("num_classes"):  # the class count is the stored job's
-            job.update(num_classes=stored["num_classes"], top_k=clamp_top_k(job["top_k"], stored["num_classes"]))
+            count = stored["num_classes"]
+            k = count if stored.get("multi_label") else clamp_top_k(job["top_k"], count)
+            job.update(num_classes=count, top_k=k)
         if job.get("num_classes") is not None:  # else the top-k is known once the model has loaded
             _check_top_k(self.done, job["top_k"], self.output)
         differ = [key for key in JOB_KEYS if key in stored and key in job and stored[key] != job[key]]
@@ -167,8 +180,12 @@ def open_job(output: str | Path, fmt: str | None = None) -> PredictJob:
 
 def write_records(records: Iterable[Record], path: str | Path, fmt: str) -> None:
     """Write the merged output atomically: a reader never sees half a file, a failure leaves the old one."""
+    records = list(records)
     with open_atomic(path, "w", newline="", encoding=ENCODING, errors=ERRORS) as out:
-        (write_csv if fmt == "csv" else write_jsonl)(records, out)
+        if fmt == "csv":  # a multi-label model's records name their labels above threshold
+            write_csv(records, out, multi_label=any("labels" in record for record in records))
+        else:
+            write_jsonl(records, out)
 
 
 def read_records(path: str | Path, fmt: str) -> list[Record]:
@@ -234,6 +251,7 @@ def predict(
         weights=record.name if record is not None else None,
         num_classes=model.num_classes,
         top_k=options.top_k,
+        multi_label=model.multi_label,  # every label's probability
         **(provenance or {}),
     )
     job.check(description)

@@ -101,6 +101,9 @@ def model_card(entry: str, model: ResNet, engine: Engine, precision: str, checkp
         shown = ", ".join(map(markdown_text, names[:_CARD_CLASSES])) + (", …" if len(names) > _CARD_CLASSES else "")
         where = markdown_code(checkpoint.name)
         lines.append(f"- **Weights:** local checkpoint {where}, {len(names)} classes: {shown}")
+        if model.multi_label:
+            limits = ", ".join(f"{markdown_text(n)} {t:.2f}" for n, t in zip(names[:_CARD_CLASSES], model.thresholds))
+            lines.append(f"- **Multi-label:** each label's sigmoid probability; present at or above: {limits}")
     elif record is not None:
         for key, metric in record.metrics.items():
             accuracy = f"top-1 {_percent(metric.get('top1'))}, top-5 {_percent(metric.get('top5'))}"

@@ -9,6 +9,7 @@ names, and the doors that rank must agree with each other on every image (exact 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_a_finetuned_checkpoint_works_through_every_door(tmp_path, capsys):
+def test_a_finetuned_checkpoint_works_through_every_door(tmp_path, capsys, monkeypatch):
     data = write_shapes_dataset(tmp_path / "shapes", train=8, val=4, size=40, seed=3, colour_coded=True)
     out = tmp_path / "run"
     # 1. finetune: a model of the user's three classes.
@@ -118,9 +119,15 @@ def test_a_finetuned_checkpoint_works_through_every_door(tmp_path, capsys):
     assert served == [classified[path] for path in paths] and errors == [b""] * len(paths)
 
     # 7. the web demo: the checkpoint's own classes in its top-5, and the same top-1.
+    from gradio.utils import get_upload_folder
+
     from space import app
 
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))  # the demo reads uploads from there only
+    upload = Path(get_upload_folder()) / "photo" / Path(paths[0]).name
+    upload.parent.mkdir(parents=True)
+    shutil.copy(paths[0], upload)
     demo = app.Demo(checkpoint=best, precision="fp32")
-    _, top5, card = demo.classify_upload(demo.default_model, {"path": paths[0]})
+    _, top5, card, _ = demo.classify_upload(demo.default_model, {"path": str(upload)})
     assert sorted(top5) == sorted(CLASSES) and max(top5, key=top5.get) == classified[paths[0]]
     assert "3 classes" in card

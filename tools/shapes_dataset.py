@@ -5,9 +5,13 @@ upright, tilted up to 15 degrees, and have the circle's area), so only the shape
 apart; every file is seeded, so the same arguments give the same set. Images are written in the
 ImageFolder layout ``finetune`` reads (``train/<class>/...``, ``val/<class>/...``), alternately
 as PNG and JPEG. ``colour_coded=True`` paints each shape in its class's colour: an easy variant
-for quick tests. Shared by the fine-tuning tests and ``benchmarks.finetune_shapes``::
+for quick tests. Shared by the fine-tuning tests and ``benchmarks.finetune_shapes``.
+:func:`write_multilabel_shapes` writes a multi-label set instead: each image holds any of the three shapes
+(each in its class's colour, in a quadrant of its own), listed in ``train.csv`` / ``val.csv`` as
+``finetune --multi-label`` reads them::
 
     python -m tools.shapes_dataset OUT [--train 150] [--val 50] [--size 80] [--seed 0] [--colour-coded]
+    python -m tools.shapes_dataset OUT --multi-label [--train 150] [--val 50] [--size 80] [--seed 0]
 """
 
 from __future__ import annotations
@@ -85,6 +89,43 @@ def write_shapes_dataset(
     return root
 
 
+def draw_shapes(shapes: tuple[str, ...], size: int, rng: random.Random) -> Image.Image:
+    """One RGB image holding each of ``shapes`` (colour-coded, in a random quadrant each) on a grey background."""
+    big = size * _SUPERSAMPLE
+    image = Image.new("RGB", (big, big), (rng.randrange(60, 200),) * 3)
+    draw = ImageDraw.Draw(image)
+    half = big / 2
+    for shape, quadrant in zip(shapes, rng.sample(range(4), len(shapes))):
+        radius = rng.uniform(0.13, 0.17) * big * _EXTENT[shape] / _EXTENT["triangle"]
+        cx = (quadrant % 2) * half + half / 2 + rng.uniform(-0.05, 0.05) * big
+        cy = (quadrant // 2) * half + half / 2 + rng.uniform(-0.05, 0.05) * big
+        if shape == "circle":
+            draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=_CODED[shape])
+        else:
+            corners = 4 if shape == "square" else 3
+            angle = math.pi / 4 if corners == 4 else -math.pi / 2
+            turns = [angle + 2 * math.pi * i / corners for i in range(corners)]
+            draw.polygon([(cx + radius * math.cos(t), cy + radius * math.sin(t)) for t in turns], fill=_CODED[shape])
+    return image.resize((size, size), Image.LANCZOS)
+
+
+def write_multilabel_shapes(root: str | Path, *, train: int = 60, val: int = 20, size: int = 64, seed: int = 0) -> Path:
+    """``root/images/`` of images holding any subset of :data:`CLASSES` (none included), and ``root/train.csv``,
+    ``root/val.csv`` listing them as ``path,labels`` (labels separated by ``;``), with the header line."""
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("val", val)):
+        lines = ["path,labels"]
+        for i in range(count):
+            rng = random.Random(f"{seed}/multi/{split}/{i}")
+            shapes = tuple(shape for shape in CLASSES if rng.random() < 0.5)
+            name = f"images/{split}_{i:04d}.png"
+            draw_shapes(shapes, size, rng).save(root / name)
+            lines.append(f"{name},{';'.join(shapes)}")
+        (root / f"{split}.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", help="output folder (train/ and val/ are created in it)")
@@ -93,7 +134,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=80, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--colour-coded", action="store_true", help="each shape in its class's colour (an easy set)")
+    parser.add_argument(
+        "--multi-label",
+        action="store_true",
+        help="images/ holding any of the shapes, train.csv and val.csv (--train/--val: images per split)",
+    )
     args = parser.parse_args()
+    if args.multi_label:
+        root = write_multilabel_shapes(args.root, train=args.train, val=args.val, size=args.size, seed=args.seed)
+        print(f"{root}: {args.train} + {args.val} images holding any of {', '.join(CLASSES)}; train.csv, val.csv")
+        return
     root = write_shapes_dataset(
         args.root, train=args.train, val=args.val, size=args.size, seed=args.seed, colour_coded=args.colour_coded
     )

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             yield result.as_record()
 
     try:
-        problem = write_output(records(), args.format, args.output)
+        problem = write_output(records(), args.format, args.output, multi_label=engine.multi_label)
     finally:
         if bar is not None:
             bar.close()

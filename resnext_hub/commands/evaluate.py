@@ -19,6 +19,12 @@ the devkit's ground-truth file, one label per image in file-name order (``--grou
 ``--report DIR`` also writes per-class accuracy, the confusion matrix (``report.json``,
 ``confusion_matrix.png``) and the calibration (ECE before and after temperature scaling).
 
+A multi-label model (``finetune --multi-label``) is scored on a labels file instead of class folders
+(``path,labels``, as finetune reads them): mAP, per-label average precision, macro F1 at the model's
+thresholds, binary cross-entropy::
+
+    python -m resnext_hub evaluate DATA/val.csv --model seresnext26d_32x4d --checkpoint runs/multi/best.pth
+
 Every image is counted exactly once whatever the number of processes; counts are summed
 over the ranks and rank 0 prints (and writes) the JSON summary and the report. The summary is
 printed first, so an ``--output`` that fails to be written (checked before the model loads) loses nothing. Folders
@@ -44,7 +50,8 @@ from ..arguments import (
 from ..console import printable
 from ..data import Skipped, read_class_folders
 from ..distributed import distributed, quiet_unless_main, sigterm_as_exit
-from ..evaluate import evaluate
+from ..evaluate import evaluate, evaluate_multi_label
+from ..labels_csv import read_labels_csv
 from ..outputs import check_output
 from ..report import REPORT_JSON, write_report
 
@@ -53,7 +60,15 @@ def run(args: argparse.Namespace) -> int:
     with sigterm_as_exit(), distributed(args.device) as ctx:
         quiet_unless_main(ctx)
         try:
-            if args.ground_truth is None:
+            labels_file = Path(args.root).suffix.lower() == ".csv"
+            if labels_file:  # a multi-label model's images and labels
+                if args.ground_truth is not None or args.report is not None:
+                    raise ValueError(
+                        "--ground-truth and --report are for single-label models and folders of images; a labels "
+                        "file (.csv) is scored by mAP and F1 without them"
+                    )
+                read_labels_csv(args.root)
+            elif args.ground_truth is None:
                 read_class_folders(args.root, skipped=[])  # fail before the (slow) model load; reported later
             if args.output is not None:
                 check_output(args.output)
@@ -61,9 +76,12 @@ def run(args: argparse.Namespace) -> int:
                 check_output(Path(args.report) / REPORT_JSON, "--report", replaced=True)
             options = inference_options(args)
             model = model_from_args(args, ctx=ctx)
-            summary = evaluate(
-                model, args.root, options, ctx=ctx, ground_truth=args.ground_truth, report=args.report is not None
-            )
+            if labels_file:
+                summary = evaluate_multi_label(model, args.root, options, ctx=ctx)
+            else:
+                summary = evaluate(
+                    model, args.root, options, ctx=ctx, ground_truth=args.ground_truth, report=args.report is not None
+                )
         except ValueError:
             if ctx.is_main:
                 raise  # the CLI prints it once
@@ -93,10 +111,16 @@ def run(args: argparse.Namespace) -> int:
                 problem = (problem + "\n" if problem else "") + (
                     f"error: writing the report to {printable(args.report)} failed ({error.strerror or error})"
                 )
-        top1 = "n/a" if summary["top1"] is None else f"{summary['top1']:.3f}%"
-        top5 = "n/a" if summary["top5"] is None else f"{summary['top5']:.3f}%"
+        if summary.get("multi_label"):
+            mean_ap = "n/a" if summary["map"] is None else f"{summary['map']:.3f}%"
+            f1 = "n/a" if summary["f1"] is None else f"{summary['f1']:.3f}%"
+            scores = f"mAP {mean_ap}, macro F1 {f1}"
+        else:
+            top1 = "n/a" if summary["top1"] is None else f"{summary['top1']:.3f}%"
+            top5 = "n/a" if summary["top5"] is None else f"{summary['top5']:.3f}%"
+            scores = f"top-1 {top1}, top-5 {top5}"
         print(
-            f"{summary['model']}: top-1 {top1}, top-5 {top5} on {summary['evaluated']} images "
+            f"{summary['model']}: {scores} on {summary['evaluated']} images "
             f"({summary['failed']} unreadable), {summary['images_per_second']:.1f} img/s, {ctx.world_size} process(es)",
             file=sys.stderr,
         )
@@ -127,7 +151,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "root",
         help="folder with one sub-folder of images per class (its name, or WordNet id); with --ground-truth, a flat "
-        "folder of images",
+        "folder of images; for a multi-label model, a labels file (.csv: path,labels)",
     )
     add_model_options(parser)
     add_inference_options(parser, batch_size=64, top_k=False, per_process=True)

@@ -9,6 +9,21 @@ the loader reads; unreadable files are reported and skipped). OUT receives ``bes
     python -m resnext_hub finetune DATA -o runs/mine --resume       # continue a killed run
     python -m resnext_hub classify photo.jpg --model seresnext26d_32x4d --checkpoint runs/mine/best.pth
 
+Multi-label (--multi-label): each image has any number of labels, listed in CSV files (by default
+DATA/train.csv and DATA/val.csv; --labels and --val-labels name others). One line per image,
+``path,labels``: the path relative to the CSV file's folder, the labels separated by ``;``; the header
+line ``path,labels`` is optional; an empty labels field means none of the labels::
+
+    path,labels
+    images/0001.png,circle;square
+    images/0002.jpg,triangle
+    images/0003.png,
+
+The model gets a sigmoid per label, trained with binary cross-entropy; validation records the mean
+average precision (val_map, %) in metrics.jsonl and chooses each label's threshold (the one that
+maximises its F1 on the validation images), saved in best.pth with the labels: classify, predict,
+export and serve then give each label's probability and the labels above their thresholds.
+
 The recipe (AdamW, warmup + cosine, label smoothing, mixed precision) is described in
 ``resnext_hub/training/loop.py``. With ``--resume`` the run's own settings are used; options given
 must agree with them. OUT is checked before any work (a writable folder, holding no other run unless
@@ -117,7 +132,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("data", help="folder with train/<class>/ and val/<class>/ image folders")
+    parser.add_argument(
+        "data", help="folder with train/<class>/ and val/<class>/ image folders (--multi-label: train.csv, val.csv)"
+    )
     parser.add_argument(
         "--output", "-o", metavar="OUT", required=True, help="folder for checkpoints, metrics.jsonl and curves.png"
     )
@@ -142,6 +159,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm across processes (CUDA)")
     parser.add_argument("--precision", choices=PRECISIONS, help="default auto: bf16/fp16 where the hardware has it")
     parser.add_argument("--seed", type=int, help=f"data order and augmentation (default {DEFAULTS.seed})")
+    parser.add_argument(
+        "--multi-label",
+        action="store_true",
+        default=None,
+        help="images with any number of labels, from CSV files (path,labels with labels separated by ';'): "
+        "a sigmoid head, binary cross-entropy, mAP, per-label thresholds",
+    )
+    parser.add_argument(
+        "--labels", metavar="FILE.csv", help="with --multi-label: the training images' labels (default DATA/train.csv)"
+    )
+    parser.add_argument(
+        "--val-labels", metavar="FILE.csv", help="with --multi-label: the validation images' (default DATA/val.csv)"
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run in --output where it stopped")
     parser.add_argument(
         "--workers",

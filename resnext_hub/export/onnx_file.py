@@ -31,6 +31,7 @@ from .checks import (
     staged,
     verify,
 )
+from .labels import is_multi_label, output_probabilities
 from .onnx_metadata import onnx_metadata, set_metadata
 from .onnx_versions import DEFAULT_OPSET, EXPORTER_OPSET, check_opset, check_versions, convert
 
@@ -42,16 +43,18 @@ EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torc
 
 
 class _Exportable(nn.Module):
-    """The ONNX graph's module: logits and probabilities, fp16 inside when asked (inputs/outputs stay fp32)."""
+    """The ONNX graph's module: logits and probabilities (a multi-label head's: sigmoid), fp16 inside when asked
+    (inputs/outputs stay fp32)."""
 
     def __init__(self, model: nn.Module, *, fp16: bool) -> None:
         super().__init__()
+        self.multi_label = is_multi_label(model)
         self.model = model.half() if fp16 else model
         self.fp16 = fp16
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(x.half() if self.fp16 else x).float()
-        return logits, logits.softmax(1)
+        return logits, output_probabilities(logits, self.multi_label)
 
 
 def verify_onnx(
@@ -67,11 +70,14 @@ def verify_onnx(
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    multi_label = is_multi_label(model)
 
     def run(x: torch.Tensor) -> np.ndarray:
         logits, probabilities = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
-        if not np.allclose(probabilities, torch.from_numpy(logits).softmax(1).numpy(), atol=1e-5):
-            raise ExportError(f"{path}: the probabilities output is not softmax(logits)")
+        expected = output_probabilities(torch.from_numpy(logits), multi_label).numpy()
+        if not np.allclose(probabilities, expected, atol=1e-5):
+            function = "sigmoid" if multi_label else "softmax"
+            raise ExportError(f"{path}: the probabilities output is not {function}(logits)")
         return logits
 
     tolerance = FP16_TOLERANCE if fp16 else FP32_TOLERANCE

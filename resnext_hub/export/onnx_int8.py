@@ -34,6 +34,7 @@ from ..models import ResNet
 from ..models.cpu import cpu_has_int8_dot
 from ..models.quantize import calibration_batches
 from .checks import Check, ExportError, ExportResult, default_image_size, staged
+from .labels import is_multi_label, output_probabilities
 from .onnx_file import INPUT_NAME, OUTPUT_NAMES, export_onnx
 from .onnx_metadata import onnx_metadata, set_metadata
 from .onnx_versions import DEFAULT_OPSET, check_opset, check_versions, convert
@@ -152,8 +153,9 @@ def verify_onnx_int8(
 
     def run(batch: torch.Tensor) -> np.ndarray:
         logits, probabilities = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch.numpy()})
-        if not np.allclose(probabilities, torch.from_numpy(logits).double().softmax(1).numpy(), atol=1e-4):
-            raise ExportError(f"{what}: the probabilities output is not softmax(logits)")
+        expected = output_probabilities(torch.from_numpy(logits).double(), is_multi_label(model))
+        if not np.allclose(probabilities, expected.numpy(), atol=1e-4):
+            raise ExportError(f"{what}: the probabilities output is not what the head's logits give")
         return logits
 
     return verify_int8(run, model, images, what)

@@ -4,6 +4,9 @@ Read them with ONNX Runtime: ``InferenceSession(path).get_modelmeta().custom_met
 string (ONNX's ``metadata_props`` holds strings); the keys:
 
 - ``classes``: a JSON list of the class names, by output index (a fine-tuned checkpoint's own names);
+- ``multi_label`` and ``thresholds``, for a multi-label model only (``finetune --multi-label``): ``true``, and a
+  JSON list of its per-label thresholds, by output index; its ``probabilities`` output is then each logit's
+  sigmoid, and a label is present at or above its threshold;
 - ``preprocessing``: a JSON object, the weights' preset (``resize_size``, ``crop_size``, ``interpolation``,
   ``mean``, ``std``: resize the shorter side, center-crop, scale to [0, 1], normalize; see
   :class:`resnext_hub.processing.presets.ImageClassification`);
@@ -29,7 +32,18 @@ from torch import nn
 
 from ..models.meta import Described
 
-KEYS = ("classes", "preprocessing", "image_size", "architecture", "weights", "model_license", "precision", "opset")
+KEYS = (
+    "classes",
+    "multi_label",
+    "thresholds",
+    "preprocessing",
+    "image_size",
+    "architecture",
+    "weights",
+    "model_license",
+    "precision",
+    "opset",
+)
 
 
 def onnx_metadata(model: nn.Module, *, image_size: int, precision: str, opset: int | None) -> dict[str, str]:
@@ -41,6 +55,8 @@ def onnx_metadata(model: nn.Module, *, image_size: int, precision: str, opset: i
     if isinstance(model, Described):
         meta = model.meta
         metadata["classes"] = json.dumps(list(meta.classes.names), ensure_ascii=False)
+        if getattr(model, "thresholds", None) is not None:
+            metadata.update(multi_label="true", thresholds=json.dumps(list(model.thresholds)))
         metadata["preprocessing"] = json.dumps(meta.preprocessing.as_dict())
     metadata["image_size"] = str(image_size)
     if isinstance(model, Described):

@@ -24,6 +24,7 @@ from .checks import (
     staged,
     verify,
 )
+from .labels import TORCHSCRIPT_FILE, labels_json
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ def export_torchscript(
     verify_batches: Sequence[int] = VERIFY_BATCHES,
     overwrite: bool = False,
 ) -> ExportResult:
-    """Write ``model`` traced and frozen as TorchScript (logits out); verified with ``torch.jit.load``.
+    """Write ``model`` traced and frozen as TorchScript (logits out; class names and a multi-label head's thresholds
+    in the extra file ``labels.json``, see :mod:`.labels`); verified with ``torch.jit.load``.
     An existing file is replaced only with ``overwrite``."""
     path = Path(path)
     size = image_size or default_image_size(model)
@@ -70,6 +72,8 @@ def export_torchscript(
             # Through a Python file: torch's own file writer aborts the process when a write fails (a full
             # disk); this way the write raises OSError. The archive's folder is then torch's "archive".
             with open(staging, "wb") as handle:
-                torch.jit.save(torch.jit.freeze(traced), handle)
+                labels = labels_json(eager)  # class names and a multi-label head's thresholds, beside the graph
+                extra = {} if labels is None else {TORCHSCRIPT_FILE: labels}
+                torch.jit.save(torch.jit.freeze(traced), handle, _extra_files=extra)
         checks = verify_torchscript(staging, eager, image_size=size, batches=verify_batches, name=path.name)
     return ExportResult("torchscript", path, "fp32", size, checks)

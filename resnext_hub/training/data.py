@@ -4,7 +4,8 @@
 (:func:`resnext_hub.data.read_class_folders`): the class names are the folder names and their
 sorted order is the class index. Every image goes through the one hardened loader
 (``processing.load_image``, via :class:`~resnext_hub.data.ImageListDataset`); files it cannot read
-are found once, before training, and left out.
+are found once, before training, and left out. Multi-label runs read two labels files instead
+(:func:`read_labelled`, the format in :mod:`resnext_hub.labels_csv`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch.utils.data import DistributedSampler
 from ..console import printable
 from ..data import ImageListDataset, Sample, Skipped, make_loader, quoted, read_class_folders
 from ..distributed import DistContext, shard_batches
+from ..labels_csv import LabelsFileError, read_labels_csv
 from ..processing import ImageClassification
 from ..processing.labels import name_problem
 
@@ -35,16 +37,21 @@ _PROBE_BATCH = 32
 
 @dataclass(frozen=True)
 class Split:
-    """The image files of one split and their class indices."""
+    """The image files of one split and their class indices.
+
+    Multi-label (``rows``: the 0/1 targets of the split's images, one row per image, one column per label):
+    ``targets`` are the images' row numbers in ``rows``.
+    """
 
     items: list[str]
     targets: list[int]
+    rows: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.items)
 
     def subset(self, keep: Sequence[int]) -> Split:
-        return Split([self.items[i] for i in keep], [self.targets[i] for i in keep])
+        return Split([self.items[i] for i in keep], [self.targets[i] for i in keep], self.rows)
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,11 @@ class FolderData:
     train: Split
     val: Split
     skipped: tuple[Skipped, ...] = ()
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether the images have any number of labels each (read from labels files), not one class folder."""
+        return self.train.rows is not None
 
 
 def read_folder(root: str | Path) -> FolderData:
@@ -195,3 +207,20 @@ def epoch_batches(count: int, per_rank: int, ctx: DistContext, seed: int, epoch:
 def steps_per_epoch(count: int, per_rank: int, world_size: int) -> int:
     """Training steps of one epoch (as :func:`epoch_batches` counts them, on every rank)."""
     return -(-count // world_size) // per_rank
+
+
+def read_labelled(root: str | Path, train_csv: str | Path, val_csv: str | Path) -> FolderData:
+    """The multi-label data of two labels files (relative paths: below ``root``), as the fine-tuning folder
+    record: the training file's sorted label names as classes, each split's 0/1 targets in ``rows``."""
+    root = Path(root)
+    train, val = (read_labels_csv(_below(root, name)) for name in (train_csv, val_csv))
+    names = train.names()
+    if not names:
+        raise LabelsFileError(f"labels file {printable(train.source)} names no label: every row's labels are empty")
+    splits = [Split(part.paths, list(range(len(part))), part.multi_hot(names)) for part in (train, val)]
+    return FolderData(root, names, *splits)
+
+
+def _below(root: Path, name: str | Path) -> Path:
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else root / path

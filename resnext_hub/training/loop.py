@@ -18,6 +18,11 @@ The recipe:
 - **Optimization**: AdamW (weight decay 0.05 on weights, none on biases and BatchNorm), linear
   warmup over the first 10% of the steps, then cosine decay to 0, updated every step;
   cross-entropy with label smoothing 0.1 (the reported val loss is plain cross-entropy).
+- **Multi-label** (``multi_label``; labels from CSV files, :mod:`resnext_hub.labels_csv`): binary
+  cross-entropy on the logits (no label smoothing); validation gives the loss, mAP and macro F1 (%) and
+  chooses each label's threshold, the one maximising its F1 on the validation images
+  (:func:`~resnext_hub.metrics.f1_thresholds`), saved with the label names in the checkpoint; the best
+  epoch is the one with the best mAP.
 - **Speed**: mixed precision where the hardware has it (bf16 autocast on CPUs with native bf16;
   bf16 on CUDA GPUs that have it, else fp16 with a GradScaler), channels-last.
 - **Many processes**: DistributedDataParallel (gloo on CPU, NCCL on CUDA); ``batch_size`` is the
@@ -44,11 +49,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..console import printable, progress_bar
 from ..data import ImageListDataset, make_loader
 from ..distributed import DistContext, agreed_precision, distributed, shard_batches
-from ..metrics import TopKMeter
+from ..metrics import DEFAULT_THRESHOLD, TopKMeter, f1_scores, f1_thresholds, mean_average_precision
 from ..models import CheckpointError, ModelMeta, ResNet, WeightsUnavailableError, build_model
 from ..models.blocks import Bottleneck
 from ..models.builder import architecture_of_weights
@@ -63,6 +69,7 @@ from .data import (
     drop_unreadable,
     epoch_batches,
     read_folder,
+    read_labelled,
     scaled_preset,
     steps_per_epoch,
     train_transform,
@@ -120,15 +127,18 @@ def _prepare(
         given = {name: value for name, value in settings.items() if value is not None}
         if "model" in given:
             given["model"] = architecture_of(given["model"])
-        folder = read_folder(data)
+        for name in ("labels", "val_labels"):  # kept absolute: a resumed run may start in another folder
+            if name in given:
+                given[name] = str(Path(given[name]).expanduser().absolute())
         chosen = None if resume else FinetuneSettings(**given)
+        folder = None if resume else _read_data(data, chosen.as_dict())
         if chosen is not None and chosen.pretrained_from_file is not None:
             if not Path(chosen.pretrained_from_file).expanduser().is_file():
                 raise ValueError(
                     f"--pretrained-from-file {chosen.pretrained_from_file} does not exist (or is not a file)"
                 )
         if ctx.is_main:  # only rank 0 writes: its output folder, checked and then held for the whole run
-            state.check_output_folder(out, folder.root)
+            state.check_output_folder(out, Path(data))
             stack.enter_context(state.output_lock(out))  # first: a run in progress is named as such
             state.refuse_other_run(out, resume)
     except ValueError as failed:
@@ -140,6 +150,8 @@ def _prepare(
     if resume:  # every rank reads the run it continues
         try:
             saved = state.load_last(out)
+            stored = saved.get("settings")
+            folder = _read_data(data, stored if isinstance(stored, Mapping) else {})
             chosen = state.check_resume(saved, out / state.LAST, folder.classes)
             state.check_same_run(chosen.as_dict(), given, out / state.LAST)
         except ValueError as failed:
@@ -158,6 +170,17 @@ def _prepare(
         error = failed
     ctx.raise_together(error)
     return folder, out, chosen, saved
+
+
+def _read_data(data: str | Path, settings: Mapping[str, Any]) -> FolderData:
+    """The run's images: class folders, or for a multi-label run (``settings``) its two labels files (by default
+    ``train.csv`` and ``val.csv`` in ``data``, see :mod:`resnext_hub.labels_csv`)."""
+    if settings.get("multi_label") is not True:
+        return read_folder(data)
+    root = Path(data)
+    if not root.is_dir():
+        raise ValueError(f"data folder {printable(root)} does not exist (or is not a folder)")
+    return read_labelled(root, settings.get("labels") or "train.csv", settings.get("val_labels") or "val.csv")
 
 
 def _model(
@@ -301,6 +324,13 @@ class Trainer:
         self.val_set = ImageListDataset(val.items, preset, val.targets)
         self.val_batches = shard_batches(len(val), self.per_rank, ctx.rank, ctx.world_size)
         self.counts = {"train_images": len(train), "val_images": len(val)}
+        self.multi_label = folder.multi_label
+        self.score = state.BEST_SCORE[self.multi_label]  # what makes an epoch the best
+        # Multi-label: each image's 0/1 targets, by the row number its sample carries; the thresholds the
+        # last validation chose (saved with the weights).
+        self.train_rows = train.rows.to(ctx.device) if train.rows is not None else None
+        self.val_rows = val.rows.to(ctx.device) if val.rows is not None else None
+        self.thresholds: list[float] | None = [DEFAULT_THRESHOLD] * len(classes) if self.multi_label else None
 
         self.device = ctx.device
         self.amp = _amp_dtype(settings.precision, self.device)
@@ -323,13 +353,15 @@ class Trainer:
             self.optimizer, _warmup_cosine(max(1, round(settings.warmup * total)) if settings.warmup else 0, total)
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
+        self.criterion = (
+            nn.BCEWithLogitsLoss() if self.multi_label else nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
+        )
         self.net: nn.Module = model
         if ctx.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.history: list[dict[str, Any]] = []
-        self.best = {"val_top1": -1.0, "epoch": 0}
+        self.best = {self.score: -1.0, "epoch": 0}
         self.epoch = 0
         if saved is not None:
             error = None
@@ -360,12 +392,18 @@ class Trainer:
             record = {"epoch": self.epoch + 1, **self.train_epoch(), **self.validate()}
             self.epoch += 1
             self.history.append(record)
-            improved = record["val_top1"] > self.best["val_top1"]
+            improved = record[self.score] > self.best[self.score]
             if improved:
-                self.best = {"val_top1": record["val_top1"], "epoch": record["epoch"]}
+                self.best = {self.score: record[self.score], "epoch": record["epoch"]}
             failed = self.save(record, improved) if self.ctx.is_main else None
             self.ctx.raise_together(failed)  # every rank stops after a file could not be written
-            if self.ctx.is_main:
+            if self.ctx.is_main and self.multi_label:
+                log.info(
+                    "epoch %d/%d: train loss %.4f, val loss %.4f, mAP %.2f%%, macro F1 %.2f%%, %.1f img/s, lr %.3g",
+                    self.epoch, self.settings.epochs, record["train_loss"], record["val_loss"], record["val_map"],
+                    record["val_f1"], record["images_per_second"], record["lr"],
+                )  # fmt: skip
+            elif self.ctx.is_main:
                 log.info(
                     "epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.2f%%, top-5 %.2f%%, %.1f img/s, lr %.3g",
                     self.epoch, self.settings.epochs, record["train_loss"], record["val_loss"], record["val_top1"],
@@ -398,6 +436,8 @@ class Trainer:
                 continue
             images = batch.images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             targets = batch.targets.to(self.device, non_blocking=True)
+            if self.train_rows is not None:
+                targets = self.train_rows[targets]
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 logits = self.net(images)
             loss = self.criterion(logits.float(), targets)
@@ -408,7 +448,8 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
             self.scheduler.step()
             sums[0] += loss.detach() * n
-            sums[1] += (logits.detach().argmax(1) == targets).sum()
+            if not self.multi_label:
+                sums[1] += (logits.detach().argmax(1) == targets).sum()
             count += n
             if bar is not None:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
@@ -419,14 +460,16 @@ class Trainer:
         seconds, count = time.perf_counter() - started, max(count, 1)  # count 0: every batch broke mid-run
         return {
             "train_loss": loss / count,
-            "train_top1": 100 * hits / count,  # on the augmented images, while the weights changed
+            **({} if self.multi_label else {"train_top1": 100 * hits / count}),  # augmented, while the weights changed
             "lr": lr,
             "images_per_second": count / seconds,
             "train_seconds": seconds,
         }
 
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
+    def validate(self) -> dict[str, Any]:
+        if self.multi_label:
+            return self.validate_multi_label()
         model = self.model.eval()  # the plain module: ranks run different numbers of batches here
         meter = TopKMeter(model.num_classes, device=self.device)
         for batch in make_loader(self.val_set, self.val_batches, self.workers, self.device):
@@ -441,6 +484,35 @@ class Trainer:
         values = (totals.loss, totals.top1_percent, totals.topk_percent)  # None: no image could be read
         return dict(zip(("val_loss", "val_top1", "val_top5"), (math.nan if v is None else v for v in values)))
 
+    @torch.no_grad()
+    def validate_multi_label(self) -> dict[str, Any]:
+        """Loss (binary cross-entropy), mAP and macro F1 (%) over every rank's images; chooses each label's
+        threshold on them (:func:`~resnext_hub.metrics.f1_thresholds`), saved with the weights."""
+        model = self.model.eval()
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for batch in make_loader(self.val_set, self.val_batches, self.workers, self.device):
+            if batch.images is None:
+                continue
+            images = batch.images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                logits = model(images)
+            parts.append((logits.float().cpu(), self.val_rows[batch.targets.to(self.device)].cpu()))
+        gathered = [part for rank in self.ctx.all_gather_object(parts) for part in rank]
+        if not gathered:  # no image could be read
+            return {"val_loss": math.nan, "val_map": math.nan, "val_f1": math.nan}
+        logits = torch.cat([logits for logits, _ in gathered])
+        targets = torch.cat([rows for _, rows in gathered])
+        probabilities = logits.sigmoid()
+        self.thresholds = f1_thresholds(probabilities, targets)
+        f1 = f1_scores(probabilities >= torch.tensor(self.thresholds), targets)
+        score = mean_average_precision(probabilities, targets)
+        return {
+            "val_loss": float(F.binary_cross_entropy_with_logits(logits, targets)),
+            "val_map": math.nan if score is None else 100 * score,
+            "val_f1": 100 * float(f1.mean()),
+            "thresholds": [round(t, 6) for t in self.thresholds],
+        }
+
     # -- outputs and resume ---------------------------------------------------------------------------
 
     def weights_file(self) -> dict[str, Any]:
@@ -450,6 +522,7 @@ class Trainer:
             architecture=self.settings.model,
             classes=self.model.classes,
             preprocessing=self.model.preprocessing,
+            thresholds=self.thresholds,
         )
 
     def save(self, record: dict[str, Any], improved: bool) -> state.OutputWriteError | None:
@@ -514,6 +587,8 @@ class Trainer:
             except Exception as error:  # whatever torch raises for a state it cannot take: that field's fault
                 raise state.unusable(where, field, f"does not fit ({type(error).__name__}: {error})") from error
         self.epoch, self.history, self.best = saved["epoch"], list(saved["history"]), dict(saved["best"])
+        if self.multi_label:  # the thresholds its last validation chose (checked when its weights were read)
+            self.thresholds = list(saved.get("thresholds") or self.thresholds)
         if saved.get("world_size") != self.ctx.world_size and self.ctx.is_main:
             log.warning(
                 "resuming a run of %s process(es) with %d: same recipe, but not bit-identical to an uninterrupted run",
@@ -527,7 +602,8 @@ class Trainer:
             "classes": list(self.model.classes.names),
             "epochs": self.epoch,
             "best_epoch": self.best["epoch"],
-            "best_val_top1": self.best["val_top1"],
+            f"best_{self.score}": self.best[self.score],
+            **({"multi_label": True, "thresholds": self.thresholds} if self.multi_label else {}),
             "last": self.history[-1] if self.history else None,
             "skipped": [{"input": path, "error": reason} for path, reason in self.skipped],
             "skipped_folders": [entry._asdict() for entry in self.skipped_folders],

@@ -61,6 +61,9 @@ class FinetuneSettings:
     seed: int = 0
     sync_bn: bool = False
     precision: str = "auto"  # auto, fp32, bf16, fp16
+    multi_label: bool = False  # labels from CSV files (resnext_hub.labels_csv), a sigmoid head, BCE, mAP
+    labels: str | None = None  # multi-label training file; None: DATA/train.csv
+    val_labels: str | None = None  # multi-label validation file; None: DATA/val.csv
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", architecture_of(self.model))  # ValueError naming the choices
@@ -79,6 +82,8 @@ class FinetuneSettings:
             raise ValueError("lr must be positive")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not self.multi_label and (self.labels is not None or self.val_labels is not None):
+            raise ValueError("labels files (--labels, --val-labels) are for multi-label runs: add --multi-label")
         if self.pretrained_from_file is not None and not self.pretrained:
             raise ValueError("pretrained_from_file and pretrained=False (--no-pretrained) contradict each other")
 
@@ -87,6 +92,8 @@ class FinetuneSettings:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(FinetuneSettings))
+# What makes an epoch the best (best.pth): validation top-1, or mAP for a multi-label run (by multi_label).
+BEST_SCORE = {False: "val_top1", True: "val_map"}
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -293,8 +300,9 @@ def check_resume(saved: Mapping[str, Any], path: Path, classes: Sequence[str]) -
     if [record.get("epoch") for record in history] != list(range(1, epoch + 1)):
         raise unusable(path, "history", f"does not number its records 1..{epoch}")
     best = saved.get("best")
-    if not isinstance(best, Mapping) or not isinstance(best.get("val_top1"), (int, float)):
-        raise unusable(path, "best", "is not a record of the best epoch (val_top1, epoch)")
+    score = BEST_SCORE[chosen.multi_label]
+    if not isinstance(best, Mapping) or not isinstance(best.get(score), (int, float)):
+        raise unusable(path, "best", f"is not a record of the best epoch ({score}, epoch)")
     if not isinstance(best.get("epoch"), int) or not 0 <= best["epoch"] <= epoch:
         raise unusable(path, "best", f"names epoch {best.get('epoch')!r}, not one of the {epoch} run")
     rng = saved.get("rng")
@@ -359,13 +367,21 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: Path) -> None:
     figure = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(figure)
     loss, accuracy = figure.subplots(1, 2)
-    loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train (label smoothing 0.1)")
+    multi_label = bool(history) and "val_map" in history[0]
+    train_label = "train" if multi_label else "train (label smoothing 0.1)"
+    loss.plot(epochs, [r["train_loss"] for r in history], "o-", label=train_label)
     loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
     loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    accuracy.plot(epochs, [r["train_top1"] for r in history], "o--", label="train top-1 (augmented)")
-    accuracy.plot(epochs, [r["val_top1"] for r in history], "o-", label="val top-1")
-    accuracy.plot(epochs, [r["val_top5"] for r in history], "o-", label="val top-5")
-    accuracy.set(xlabel="epoch", ylabel="%", title="accuracy", ylim=(0, 100.5))
+    if multi_label:
+        loss.set(ylabel="binary cross-entropy")
+        accuracy.plot(epochs, [r["val_map"] for r in history], "o-", label="val mAP")
+        accuracy.plot(epochs, [r["val_f1"] for r in history], "o-", label="val macro F1 (chosen thresholds)")
+        accuracy.set(xlabel="epoch", ylabel="%", title="multi-label", ylim=(0, 100.5))
+    else:
+        accuracy.plot(epochs, [r["train_top1"] for r in history], "o--", label="train top-1 (augmented)")
+        accuracy.plot(epochs, [r["val_top1"] for r in history], "o-", label="val top-1")
+        accuracy.plot(epochs, [r["val_top5"] for r in history], "o-", label="val top-5")
+        accuracy.set(xlabel="epoch", ylabel="%", title="accuracy", ylim=(0, 100.5))
     for axes in (loss, accuracy):
         axes.grid(alpha=0.3)
         axes.legend()

@@ -31,7 +31,7 @@ ACCELERATORS = ("tensorrt",)
 # The models each public model runs, named after it.
 CLASSIFIER_SUFFIX, PREPROCESS_SUFFIX, POSTPROCESS_SUFFIX = "_classifier", "_preprocess", "_postprocess"
 # Triton's datatype names (the contract's) -> the config schema's enum names.
-CONFIG_TYPES = {"FP32": "TYPE_FP32", "INT64": "TYPE_INT64", "BYTES": "TYPE_STRING"}
+CONFIG_TYPES = {"FP32": "TYPE_FP32", "INT64": "TYPE_INT64", "BYTES": "TYPE_STRING", "BOOL": "TYPE_BOOL"}
 
 
 class TritonConfigError(ValueError):

@@ -13,7 +13,12 @@ first and is not counted):
   and ``error`` BYTES ``(1,)``.
 
 ``S`` is the weights' crop size; ``k`` the served top-k, at most the class count (callers clamp it,
-:func:`resnext_hub.engine.clamp_top_k`). Each sample's top-k is best first; ``labels`` are the
+:func:`resnext_hub.engine.clamp_top_k`).
+
+A multi-label model (``Contract.thresholds``: one per label) answers every label (``k`` is the label
+count), ``probabilities`` are each label's sigmoid (not a softmax), and one more output,
+``above_threshold`` BOOL ``(k,)``, says for each listed label whether its probability is at or above
+its threshold (False for a failed sample). Each sample's top-k is best first; ``labels`` are the
 model's own class names (a fine-tuned checkpoint's), always valid UTF-8 (:func:`label_bytes`: a
 byte of a file name that was not UTF-8 is written ``\\xNN``).
 
@@ -41,10 +46,11 @@ import numpy as np
 IMAGE_SUFFIX = "_image"  # <name>_image: the model that takes encoded images
 INPUT, IMAGE = "input", "image"
 LABELS, PROBABILITIES, INDICES, ERROR = "labels", "probabilities", "indices", "error"
+ABOVE_THRESHOLD = "above_threshold"  # multi-label models only
 BLANK_LABEL, BLANK_PROBABILITY, BLANK_INDEX = b"", 0.0, -1
 NON_FINITE = "the scores are not finite (NaN or infinity in the input, or an overflow)"
 # Triton's datatype names (as clients and model metadata spell them) -> numpy dtypes.
-NUMPY_TYPES = {"FP32": np.float32, "INT64": np.int64, "BYTES": np.object_}
+NUMPY_TYPES = {"FP32": np.float32, "INT64": np.int64, "BYTES": np.object_, "BOOL": np.bool_}
 
 
 @dataclass(frozen=True)
@@ -67,18 +73,25 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Contract:
-    """The contract of one classifier served as ``name``: crop size ``image_size``, top-``k`` of ``num_classes``."""
+    """The contract of one classifier served as ``name``: crop size ``image_size``, top-``k`` of ``num_classes``;
+    a multi-label one's per-label ``thresholds`` (None: single-label)."""
 
     name: str
     image_size: int
     num_classes: int
     k: int
+    thresholds: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.image_size < 1:
             raise ValueError(f"image size must be at least 1, got {self.image_size}")
         if not 1 <= self.k <= self.num_classes:
             raise ValueError(f"k must be in 1..{self.num_classes} (the top-k clamped to the classes), got {self.k}")
+        if self.thresholds is not None and (len(self.thresholds) != self.num_classes or self.k != self.num_classes):
+            raise ValueError(
+                f"a multi-label contract answers every label: {self.num_classes} thresholds and "
+                f"k = {self.num_classes}, got {len(self.thresholds)} thresholds and k = {self.k}"
+            )
 
     @property
     def tensor_input(self) -> TensorSpec:
@@ -92,12 +105,13 @@ class Contract:
     def outputs(self) -> tuple[TensorSpec, ...]:
         """What both models answer, per sample."""
         k = (self.k,)
-        return (
+        common = (
             TensorSpec(LABELS, "BYTES", k),
             TensorSpec(PROBABILITIES, "FP32", k),
             TensorSpec(INDICES, "INT64", k),
             TensorSpec(ERROR, "BYTES", (1,)),
         )
+        return common if self.thresholds is None else (*common, TensorSpec(ABOVE_THRESHOLD, "BOOL", k))
 
     def output(self, name: str) -> TensorSpec:
         """The output called ``name``."""
@@ -144,14 +158,19 @@ def error_bytes(reason: str) -> bytes:
 
 
 def answer(
-    probabilities: np.ndarray, indices: np.ndarray, labels: np.ndarray, errors: Sequence[str] | None = None
+    probabilities: np.ndarray,
+    indices: np.ndarray,
+    labels: np.ndarray,
+    errors: Sequence[str] | None = None,
+    thresholds: Sequence[float] | None = None,
 ) -> dict[str, np.ndarray]:
     """The contract's outputs for a batch, by name.
 
     ``probabilities`` and ``indices`` are each sample's top-k ``(n, k)``, best first (any values
     for a failed sample); ``labels`` come from :func:`encode_labels`; ``errors`` has one reason per
     sample, empty for a sample that was answered (None: none failed). Samples with a reason, or
-    with scores that are not finite, get a blank top-k (see the module's docstring).
+    with scores that are not finite, get a blank top-k (see the module's docstring). ``thresholds``
+    (a multi-label model's, by label index) add ``above_threshold``.
     """
     probabilities = np.asarray(probabilities, dtype=np.float32)
     indices = np.asarray(indices, dtype=np.int64)
@@ -168,9 +187,13 @@ def answer(
     named[failed[:, 0]] = BLANK_LABEL
     error = np.empty((len(reasons), 1), dtype=object)
     error[:, 0] = [error_bytes(reason) for reason in reasons]
-    return {
+    outputs = {
         LABELS: named,
         PROBABILITIES: np.where(failed, np.float32(BLANK_PROBABILITY), probabilities),
         INDICES: indices,
         ERROR: error,
     }
+    if thresholds is not None:
+        limits = np.asarray(thresholds, dtype=np.float32)[np.where(failed, 0, indices)]
+        outputs[ABOVE_THRESHOLD] = ~failed & (probabilities >= limits)
+    return outputs

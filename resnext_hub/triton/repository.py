@@ -38,6 +38,7 @@ from .contract import Contract
 log = logging.getLogger(__name__)
 
 SHIPPED_PACKAGE = "resnext_hub_image"
+THRESHOLDS_FILE = "thresholds.json"  # beside labels.json, for a multi-label model (read by backend/postprocess.py)
 BACKEND = Path(__file__).resolve().parent / "backend"
 # What each Python model imports, as requirements.txt pins them (a test keeps them equal).
 REQUIREMENTS = {
@@ -136,7 +137,9 @@ def export_triton(
     labels = list(model.classes.names) if labels is None else list(labels)
     if len(labels) != num_classes:
         raise ExportError(f"{len(labels)} labels for a model with {num_classes} classes")
-    contract = Contract(name, size, num_classes, clamp_top_k(top_k, num_classes))
+    thresholds = model.thresholds  # a multi-label model answers every label, and which are above threshold
+    k = num_classes if thresholds is not None else clamp_top_k(top_k, num_classes)
+    contract = Contract(name, size, num_classes, k, thresholds)
     preset = _image_preset(model, size) if image_ensemble else None
     configs = triton_config.repository_configs(
         contract,
@@ -158,6 +161,8 @@ def export_triton(
     roles = triton_config.model_roles(contract)
     # ASCII JSON: any name (a file name's surrogate escapes too) is written, and read back the same.
     labels_json = {"labels.json": json.dumps(labels, indent=0) + "\n"}
+    if thresholds is not None:
+        labels_json[THRESHOLDS_FILE] = json.dumps(list(thresholds)) + "\n"
     python_models = {roles["postprocess"]: ("postprocess", labels_json)}
     if image_ensemble:
         python_models[roles["image_postprocess"]] = ("postprocess", labels_json)

@@ -89,12 +89,17 @@ class _Trim:
 
 
 def serving_contract(engine: Engine, name: str, top_k: int) -> Contract:
-    """The contract ``engine`` is served under: its crop size, its classes, ``top_k`` clamped to them."""
-    return Contract(name, engine.preprocessing.crop_size, engine.num_classes, engine.clamp_k(top_k))
+    """The contract ``engine`` is served under: its crop size, its classes, ``top_k`` clamped to them (a
+    multi-label model's: every label, and its thresholds)."""
+    return Contract(name, engine.preprocessing.crop_size, engine.num_classes, engine.clamp_k(top_k), engine.thresholds)
 
 
 def _answer(
-    rows: Sequence[list[Prediction] | None], errors: Sequence[str], labels: np.ndarray, k: int
+    rows: Sequence[list[Prediction] | None],
+    errors: Sequence[str],
+    labels: np.ndarray,
+    k: int,
+    thresholds: Sequence[float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Top-k rows as the contract's outputs; a missing row (an unusable image) has its reason in ``errors``."""
     probabilities = np.zeros((len(rows), k), np.float32)
@@ -103,7 +108,7 @@ def _answer(
         for j, prediction in enumerate(row or []):
             probabilities[i, j] = prediction.probability
             indices[i, j] = prediction.index
-    return answer(probabilities, indices, labels, errors)
+    return answer(probabilities, indices, labels, errors, thresholds)
 
 
 def make_infer_functions(
@@ -115,7 +120,7 @@ def make_infer_functions(
 
     def infer_tensor(input: np.ndarray) -> dict[str, np.ndarray]:  # noqa: A002 (the served tensor's name)
         rows = engine.top_k(torch.from_numpy(np.ascontiguousarray(input, dtype=np.float32)), k)
-        return _answer(rows, [""] * len(rows), labels, k)
+        return _answer(rows, [""] * len(rows), labels, k, engine.thresholds)
 
     def infer_image(image: np.ndarray) -> dict[str, np.ndarray]:
         encoded = [bytes(item) for item in image.reshape(len(image), -1)[:, 0]]
@@ -124,7 +129,7 @@ def make_infer_functions(
         errors = [result.error or "" for result in results]
         if size >= TRIM_AFTER_BYTES:
             trim.soon()
-        return _answer([result.predictions for result in results], errors, labels, k)
+        return _answer([result.predictions for result in results], errors, labels, k, engine.thresholds)
 
     return infer_tensor, infer_image
 

@@ -3,8 +3,9 @@
 Written by ``python -m resnext_hub export --format triton`` as ``<name>_postprocess/1/model.py`` (the
 tensor model's last step) and ``<name>_image_postprocess/1/model.py`` (the image model's, which also
 takes the preprocessing's ``error``). Beside it: ``labels.json`` (the model's class names, index
-order) and ``resnext_hub_image/contract.py``, a copy of the Triton contract, whose ``answer``
-names the classes and blanks the top-k of a failed sample exactly as ``serve`` does.
+order), for a multi-label model ``thresholds.json`` (its per-label thresholds, index order), and
+``resnext_hub_image/contract.py``, a copy of the Triton contract, whose ``answer`` names the classes
+and blanks the top-k of a failed sample exactly as ``serve`` does.
 
 Needs numpy only (``requirements.txt`` beside this file).
 """
@@ -30,6 +31,8 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         names = json.loads((HERE / "labels.json").read_text(encoding="utf-8"))
         self.labels = contract.encode_labels(names)
+        thresholds = HERE / "thresholds.json"  # a multi-label model's: answers above_threshold too
+        self.thresholds = json.loads(thresholds.read_text(encoding="utf-8")) if thresholds.is_file() else None
         config = json.loads(args["model_config"])
         inputs = {entry["name"]: [int(d) for d in entry["dims"]] for entry in config["input"]}
         self.takes_errors = contract.ERROR in inputs
@@ -48,7 +51,9 @@ class TritonPythonModel:
         errors = None
         if self.takes_errors:
             errors = [bytes(item).decode("utf-8", "replace") for item in get(contract.ERROR).reshape(-1)]
-        outputs = contract.answer(get(contract.PROBABILITIES), get(contract.INDICES), self.labels, errors)
+        outputs = contract.answer(
+            get(contract.PROBABILITIES), get(contract.INDICES), self.labels, errors, self.thresholds
+        )
         return pb_utils.InferenceResponse(
             output_tensors=[pb_utils.Tensor(name, value) for name, value in outputs.items()]
         )
