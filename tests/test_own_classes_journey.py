@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,8 @@ def test_a_finetuned_checkpoint_works_through_every_door(tmp_path, capsys, monke
         _run(["export", *ckpt, "--format", fmt, "-o", str(exports / name)])
     onnx_logits = onnxruntime.InferenceSession(str(exports / "model.onnx")).run(None, {"input": batch.numpy()})[0]
     assert (onnx_logits.argmax(1) == eager.argmax(1)).all()
+    with zipfile.ZipFile(exports / "model.pt2") as package:  # pt2 carries the user's classes too
+        assert json.loads(package.read("archive/extra/labels.json"))["classes"] == list(CLASSES)
     scripted = torch.jit.load(str(exports / "model.pt"))
     with torch.inference_mode():
         assert (scripted(batch).argmax(1).numpy() == eager.argmax(1)).all()

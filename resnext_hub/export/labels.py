@@ -1,7 +1,9 @@
 """What an exported file says about its outputs: the class names, and whether the head is multi-label.
 
-TorchScript files carry it as the extra file :data:`TORCHSCRIPT_FILE`, the JSON of :func:`labels_record`
-(ONNX files as ``metadata_props``, :mod:`.onnx_metadata`)::
+TorchScript files carry it as the extra file :data:`TORCHSCRIPT_FILE`, the JSON of :func:`labels_record`;
+pt2 packages as the same file in the archive's ``extra/`` folder (:func:`add_to_pt2`: read it with
+``zipfile``, or ``torch.export.pt2_archive``'s reader); ONNX files as ``metadata_props``
+(:mod:`.onnx_metadata`)::
 
     {"classes": ["circle", "square", "triangle"], "multi_label": true, "thresholds": [0.41, 0.52, 0.38]}
 
@@ -12,7 +14,9 @@ probability is at or above its threshold.
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from typing import Any
 
 import torch
@@ -47,3 +51,16 @@ def labels_json(model: nn.Module) -> str | None:
 def output_probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
     """The ``probabilities`` output: softmax over the classes, or a multi-label head's sigmoid per label."""
     return logits.sigmoid() if multi_label else logits.softmax(1)
+
+
+def add_to_pt2(package: io.BytesIO, model: nn.Module) -> str | None:
+    """Add :func:`labels_json` to an in-memory pt2 ``package`` (a zip archive) as ``<archive>/extra/labels.json``,
+    where torch's PT2 archive keeps extra files; returns the member's name (None: the model has no class names)."""
+    labels = labels_json(model)
+    if labels is None:
+        return None
+    with zipfile.ZipFile(package, "a") as archive:
+        folder = archive.namelist()[0].split("/", 1)[0]  # every member sits in the archive's one folder
+        name = f"{folder}/extra/{TORCHSCRIPT_FILE}"
+        archive.writestr(name, labels)
+    return name

@@ -4,6 +4,8 @@ The model's inference copy (:meth:`~resnext_hub.models.ResNet.optimize_for_infer
 folded, channels-last, weights in the chosen precision) is exported with a dynamic batch axis,
 compiled for one device by AOTInductor (on CPU with weight freezing) and packaged as ``.pt2`` (loadable from Python with
 ``torch._inductor.aoti_load_package`` or from C++ with ``torch::inductor::AOTIModelPackageLoader``).
+The class names (and a multi-label head's thresholds) are in the archive's ``extra/labels.json``
+(:mod:`.labels`).
 
 Verification loads the package in a fresh Python process that cannot import this repository's
 code (:func:`run_isolated`) and runs it on batches other than the traced one; its logits are held
@@ -43,6 +45,7 @@ from .checks import (
     quiet,
     staged,
 )
+from .labels import add_to_pt2
 from .onnx_file import EXPORTER_LOGGERS
 
 log = logging.getLogger(__name__)
@@ -214,6 +217,7 @@ def export_pt2(
             # write fails (a full disk); this way the write raises OSError. The package's folder is "archive".
             package = io.BytesIO()
             torch._inductor.aoti_compile_and_package(program, package_path=package, inductor_configs=options)
+            add_to_pt2(package, model)  # the class names (and a multi-label head's thresholds) travel with it
             staging.write_bytes(package.getbuffer())
             timings["compile_s"] = time.perf_counter() - start
         checks, info = _check_package(staging, model, size, precision, device, verify_batches)

@@ -189,6 +189,12 @@ def test_pt2_package_has_a_plain_files_mode_and_no_staging_name_inside(pt2_fp32,
     names = zipfile.ZipFile(pt2_fp32).namelist()  # packaged in memory: the folder is torch's "archive"
     assert names and all(name.startswith("archive/") for name in names), names[:5]
     assert not [name for name in names if ".partial" in name or ".tmp" in name]
+    # The class names travel in the archive's extra/ folder, readable by torch's own PT2 archive reader.
+    from torch.export.pt2_archive._package import PT2ArchiveReader
+
+    with PT2ArchiveReader(str(pt2_fp32)) as archive:
+        labels = json.loads(archive.read_string("extra/labels.json"))
+    assert labels == {"classes": list(build_model(ARCH, pretrained=False).classes.names), "multi_label": False}
 
 
 def test_pt2_package_runs_without_the_repository_and_matches_eager(pt2_fp32, model, tmp_path):
