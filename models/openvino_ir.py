@@ -166,13 +166,9 @@ class OpenVINOResNet(Described, nn.Module):
         return f"path={str(self.path)!r}, precision={self.precision!r}"
 
 
-def load_openvino_ir(path: str | Path, *, architecture: str | None = None) -> OpenVINOResNet:
-    """A saved IR (the folder, or its ``model.xml``), compiled for this CPU, with its classes and preset.
-
-    ``architecture``: the one the caller expects (a :class:`CheckpointError` if the IR holds another).
-    Missing files, an IR without resnext-hub's metadata or a malformed one are :class:`CheckpointError`;
-    no OpenVINO installed is an ``ImportError`` saying what to install.
-    """
+def read_openvino_ir(path: str | Path) -> tuple[Any, ModelMeta, str, Path]:
+    """A saved IR (the folder, or its ``model.xml``) read, not compiled: the ``ov.Model``, its :class:`ModelMeta`,
+    its precision and the ``.xml`` path. Errors as :func:`load_openvino_ir`'s."""
     xml = openvino_ir_path(path) or Path(path)
     if not xml.is_file():
         raise CheckpointError(f"{path}: no OpenVINO IR there (expected a folder holding {XML_FILE}, or the .xml file)")
@@ -189,6 +185,17 @@ def load_openvino_ir(path: str | Path, *, architecture: str | None = None) -> Op
     except RuntimeError as error:
         raise CheckpointError(f"{xml} is not a readable OpenVINO IR: {str(error).splitlines()[0]}") from error
     meta, precision = read_ir_metadata(graph, xml)
+    return graph, meta, precision, xml
+
+
+def load_openvino_ir(path: str | Path, *, architecture: str | None = None) -> OpenVINOResNet:
+    """A saved IR (the folder, or its ``model.xml``), compiled for this CPU, with its classes and preset.
+
+    ``architecture``: the one the caller expects (a :class:`CheckpointError` if the IR holds another).
+    Missing files, an IR without resnext-hub's metadata or a malformed one are :class:`CheckpointError`;
+    no OpenVINO installed is an ``ImportError`` saying what to install.
+    """
+    graph, meta, precision, xml = read_openvino_ir(path)
     if architecture is not None and meta.architecture not in (None, architecture):
         raise CheckpointError(f"{xml} holds {meta.architecture}, not {architecture}: pass --model {meta.architecture}")
     hint = PRECISION_HINTS.get(precision)

@@ -49,6 +49,7 @@ from resnext_hub.console import printable  # noqa: E402
 from resnext_hub.models import CheckpointError, list_models  # noqa: E402
 from resnext_hub.models.checkpoint import read_finetuned_meta  # noqa: E402
 from resnext_hub.models.hf_config import is_hf_folder  # noqa: E402
+from resnext_hub.models.openvino_ir import openvino_ir_path, read_openvino_ir  # noqa: E402
 from resnext_hub.models.optimize import PRECISIONS  # noqa: E402
 from resnext_hub.models.registry import architecture_of  # noqa: E402
 from resnext_hub.processing.fetch import FetchError, URLRefusedError, is_public_address  # noqa: E402
@@ -286,11 +287,15 @@ def checkpoint_entry(checkpoint: Path, model: str | None = None) -> str:
     ``SystemExit`` with the reason when the file is missing, names another architecture than ``model``,
     or names none and ``model`` is not given.
     """
-    if not (checkpoint.is_file() or is_hf_folder(checkpoint)):  # a file, or export --format hf's folder
-        raise SystemExit(f"--checkpoint {checkpoint} does not exist (or is neither a file nor an hf export folder)")
+    ir = openvino_ir_path(checkpoint)
+    if not (checkpoint.is_file() or is_hf_folder(checkpoint) or ir is not None):
+        raise SystemExit(
+            f"--checkpoint {checkpoint} does not exist (or is neither a file nor an hf or openvino export folder)"
+        )
     try:
-        meta = read_finetuned_meta(checkpoint)
-    except CheckpointError as error:
+        # export --format openvino's IR is read (not compiled) for its architecture; other files by torch.
+        meta = read_openvino_ir(ir)[1] if ir is not None else read_finetuned_meta(checkpoint)
+    except (CheckpointError, ImportError) as error:  # ImportError: an IR, and no openvino installed
         raise SystemExit(f"--checkpoint: {error}") from None
     try:
         architecture = architecture_of(model) if model is not None else None

@@ -25,6 +25,8 @@ from PIL import Image
 from resnext_hub.console import printable
 from resnext_hub.engine import Engine
 from resnext_hub.models import MIRROR_ENV, ResNet
+from resnext_hub.models.openvino_ir import OpenVINOResNet, load_openvino_ir, openvino_ir_path
+from resnext_hub.models.registry import architecture_of
 from resnext_hub.options import InferenceOptions
 from resnext_hub.processing import Prediction
 
@@ -90,12 +92,17 @@ def _percent(value: float | None) -> str:
     return "–" if value is None else f"{value:g}%"
 
 
-def model_card(entry: str, model: ResNet, engine: Engine, precision: str, checkpoint: Path | None = None) -> str:
+def model_card(
+    entry: str, model: ResNet | OpenVINOResNet, engine: Engine, precision: str, checkpoint: Path | None = None
+) -> str:
     """Markdown card: parameters, published accuracy, license, weights source (or the local checkpoint and its
     classes), preprocessing, inference path."""
     record = model.weights_record
-    params = sum(p.numel() for p in model.parameters())
-    lines = [f"### `{entry}`", "", f"- **Architecture:** {model.architecture}, {params:,} parameters"]
+    if isinstance(model, OpenVINOResNet):
+        shape = f"a saved OpenVINO IR in {model.precision}"
+    else:
+        shape = f"{sum(p.numel() for p in model.parameters()):,} parameters"
+    lines = [f"### `{entry}`", "", f"- **Architecture:** {model.architecture}, {shape}"]
     if checkpoint is not None:
         names = model.classes.names
         shown = ", ".join(map(markdown_text, names[:_CARD_CLASSES])) + (", …" if len(names) > _CARD_CLASSES else "")
@@ -115,9 +122,13 @@ def model_card(entry: str, model: ResNet, engine: Engine, precision: str, checkp
     else:
         lines.append("- **Weights:** none recorded (random or local file)")
     lines.append(f"- **Preprocessing:** {model.preprocessing.describe()}")
-    lines.append(
-        f"- **Inference:** optimize_for_inference(precision={precision!r}) → {engine.precision} on {engine.device.type}"
-    )
+    if isinstance(model, OpenVINOResNet):
+        lines.append(f"- **Inference:** OpenVINO, {engine.precision} as saved, on {engine.device.type}")
+    else:
+        lines.append(
+            f"- **Inference:** optimize_for_inference(precision={precision!r}) → {engine.precision} on "
+            f"{engine.device.type}"
+        )
     return "\n".join(lines)
 
 
@@ -163,9 +174,14 @@ class ModelCache:
 
     def _load(self, entry: str) -> Served:
         started = time.perf_counter()
-        local = {} if self.checkpoint is None else {"pretrained_from_file": str(self.checkpoint)}
-        model = torch.hub.load(str(self.repo), entry, source="local", trust_repo=True, verbose=False, **local)
-        engine = Engine(model, InferenceOptions(precision=self.precision))
+        ir = openvino_ir_path(self.checkpoint) if self.checkpoint is not None else None
+        if ir is not None:  # export --format openvino's IR: compiled as saved (its precision; on the CPU)
+            model = load_openvino_ir(ir, architecture=architecture_of(entry))
+            engine = Engine(model, InferenceOptions(precision="auto", device="cpu"))
+        else:
+            local = {} if self.checkpoint is None else {"pretrained_from_file": str(self.checkpoint)}
+            model = torch.hub.load(str(self.repo), entry, source="local", trust_repo=True, verbose=False, **local)
+            engine = Engine(model, InferenceOptions(precision=self.precision))
         # The card describes the published model (its parameters), not the inference copy.
         served = Served(entry, engine, model_card(entry, model, engine, self.precision, self.checkpoint))
         crop = engine.preprocessing.crop_size
