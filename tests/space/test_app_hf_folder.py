@@ -19,5 +19,5 @@ def test_checkpoint_entry_reads_an_hf_export_folder(tmp_path):
     assert app.checkpoint_entry(folder) == "seresnext26t_32x4d"
     with pytest.raises(SystemExit, match="fine-tuned from seresnext26t_32x4d, not seresnext50_32x4d"):
         app.checkpoint_entry(folder, "seresnext50_32x4d")
-    with pytest.raises(SystemExit, match="neither a file nor an hf export folder"):
+    with pytest.raises(SystemExit, match="neither a file nor an hf or openvino export folder"):
         app.checkpoint_entry(tmp_path / "missing")
