@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average at start: {os.getloadavg()}")
     report = model_only(args)
     report["rounds"] = args.rounds
+    if args.json:  # the slowest part is kept even if a later one fails
+        args.json.write_text(json.dumps({**results, "model_only": report}, indent=2, default=str) + "\n")
     rows = precision_rows(report, args.batch_size)
     print_precisions(rows, report, args.batch_size)
     results["model_only"], results["precisions"] = report, rows

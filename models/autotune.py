@@ -7,9 +7,8 @@ builds the candidates that pass the faithfulness check, times each against the e
 keeps one only if it is faster than fp32 by :data:`MARGIN` in the median of *paired* rounds (each
 round times every candidate back to back, in a rotating order, and a candidate's ratio is taken to
 fp32's time in the same round): a neighbour process that slows the machine for a moment slows a
-whole round, not one contender, which is what a best-of or a mean of separate runs cannot tell
-apart (an earlier `auto` measured at 0.50x fp32 on a loaded 2-core AVX2 machine was two modes timed
-minutes apart under different load; see benchmarks/README.md). Ties go to fp32.
+whole round, not one contender, which a best-of or a mean of separate runs cannot tell apart (see
+benchmarks/README.md for the 0.50x once reported on a loaded AVX2 machine). Ties go to fp32.
 
 The choice is cached per machine in a small JSON file, :func:`choice_file`, written atomically, keyed
 by what decides it (:func:`choice_key`): the CPU model and flags, thread count, torch and OpenVINO

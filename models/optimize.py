@@ -266,7 +266,11 @@ def _auto(
             ok, cosine = _faithful(exact, candidate, torch.cat(batches)[:16])
         elif name == "bf16+openvino":
             nchw = OptimizedResNet(model, dtype=torch.float32, channels_last=False)
-            candidate = openvino_float(nchw, _check_input("cpu", _in_channels(exact)), "bf16")
+            try:
+                candidate = openvino_float(nchw, _check_input("cpu", _in_channels(exact)), "bf16")
+            except RuntimeError as error:  # the plugin may refuse bf16 where its kernels lack it (a limited ISA)
+                log.info("optimize_for_inference: OpenVINO bf16 could not be built here (%s)", str(error)[-200:])
+                continue
             ok, cosine = _faithful(exact, candidate)
         else:
             candidate = OptimizedResNet(model, dtype=DTYPES[name], channels_last=channels_last)
