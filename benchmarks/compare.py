@@ -50,6 +50,8 @@ E2E_MODES = (
 def model_only(args: argparse.Namespace) -> dict:
     """``benchmarks.inference``'s report for the modes of the table, at ``args.batch_size``."""
     modes = ["plain", *(m for ms in OURS.values() for m in ms), "auto", *(m for ms in PEERS.values() for m in ms)]
+    if args.modes:
+        modes = ["plain", *(m for m in args.modes.split(",") if m and m != "plain")]
     if not cpu_has_native_bf16():  # bf16 emulated is not a contender; auto's measurement shows it
         modes = [m for m in modes if "bf16" not in m]
     options = inference.main_parser().parse_args(
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--e2e-rounds", type=int, default=3, help="end-to-end rounds (0: skip)")
     parser.add_argument("--count", type=int, default=16, help="generated photos of each size, end to end")
     parser.add_argument("--cold-rounds", type=int, default=3, help="fresh processes per contender (0: skip)")
+    parser.add_argument("--modes", help="model-only modes to run (default: all of the table's); plain is always run")
     parser.add_argument("--profile", metavar="MODES", help="where the time goes, for these model-only modes")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     args = parser.parse_args(argv)
