@@ -6,6 +6,8 @@ one real measurement on the small model checks the plumbing and that a slower co
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import json
 
 import pytest
@@ -14,6 +16,8 @@ from torch import nn
 
 from resnext_hub.models import autotune, build_model
 from resnext_hub.models.cpu import cpu_has_native_bf16
+from resnext_hub.models.fused import OptimizedResNet
+from resnext_hub.models.quantize import openvino_float
 from tools.fake_checkpoints import random_state_dict
 
 SMALL = "seresnext26d_32x4d"
@@ -148,3 +152,18 @@ def test_auto_measures_once_then_uses_the_cached_choice(small_model, measured):
     # remeasure=True times again and records afresh.
     small_model.optimize_for_inference("auto", reuse_memory=False, batch_size=1, remeasure=True)
     assert json.loads(measured.read_text())["choices"][key]["time_vs_fp32"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="needs openvino")
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="OpenVINO bf16 is one of auto's candidates on native-bf16 CPUs")
+def test_the_openvino_bf16_candidate_computes_the_models_function(small_model):
+    """auto's "bf16+openvino": our fused graph run by OpenVINO in bf16, batches split over its streams."""
+    exact = OptimizedResNet(small_model, dtype=torch.float32, channels_last=False)
+    candidate = openvino_float(copy.deepcopy(exact), torch.randn(2, 3, 64, 64), "bf16")
+    assert (candidate.precision, candidate.backend) == ("bf16", "openvino")
+    assert candidate.preprocessing == small_model.preprocessing
+    x = torch.randn(3, 3, 96, 80)  # another batch and image size than converted with
+    with torch.inference_mode():
+        cosine = torch.nn.functional.cosine_similarity(candidate(x), exact(x)).min().item()
+    assert cosine >= 0.999
