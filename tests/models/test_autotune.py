@@ -72,6 +72,7 @@ def test_load_on_the_machine_does_not_flip_the_choice():
     assert autotune.decide({"fp32": [1.0, 3.0, 1.0, 1.0, 1.0], "bf16": slow[:1] * 5}) == "fp32"
 
 
+@pytest.mark.slow  # ~5 s: the fp32 copy is built and warmed up
 def test_a_real_measurement_never_keeps_a_slower_contender(small_model):
     exact = small_model.optimize_for_inference("fp32", reuse_memory=False)
     x = torch.randn(1, 3, 64, 64)
