@@ -31,7 +31,7 @@ import resource
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
@@ -204,6 +204,37 @@ def print_report(rows: list[dict]) -> None:
     )
 
 
+def end_to_end(
+    args: argparse.Namespace, folder: Path, checkpoint: str, only: Collection[str] | None = None
+) -> tuple[list[dict], str]:
+    """Generate the photos in ``folder``, time the modes (``only`` those, with model-only), return rows and precision.
+
+    ``args``: ``model``, ``device``, ``precision``, ``count``, ``batch_size``, ``rounds`` (as :func:`main` parses).
+    """
+    camera = [str(p) for p in write_photos(folder / "camera", args.count, CAMERA_SIZE)]
+    small = [str(p) for p in write_photos(folder / "small", args.count, SMALL_SIZE)]
+    engines = [
+        Engine(
+            build_model(args.model, pretrained_from_file=checkpoint),
+            InferenceOptions(
+                device=args.device, precision=args.precision, exact_decode=exact_decode, batch_size=args.batch_size
+            ),
+        )
+        for exact_decode in (False, True)
+    ]
+    fast, exact = engines
+    print(
+        f"{args.model} on {fast.device}, precision {args.precision} -> {fast.precision}, "
+        f"batch {args.batch_size}; "
+        f"{args.count} photos of {CAMERA_SIZE[0]}x{CAMERA_SIZE[1]} and of {SMALL_SIZE[0]}x{SMALL_SIZE[1]}; "
+        f"decoding workers/threads: {usable_cpus()} (usable CPUs); torch threads {torch.get_num_threads()}"
+    )
+    work = modes(fast, exact, camera, small, args.batch_size)
+    if only is not None:
+        work = {name: run for name, run in work.items() if name in only or name.startswith("model only")}
+    return report(time_round_robin(work, args.rounds)), fast.precision
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="seresnext26d_32x4d")
@@ -222,26 +253,9 @@ def main() -> None:
         folder = Path(tmp)
         checkpoint = str(checkpoint_file(args.model, folder))
         if not args.skip_end_to_end:
-            camera = [str(p) for p in write_photos(folder / "camera", args.count, CAMERA_SIZE)]
-            small = [str(p) for p in write_photos(folder / "small", args.count, SMALL_SIZE)]
-            engines = [
-                Engine(
-                    build_model(args.model, pretrained_from_file=checkpoint),
-                    InferenceOptions(device=args.device, precision=args.precision, exact_decode=exact_decode),
-                )
-                for exact_decode in (False, True)
-            ]
-            fast, exact = engines
-            print(
-                f"{args.model} on {fast.device}, precision {args.precision} -> {fast.precision}, "
-                f"batch {args.batch_size}; "
-                f"{args.count} photos of {CAMERA_SIZE[0]}x{CAMERA_SIZE[1]} and of {SMALL_SIZE[0]}x{SMALL_SIZE[1]}; "
-                f"decoding workers/threads: {usable_cpus()} (usable CPUs); torch threads {torch.get_num_threads()}"
-            )
-            rows = report(time_round_robin(modes(fast, exact, camera, small, args.batch_size), args.rounds))
+            rows, results["precision"] = end_to_end(args, folder, checkpoint)
             print_report(rows)
             results["end_to_end"] = rows
-            results["precision"] = fast.precision
         if args.cold_rounds:
             print(f"\nCold start, {args.model} from a local file, {args.cold_rounds} fresh processes per contender:")
             cold = summary(cold_start(args.model, checkpoint, args.cold_rounds))

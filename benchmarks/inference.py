@@ -47,7 +47,8 @@ from torch import nn
 from benchmarks.peers import PEERS, PeerUnavailable, load_peer, openvino_profile
 from resnext_hub.models import VARIANTS, build_model
 from resnext_hub.models.cpu import cpu_has_int8_dot, cpu_has_native_bf16, reuse_freed_memory
-from resnext_hub.models.quantize import calibration_batches
+from resnext_hub.models.fused import OptimizedResNet
+from resnext_hub.models.quantize import calibration_batches, openvino_float
 from resnext_hub.processing import load_image
 from tools.fake_checkpoints import random_state_dict  # trained-like random weights
 from tools.model_table import image_gflops
@@ -144,7 +145,11 @@ def load_mode(mode: str, architecture: str, path: Path, device: torch.device, se
     if precision == "int8":  # int8+openvino, int8+torchao: that backend; int8: the default one
         backend = extra or "auto"
         return model.optimize_for_inference("int8", calibration=setup["calibration"], int8_backend=backend)
-    return model.optimize_for_inference(precision, compile=extra == "compile")
+    if mode == "bf16+openvino":  # our graph run by OpenVINO in bf16, one of auto's candidates
+        exact = OptimizedResNet(model.eval(), dtype=torch.float32, channels_last=False)
+        return openvino_float(exact, torch.randn(2, 3, setup["size"], setup["size"]), "bf16")
+    # auto measures its candidates here again (its cached choice may be from another load or version).
+    return model.optimize_for_inference(precision, compile=extra == "compile", remeasure=precision == "auto")
 
 
 def synchronize(device: torch.device) -> None:
@@ -224,6 +229,7 @@ def measure(
         loaded_mb = (_memory_in_use(sampler, device) - before) / 2**20
         report["modes"][mode] = {
             "precision": getattr(model, "precision", "fp32"),
+            "backend": getattr(model, "backend", "torch"),
             "load_to_ready_s": round(ready, 2),
             "weights_mb": round(weights_mb, 1),
             "model_mb": round(loaded_mb, 1),
@@ -440,13 +446,15 @@ def print_targets(report: dict, sizes: list[int]) -> None:
     show("int8 logit cosine on the photos vs plain", modes.get("int8", {}).get("cosine_photos"), 0.999)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main_parser() -> argparse.ArgumentParser:
+    """The command line of this benchmark (``benchmarks.compare`` builds its model-only run with it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="se_resnext101_32x4d", choices=sorted(VARIANTS))
     parser.add_argument("--checkpoint", help="a real checkpoint file (default: random weights)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated (default {DEFAULT_MODES}); "
-                        "also bf16, fp16, any +compile; on CUDA +amp runs a mode under fp16 autocast")  # fmt: skip
+                        "also bf16, bf16+openvino, fp16, any +compile, the peers ov-bf16 and ov-*+streams; "
+                        "on CUDA +amp runs a mode under fp16 autocast")  # fmt: skip
     parser.add_argument("--batch-sizes", default="1,16,32")
     parser.add_argument("--size", type=int, default=224, help="image side in pixels")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (each times every mode once)")
@@ -454,6 +462,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-fidelity", dest="fidelity", action="store_false")
     parser.add_argument("--profile", metavar="MODES", help="print where the time goes at batch 16 for these modes")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = main_parser()
     args = parser.parse_args(argv)
     if args.profile and not set(args.profile.split(",")) <= set(args.modes.split(",")):
         parser.error(f"--profile {args.profile}: that mode is not in --modes {args.modes}")

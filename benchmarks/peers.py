@@ -3,9 +3,13 @@
 ``ort-fp32`` / ``ort-int8``: NVIDIA's model (the plain one) exported with ``torch.onnx.export``
 (dynamic batch), run by ONNX Runtime's CPU provider with default session options; int8 is
 ``quant_pre_process`` + ``quantize_static`` (QDQ, per-channel, ``reduce_range`` where the CPU lacks
-VNNI, as ORT's guide says) on the calibration batch. ``ov-fp32`` / ``ov-int8``: the plain model
-through ``openvino.convert_model`` (its default torch path), int8 by ``nncf.quantize`` with defaults
-on the same calibration images (one per item), compiled for the CPU with default properties. Each is
+VNNI, as ORT's guide says) on the calibration batch. ``ov-fp32`` / ``ov-bf16`` / ``ov-int8``: the plain
+model through ``openvino.convert_model`` (its default torch path), int8 by ``nncf.quantize`` with defaults
+on the same calibration images (one per item), compiled for the CPU with ``INFERENCE_PRECISION_HINT``
+f32 / bf16 / the default (OpenVINO's default on CPUs with native bf16 is bf16 for the float parts),
+in OpenVINO's two best configurations: the latency hint (one request on every core), and with
+``+streams`` the throughput hint with the batch split across its streams' requests (the scheduling
+our OpenVINO copies use, ``models/quantize.py``'s runner, reused here). Each is
 an ``nn.Module`` taking a torch batch and giving fp32 logits, so the benchmark times them like ours.
 Missing packages raise :class:`PeerUnavailable` (the benchmark skips the mode with a note).
 """
@@ -27,7 +31,9 @@ from torch import nn
 
 from resnext_hub.models.cpu import cpu_has_int8_dot
 
-PEERS = ("ort-fp32", "ort-int8", "ov-fp32", "ov-int8")
+_OV = ("ov-fp32", "ov-bf16", "ov-int8")
+PEERS = ("ort-fp32", "ort-int8", *_OV, *(f"{mode}+streams" for mode in _OV))
+_OV_HINTS = {"fp32": {"INFERENCE_PRECISION_HINT": "f32"}, "bf16": {"INFERENCE_PRECISION_HINT": "bf16"}, "int8": {}}
 NEEDS = {"ort": ("onnxruntime", "onnx", "onnxscript"), "ov": ("openvino", "nncf")}
 
 
@@ -50,13 +56,14 @@ class Peer(nn.Module):
 
 def load_peer(mode: str, plain: nn.Module, size: int, calibration: torch.Tensor, workdir: Path) -> Peer:
     """The peer ``mode`` of ``plain`` (NVIDIA's model, eval, CPU); ``calibration`` a preprocessed batch."""
+    mode, _, config = mode.partition("+")
     runtime, _, precision = mode.partition("-")
     missing = [name for name in NEEDS[runtime] if importlib.util.find_spec(name) is None]
     if missing:
         raise PeerUnavailable(f"{mode} needs {', '.join(missing)} (pip install {' '.join(missing)})")
     if runtime == "ort":
         return _onnx_runtime(plain, size, precision, calibration, workdir)
-    return _openvino(plain, size, precision, calibration)
+    return _openvino(plain, size, precision, calibration, streams=config == "streams")
 
 
 def _onnx_runtime(plain: nn.Module, size: int, precision: str, calibration: torch.Tensor, workdir: Path) -> Peer:
@@ -97,22 +104,28 @@ def _onnx_runtime(plain: nn.Module, size: int, precision: str, calibration: torc
     return Peer(lambda x: session.run(None, {"input": x})[0], precision, session)
 
 
-def _openvino(plain: nn.Module, size: int, precision: str, calibration: torch.Tensor) -> Peer:
+_CONVERTED: dict[tuple[Any, int, str], Any] = {}  # (model id, size, precision): one conversion per run
+
+
+def _openvino(plain: nn.Module, size: int, precision: str, calibration: torch.Tensor, *, streams: bool) -> Peer:
     import openvino as ov
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = ov.convert_model(plain, example_input=torch.randn(1, 3, size, size))
-    if precision == "int8":
-        import nncf
+    from resnext_hub.models.quantize import OpenVINORunner
 
-        with contextlib.redirect_stdout(sys.stderr):
-            model = nncf.quantize(model, nncf.Dataset([image[None].numpy() for image in calibration]))
-    compiled = ov.Core().compile_model(model, "CPU")
-    # OpenVINO's default on CPUs with native bf16 computes the float parts in bf16: say so.
-    if precision == "fp32" and compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "bf16":
-        precision = "bf16"
-    return Peer(lambda x: compiled(x)[0], precision, model)
+    key = (getattr(plain, "architecture", None) or id(plain), size, "int8" if precision == "int8" else "float")
+    if key not in _CONVERTED:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = ov.convert_model(plain, example_input=torch.randn(1, 3, size, size))
+        if precision == "int8":
+            import nncf
+
+            with contextlib.redirect_stdout(sys.stderr):
+                model = nncf.quantize(model, nncf.Dataset([image[None].numpy() for image in calibration]))
+        _CONVERTED[key] = model
+    model = _CONVERTED[key]
+    runner = OpenVINORunner(model, _OV_HINTS[precision], split=streams)
+    return Peer(lambda x: runner(torch.from_numpy(x)).numpy(), precision, model)
 
 
 def openvino_profile(model: Any, x: torch.Tensor, rows: int = 15) -> str:

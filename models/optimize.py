@@ -14,16 +14,26 @@ attributes (see :class:`~.fused.OptimizedResNet`), never by importing ``resnet``
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import autotune
 from .cpu import cpu_has_int8_dot, cpu_has_native_bf16, reuse_freed_memory
 from .fused import DTYPES, CompiledResNet, OptimizedResNet
 from .head import HeadError, head_size
-from .quantize import INSTALL_HINT, Calibration, available_backends, calibration_batches, quantize, resolve_backend
+from .quantize import (
+    INSTALL_HINT,
+    Calibration,
+    available_backends,
+    calibration_batches,
+    openvino_float,
+    quantize,
+    resolve_backend,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +60,8 @@ class Optimizable:
         reuse_memory: bool = True,
         calibration: Calibration | None = None,
         int8_backend: str = "auto",
+        batch_size: int | None = None,
+        remeasure: bool = False,
     ) -> nn.Module:
         """A faster inference-only copy of this model (BN folded, channels-last, bf16/fp16/int8).
 
@@ -60,6 +72,8 @@ class Optimizable:
         ``compile=True`` adds ``torch.compile`` (tens of seconds on the first call). This model is
         not changed; its head (``fc``, a replaced one included) is copied as it is. ``reuse_memory``:
         a one-time, process-wide glibc switch on Linux CPUs (see :func:`optimize_for_inference`).
+        ``"auto"`` times its faithful candidates against fp32 once per machine and caches the choice
+        (``batch_size``: 1 or batches, what it is timed for; ``remeasure=True`` times again; see :mod:`.autotune`).
         """
         return optimize_for_inference(
             self,
@@ -69,6 +83,8 @@ class Optimizable:
             reuse_memory=reuse_memory,
             calibration=calibration,
             int8_backend=int8_backend,
+            batch_size=batch_size,
+            remeasure=remeasure,
         )
 
 
@@ -77,10 +93,13 @@ def _device_of(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def _candidates(device: torch.device, calibrated: bool, backend: str = "auto", classifier: bool = True) -> list[str]:
+def _candidates(
+    device: torch.device, calibrated: bool, backend: str = "auto", classifier: bool = True, openvino: bool = False
+) -> list[str]:
     """Reduced precisions worth trying on ``device``, fastest first (measured, see benchmarks/).
 
     int8 only with calibration data, for a classifier head, on a CPU with int8 dot products and a backend installed.
+    ``openvino``: also OpenVINO's bf16 copy of the same graph (``"bf16+openvino"``), where installed.
     """
     if device.type == "cuda":
         return ["fp16"]
@@ -97,7 +116,14 @@ def _candidates(device: torch.device, calibrated: bool, backend: str = "auto", c
             candidates.append("int8")
     if device.type == "cpu" and cpu_has_native_bf16():
         candidates.append("bf16")
+        if openvino and importlib.util.find_spec("openvino") is not None:
+            candidates.append("bf16+openvino")
     return candidates
+
+
+def _in_channels(network: nn.Module) -> int:
+    """As many channels as the network takes (timm's in_chans): its first convolution's."""
+    return next(m.in_channels for m in network.modules() if isinstance(m, nn.Conv2d))
 
 
 @functools.cache
@@ -114,9 +140,7 @@ def _faithful(reference: nn.Module, candidate: nn.Module, x: Tensor | None = Non
     A single output (a one-class head) has no top-1 to compare.
     """
     if x is None:
-        # As many channels as the network takes (timm's in_chans): its first convolution's.
-        channels = next(m.in_channels for m in reference.modules() if isinstance(m, nn.Conv2d))
-        x = _check_input(str(_device_of(reference)), channels)
+        x = _check_input(str(_device_of(reference)), _in_channels(reference))
     with torch.inference_mode():
         want, got = reference(x).double(), candidate(x).double()
     cosine = F.cosine_similarity(want, got, dim=1).min().item()
@@ -137,6 +161,8 @@ def optimize_for_inference(
     reuse_memory: bool = True,
     calibration: Calibration | None = None,
     int8_backend: str = "auto",
+    batch_size: int | None = None,
+    remeasure: bool = False,
 ) -> nn.Module:
     """A new eval-mode module on ``model``'s device computing ``model``'s function, faster.
 
@@ -144,6 +170,11 @@ def optimize_for_inference(
     CPU with native bf16 (AVX512-BF16/AMX) and ``"fp16"`` a CUDA device; ``"auto"`` picks the
     fastest of these for the device and keeps it only if it is faithful on a quick check
     (logit cosine >= 0.999 and the same top-1 as fp32 on a small random batch), else fp32.
+    "Fastest" is measured (:mod:`.autotune`): the faithful candidates (on CPUs with native bf16 also
+    OpenVINO's bf16 copy of the same graph, where OpenVINO is installed and ``compile`` is off) are
+    timed against fp32 for about 1.5 s at ``batch_size`` (1, or batches: None), and one is kept only
+    if it is at least 5% faster than fp32; the choice is cached per machine, architecture and batch
+    regime (``remeasure=True`` or ``RESNEXT_HUB_AUTO_REMEASURE=1`` measures again).
     ``compile=True`` wraps the result in ``torch.compile``: the first call then takes tens of
     seconds (a minute or more for the 101-layer models on a small CPU) to compile, later calls
     run faster; call it under ``torch.inference_mode()`` (on CPU the weights are frozen into the
@@ -165,7 +196,8 @@ def optimize_for_inference(
 
     The result keeps the model's ``meta`` (``architecture``, ``weights_record``, ``preprocessing``,
     ``classes``) and head (``fc``, copied as it is) and has a ``precision`` attribute; without
-    ``compile`` it can be traced (``torch.jit.trace``, ``torch.onnx.export``).
+    ``compile`` it can be traced (``torch.jit.trace``, ``torch.onnx.export``), unless ``"auto"`` chose
+    OpenVINO (``backend == "openvino"``).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -190,17 +222,7 @@ def optimize_for_inference(
     exact = OptimizedResNet(model, dtype=torch.float32, channels_last=channels_last)
     chosen: nn.Module = exact
     if precision == "auto":
-        for name in _candidates(device, batches is not None, int8_backend, classifier):
-            if name == "int8":
-                candidate = _int8(model, exact, batches, int8_backend)
-                ok, cosine = _faithful(exact, candidate, torch.cat(batches)[:16])
-            else:
-                candidate = OptimizedResNet(model, dtype=DTYPES[name], channels_last=channels_last)
-                ok, cosine = _faithful(exact, candidate)
-            if ok:
-                chosen = candidate
-                break
-            log.info("optimize_for_inference: %s is not faithful here (cosine %.5f); trying the next", name, cosine)
+        chosen = _auto(model, exact, batches, int8_backend, classifier, channels_last, compile, batch_size, remeasure)
     elif precision == "int8":
         return _int8(model, exact, batches, int8_backend)
     elif precision != "fp32":
@@ -209,6 +231,67 @@ def optimize_for_inference(
     if isinstance(chosen, OptimizedResNet) and compile:
         return CompiledResNet(chosen, device)
     return chosen
+
+
+def _auto(
+    model: Optimizable,
+    exact: OptimizedResNet,
+    batches: list[Tensor] | None,
+    backend: str,
+    classifier: bool,
+    channels_last: bool,
+    compile: bool,
+    batch_size: int | None,
+    remeasure: bool,
+) -> nn.Module:
+    """``"auto"``: the faithful candidates, timed against ``exact`` (or the cached choice); see :mod:`.autotune`."""
+    device = _device_of(model)
+    measuring = autotune.measuring()
+    names = _candidates(device, batches is not None, backend, classifier, openvino=measuring and not compile)
+    if not names:
+        return exact
+    key = autotune.choice_key(getattr(model, "architecture", None), autotune.regime(batch_size), device.type, names)
+    cached = None
+    if measuring and not (remeasure or autotune.remeasure_requested()):
+        cached = autotune.cached_choice(key)
+    if cached is not None:
+        log.info("optimize_for_inference: auto uses the cached choice %s (%s)", cached, autotune.choice_file())
+        if cached not in names:
+            return exact
+        names = [cached]
+    faithful: dict[str, nn.Module] = {}
+    for name in names:
+        if name == "int8":
+            candidate = _int8(model, exact, batches, backend)
+            ok, cosine = _faithful(exact, candidate, torch.cat(batches)[:16])
+        elif name == "bf16+openvino":
+            nchw = OptimizedResNet(model, dtype=torch.float32, channels_last=False)
+            try:
+                candidate = openvino_float(nchw, _check_input("cpu", _in_channels(exact)), "bf16")
+            except RuntimeError as error:  # the plugin may refuse bf16 where its kernels lack it (a limited ISA)
+                log.info("optimize_for_inference: OpenVINO bf16 could not be built here (%s)", str(error)[-200:])
+                continue
+            ok, cosine = _faithful(exact, candidate)
+        else:
+            candidate = OptimizedResNet(model, dtype=DTYPES[name], channels_last=channels_last)
+            ok, cosine = _faithful(exact, candidate)
+        if ok:
+            faithful[name] = candidate
+            if not measuring or cached is not None:
+                return candidate
+        else:
+            log.info("optimize_for_inference: %s is not faithful here (cosine %.5f); trying the next", name, cosine)
+    if not faithful or cached is not None:
+        return exact
+    size = tuple(batches[0].shape[2:]) if batches else (model.preprocessing.crop_size,) * 2
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(autotune.REGIME_BATCH[autotune.regime(batch_size)], _in_channels(exact), *size, generator=generator)
+    times = autotune.measure({"fp32": exact, **faithful}, x.to(device))
+    choice = autotune.decide(times)
+    ratios = autotune.paired_ratios(times)
+    log.info("optimize_for_inference: auto measured time vs fp32 %s: %s", ratios, choice)
+    autotune.record_choice(key, choice, ratios)
+    return faithful.get(choice, exact)
 
 
 def _calibration_for(

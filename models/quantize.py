@@ -139,10 +139,9 @@ def calibration_batches(
 class QuantizedResNet(Described, nn.Module):
     """An int8 copy of a ResNet run by ``backend``: a float ``(N, 3, H, W)`` CPU tensor in, fp32 logits out.
 
-    ``image_size``: the one ``(H, W)`` it accepts, or None (any size >= 32).
+    ``image_size``: the one ``(H, W)`` it accepts, or None (any size >= 32). ``precision``: what it
+    computes in ("int8"; "bf16" for OpenVINO's float copy, :func:`openvino_float`).
     """
-
-    precision = "int8"
 
     def __init__(
         self,
@@ -152,8 +151,10 @@ class QuantizedResNet(Described, nn.Module):
         image_size: tuple[int, int] | None,
         *,
         first_conv: str = "conv1",
+        precision: str = "int8",
     ) -> None:
         super().__init__()
+        self.precision = precision
         self.meta = meta
         self.first_conv = first_conv
         self.backend = backend
@@ -163,12 +164,16 @@ class QuantizedResNet(Described, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu":
-            raise ValueError(f"the int8 model runs on the CPU; got a tensor on {x.device} (move it with .cpu())")
+            raise ValueError(
+                f"the {self.precision} model ({self.backend}) runs on the CPU; got a tensor on {x.device} "
+                "(move it with .cpu())"
+            )
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a batch (N, 3, H, W), got shape {tuple(x.shape)}")
         if self.image_size is not None and tuple(x.shape[2:]) != self.image_size:
             raise ValueError(
-                f"this int8 model ({self.backend}) was built for {self.image_size[0]}x{self.image_size[1]} images "
+                f"this {self.precision} model ({self.backend}) was built for "
+                f"{self.image_size[0]}x{self.image_size[1]} images "
                 f"(the calibration size), got {x.shape[2]}x{x.shape[3]}; calibrate at the size you run"
             )
         return self._run(x.detach().float())
@@ -209,16 +214,18 @@ def _example(batches: list[Tensor]) -> Tensor:
 class OpenVINORunner:
     """OpenVINO compiled copies of one model: latency-tuned (batch 1) and throughput streams (batch > 1).
 
-    ``config``: more CPU plugin properties for both (a saved IR's ``INFERENCE_PRECISION_HINT``). One lock:
-    OpenVINO's infer requests are not reentrant, and the engine may call from several threads.
+    ``config``: more CPU plugin properties for both (``INFERENCE_PRECISION_HINT``: a saved IR's, or the float
+    backend's); ``split=False`` runs every batch as one latency-tuned request on every core (no streams). One
+    lock: OpenVINO's infer requests are not reentrant, and the engine may call from several threads.
     """
 
-    def __init__(self, model: Any, config: dict[str, str] | None = None) -> None:
+    def __init__(self, model: Any, config: dict[str, Any] | None = None, *, split: bool = True) -> None:
         import openvino as ov
 
         self._core = ov.Core()
         self.model = model
         self.config = dict(config or {})
+        self._split_batches = split
         self._latency = self._core.compile_model(model, "CPU", {**self.config, "PERFORMANCE_HINT": "LATENCY"})
         self._request = self._latency.create_infer_request()
         self._queue: Any = None
@@ -235,7 +242,7 @@ class OpenVINORunner:
     def __call__(self, x: Tensor) -> Tensor:
         array = x.contiguous().numpy()
         with self._lock:
-            if len(array) > 1 and len(self._streams()) > 1:
+            if self._split_batches and len(array) > 1 and len(self._streams()) > 1:
                 return self._split(array)
             return torch.from_numpy(self._request.infer({0: array})[0].copy())
 
@@ -292,6 +299,23 @@ def openvino_graph(model: nn.Module, example: Tensor) -> Any:
     dims = {0: torch.export.Dim("batch", min=1, max=4096), 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
     program = torch.export.export(model.eval(), (example,), dynamic_shapes=(dims,), strict=False)
     return ov.convert_model(program)
+
+
+def openvino_float(exact_nchw: OptimizedResNet, example: Tensor, precision: str = "bf16") -> QuantizedResNet:
+    """``exact_nchw`` (the fp32 NCHW copy, changed in place) run by OpenVINO's CPU plugin in ``precision``.
+
+    ``"bf16"`` (CPUs with native bf16) or ``"fp32"``; the same graph and scheduling as the int8 copy
+    (SE layers as convolutions, batches split over throughput streams), without quantizing. ``example``:
+    a preprocessed batch (its size does not bind the result). Needs ``openvino``.
+    """
+    if importlib.util.find_spec("openvino") is None:
+        raise ImportError("the OpenVINO float backend needs openvino, which is not installed: pip install openvino")
+    hint = {"bf16": "bf16", "fp32": "f32"}[precision]
+    with torch.no_grad():
+        converted = openvino_graph(exact_nchw, _example([example]))
+    run = OpenVINORunner(converted, {"INFERENCE_PRECISION_HINT": hint})
+    first_conv = exact_nchw.first_conv
+    return QuantizedResNet(exact_nchw.meta, "openvino", run, None, first_conv=first_conv, precision=precision)
 
 
 def _openvino(model: nn.Module, batches: list[Tensor]) -> OpenVINORunner:

@@ -100,7 +100,10 @@ class Engine:
             model.eval()
             .to(self.device)
             .optimize_for_inference(
-                precision=options.precision, compile=options.compile, calibration=options.calibration
+                precision=options.precision,
+                compile=options.compile,
+                calibration=options.calibration,
+                batch_size=options.batch_size,  # "auto" is timed (and its choice cached) for this batch regime
             )
         )
         self.precision: str = self.model.precision

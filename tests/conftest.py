@@ -12,6 +12,11 @@ ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "assets" / "images"
 RGB_PHOTOS = sorted(p for p in IMAGES.glob("*.jpg"))
 
+# precision="auto" keeps its first faithful candidate instead of timing them (a second or two per model,
+# and a choice file in the user's cache): every test process and the commands they start inherit this.
+# tests/models/test_autotune.py turns it back on for the tests of that measurement.
+os.environ["RESNEXT_HUB_AUTO_MEASURE"] = "0"
+
 
 @pytest.fixture(scope="session")
 def ngc_dir(tmp_path_factory) -> Path:

@@ -12,7 +12,8 @@ The recipe:
   frozen with it.
 - **Validation input**: the weights' own preprocessing preset scaled to ``image_size`` (default:
   the preset's crop size): resize by the preset's resize/crop ratio, center crop, same
-  interpolation, mean and std. That preset is saved with the weights.
+  interpolation, mean and std. That preset is saved with the weights. Large photos are decoded at
+  reduced size (at least twice the resize target), as the engine decodes them.
 - **Training input**: ``RandomResizedCrop(image_size, scale=(0.25, 1))`` with the preset's
   interpolation, random horizontal flip, the preset's normalization.
 - **Optimization**: AdamW (weight decay 0.05 on weights, none on biases and BatchNorm), linear
@@ -321,7 +322,9 @@ class Trainer:
         if self.steps == 0:
             raise ValueError(f"{len(train)} readable training images: fewer than one batch of {settings.batch_size}")
         self.train_set = AugmentedImages(train, train_transform(preset), settings.seed)
-        self.val_set = ImageListDataset(val.items, preset, val.targets)
+        # Validation decodes at the size its preset resizes to, as the engine does (evaluate's figures match);
+        # training decodes every pixel: its random crops may zoom into a quarter of the photo.
+        self.val_set = ImageListDataset(val.items, preset, val.targets, min_size=preset.resize_size)
         self.val_batches = shard_batches(len(val), self.per_rank, ctx.rank, ctx.world_size)
         self.counts = {"train_images": len(train), "val_images": len(val)}
         self.multi_label = folder.multi_label
