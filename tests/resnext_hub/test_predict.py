@@ -303,6 +303,7 @@ print(json.dumps(_merge(job, ["a.jpg", "b.jpg"])))
 """
 
 
+@pytest.mark.slow  # a process as user nobody
 def test_a_merge_that_cannot_be_written_keeps_the_parts():
     with public_dir() as base:
         command = [sys.executable, "-c", _MERGE_INTO_A_READ_ONLY_FOLDER, str(base / "job")]
