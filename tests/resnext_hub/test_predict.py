@@ -64,8 +64,8 @@ class GatedServer:
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> dict:
-    """A folder tree of 12 photos and a broken JPEG (13 inputs), a checkpoint, and the 1-process output."""
+def photo_tree(tmp_path_factory) -> dict:
+    """A folder tree of 12 photos and a broken JPEG (13 inputs) and a checkpoint."""
     base = tmp_path_factory.mktemp("predict")
     tree = base / "photos"
     for i, (name, image) in enumerate(photo_variants()):
@@ -76,8 +76,15 @@ def photos(tmp_path_factory) -> dict:
     checkpoint = write_checkpoint(base)
     common = ["--model", ARCH, "--checkpoint", str(checkpoint), "--batch-size", "4", "--workers", "1"]
     common += ["--precision", "fp32"]
+    return {"base": base, "tree": tree, "common": common}
+
+
+@pytest.fixture(scope="module")
+def photos(photo_tree) -> dict:
+    """:func:`photo_tree` and the 1-process output (a subprocess: only the slow tests ask for it)."""
+    base, tree, common = photo_tree["base"], photo_tree["tree"], photo_tree["common"]
     single = run_cli(["predict", str(tree), "-o", str(base / "one.jsonl"), *common], base)
-    return {"base": base, "tree": tree, "common": common, "single": single, "one": base / "one.jsonl"}
+    return {**photo_tree, "single": single, "one": base / "one.jsonl"}
 
 
 @pytest.mark.slow
@@ -196,12 +203,14 @@ UNDECODABLE = os.fsdecode(b"caf\xe9.jpg")
 
 
 @pytest.fixture(scope="module")
-def small_job(tmp_path_factory, photos) -> dict:
+def small_job(tmp_path_factory, photo_tree) -> dict:
     """Three photos, one not UTF-8-named and one with a newline in its name, and a list file whose entry raises."""
     base = tmp_path_factory.mktemp("small_job")
     tree = base / "photos"
     tree.mkdir()
-    for name, source in zip((UNDECODABLE, "new\nline.jpg", "plain.jpg"), sorted(photos["tree"].rglob("*_full.jpg"))):
+    for name, source in zip(
+        (UNDECODABLE, "new\nline.jpg", "plain.jpg"), sorted(photo_tree["tree"].rglob("*_full.jpg"))
+    ):
         shutil.copy(source, tree / name)
     # The latin-1 list repeats the photo (kept once); "~no-such-user-h13/..." makes the loader raise RuntimeError.
     (base / "list.txt").write_bytes(b"%s\n~no-such-user-h13/x.jpg\n" % os.fsencode(tree / UNDECODABLE))
