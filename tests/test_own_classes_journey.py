@@ -22,9 +22,9 @@ from triton_servers import ServeProcess
 from resnext_hub import cli
 from resnext_hub.processing import load_image
 from resnext_hub.triton import contract
-from tools.shapes_dataset import CLASSES
+from tools.shapes_dataset import CLASSES, write_shapes_dataset
 
-pytestmark = pytest.mark.slow  # compiles a pt2 package and starts a Triton server
+pytestmark = pytest.mark.slow  # trains, compiles a pt2 package and starts a Triton server
 
 ARCH = "seresnext26d_32x4d"
 FP32 = ["--precision", "fp32"]
@@ -38,14 +38,27 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_a_finetuned_checkpoint_works_through_every_door(finetuned, tmp_path, capsys):
-    # 1. finetune: a model of the user's three classes (the session's one fine-tuned checkpoint, tests/conftest.py:
-    # the same 1-epoch run as `finetune DATA --model seresnext26d_32x4d --no-pretrained --image-size 32 --epochs 1
-    # --batch-size 8`; the command itself, in a process and under torchrun, is tests/resnext_hub/test_finetune.py's).
-    assert finetuned["architecture"] == ARCH and tuple(finetuned["classes"]) == tuple(CLASSES)
-    best = finetuned["checkpoint"]
+def test_a_finetuned_checkpoint_works_through_every_door(tmp_path, capsys):
+    data = write_shapes_dataset(tmp_path / "shapes", train=8, val=4, size=40, seed=3, colour_coded=True)
+    out = tmp_path / "run"
+    # 1. finetune: a model of the user's three classes.
+    train = [
+        "--model",
+        ARCH,
+        "--no-pretrained",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "-o",
+        str(out),
+    ]
+    _run(["finetune", str(data), *train])
+    best = out / "best.pth"
     ckpt = ["--model", ARCH, "--checkpoint", str(best)]
-    val = finetuned["data"] / "val"
+    val = data / "val"
     capsys.readouterr()
 
     # 2. classify: every record names one of the user's classes.
