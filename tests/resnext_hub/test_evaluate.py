@@ -231,25 +231,25 @@ def test_api_with_loader_workers_and_the_fast_path(dataset):
 # -- issue 13: the summary survives its output; unreadable folders; any exception per image ---------------------
 
 
-@pytest.mark.slow
-def test_an_unwritable_output_fails_before_the_model_loads(dataset, tmp_path):
+def test_an_unwritable_output_fails_before_the_model_loads(dataset, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     args = ["evaluate", str(dataset["root"]), "--model", ARCH, "--checkpoint", "/nonexistent.pth"]
-    run = run_cli([*args, "-o", str(tmp_path / "file" / "summary.json")], tmp_path)
-    assert run.returncode == 2 and run.stderr.startswith("error: --output") and "checkpoint" not in run.stderr
+    status = main([*args, "-o", str(tmp_path / "file" / "summary.json")])  # in this process: a check before loading
+    stderr = capsys.readouterr().err
+    assert status == 2 and stderr.startswith("error: --output") and "checkpoint" not in stderr
 
 
 @pytest.mark.slow
-def test_an_output_that_fails_while_written_leaves_the_summary_on_stdout(dataset):
+def test_an_output_that_fails_while_written_leaves_the_summary_on_stdout(dataset, capsys):
     args = ["evaluate", str(dataset["root"]), "--model", ARCH, "--checkpoint", str(dataset["checkpoint"])]
-    run = run_cli(
-        [*args, "--batch-size", "13", "--workers", "0", "--precision", "fp32", "-o", "/dev/full"], dataset["base"]
-    )
-    assert run.returncode == 1, run.stderr
-    summary = json.loads(run.stdout)
+    # In this process: stdout and the failed write are the command's, not the interpreter's.
+    status = main([*args, "--batch-size", "13", "--workers", "0", "--precision", "fp32", "-o", "/dev/full"])
+    out, err = capsys.readouterr()
+    assert status == 1, err
+    summary = json.loads(out)
     assert summary["images"] == 13 and summary["correct_top1"] == 4 and summary["skipped"] == []
-    assert "error: writing /dev/full failed (No space left on device); the summary is on stdout above" in run.stderr
-    assert "Traceback" not in run.stderr
+    assert "error: writing /dev/full failed (No space left on device); the summary is on stdout above" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.slow

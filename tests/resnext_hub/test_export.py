@@ -153,6 +153,7 @@ def test_nvidia_model_exports_to_onnx(tmp_path):
     assert onnx_signature(result.path)["outputs"]["logits"][1] == ["batch", 1000]
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_isolated_process_has_no_access_to_this_repository():
     probe = """
 import json, sys, torch
@@ -197,6 +198,7 @@ def test_pt2_package_has_a_plain_files_mode_and_no_staging_name_inside(pt2_fp32,
     assert labels == {"classes": list(build_model(ARCH, pretrained=False).classes.names), "multi_label": False}
 
 
+@pytest.mark.slow  # an AOTInductor compile and a fresh interpreter
 def test_pt2_package_runs_without_the_repository_and_matches_eager(pt2_fp32, model, tmp_path):
     assert sorted(p.name for p in pt2_fp32.parent.iterdir()) == ["m.pt2"]  # no staging leftovers
     x = torch.randn(5, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(11))

@@ -74,6 +74,7 @@ def checkpoint(small_checkpoint, tmp_path) -> Path:
     return Path(shutil.copy(small_checkpoint, tmp_path / "weights.pth"))
 
 
+@pytest.mark.slow  # an export process per case, as user nobody
 def test_file_system_faults_found_up_front_are_one_error_line_naming_the_path(small_checkpoint, tmp_path, capsys):
     with public_dir() as base:
         readable = Path(shutil.copy(small_checkpoint, base / "weights.pth"))

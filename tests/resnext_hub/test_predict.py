@@ -64,8 +64,8 @@ class GatedServer:
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> dict:
-    """A folder tree of 12 photos and a broken JPEG (13 inputs), a checkpoint, and the 1-process output."""
+def photo_tree(tmp_path_factory) -> dict:
+    """A folder tree of 12 photos and a broken JPEG (13 inputs) and a checkpoint."""
     base = tmp_path_factory.mktemp("predict")
     tree = base / "photos"
     for i, (name, image) in enumerate(photo_variants()):
@@ -76,8 +76,15 @@ def photos(tmp_path_factory) -> dict:
     checkpoint = write_checkpoint(base)
     common = ["--model", ARCH, "--checkpoint", str(checkpoint), "--batch-size", "4", "--workers", "1"]
     common += ["--precision", "fp32"]
+    return {"base": base, "tree": tree, "common": common}
+
+
+@pytest.fixture(scope="module")
+def photos(photo_tree) -> dict:
+    """:func:`photo_tree` and the 1-process output (a subprocess: only the slow tests ask for it)."""
+    base, tree, common = photo_tree["base"], photo_tree["tree"], photo_tree["common"]
     single = run_cli(["predict", str(tree), "-o", str(base / "one.jsonl"), *common], base)
-    return {"base": base, "tree": tree, "common": common, "single": single, "one": base / "one.jsonl"}
+    return {**photo_tree, "single": single, "one": base / "one.jsonl"}
 
 
 @pytest.mark.slow
@@ -196,12 +203,14 @@ UNDECODABLE = os.fsdecode(b"caf\xe9.jpg")
 
 
 @pytest.fixture(scope="module")
-def small_job(tmp_path_factory, photos) -> dict:
+def small_job(tmp_path_factory, photo_tree) -> dict:
     """Three photos, one not UTF-8-named and one with a newline in its name, and a list file whose entry raises."""
     base = tmp_path_factory.mktemp("small_job")
     tree = base / "photos"
     tree.mkdir()
-    for name, source in zip((UNDECODABLE, "new\nline.jpg", "plain.jpg"), sorted(photos["tree"].rglob("*_full.jpg"))):
+    for name, source in zip(
+        (UNDECODABLE, "new\nline.jpg", "plain.jpg"), sorted(photo_tree["tree"].rglob("*_full.jpg"))
+    ):
         shutil.copy(source, tree / name)
     # The latin-1 list repeats the photo (kept once); "~no-such-user-h13/..." makes the loader raise RuntimeError.
     (base / "list.txt").write_bytes(b"%s\n~no-such-user-h13/x.jpg\n" % os.fsencode(tree / UNDECODABLE))
@@ -269,7 +278,6 @@ def test_top_k_above_the_class_count_resumes(small_job, capsys):
     assert "top-1000 results but --top-k is 999" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["folder", "fifo", "below a file"])
 def test_an_output_that_cannot_be_replaced_is_refused_before_the_model_loads(tmp_path, kind, capsys):
     output = tmp_path / "out.jsonl"
@@ -281,9 +289,9 @@ def test_an_output_that_cannot_be_replaced_is_refused_before_the_model_loads(tmp
         (tmp_path / "file").write_text("x")
         output = tmp_path / "file" / "out.jsonl"
     args = ["predict", str(RGB_PHOTOS[0]), "-o", str(output), "--model", ARCH, "--checkpoint", "/nonexistent.pth"]
-    run = run_cli(args, tmp_path)
-    assert run.returncode == 2, run.stderr
-    assert run.stderr.startswith("error: --output") and "checkpoint" not in run.stderr
+    status, stderr = main(args), capsys.readouterr().err  # in this process: the check is not about the process
+    assert status == 2, stderr
+    assert stderr.startswith("error: --output") and "checkpoint" not in stderr
 
 
 # Run as a user whom permissions stop (tests/unprivileged.py): the job is opened, then its folder made read-only.
@@ -303,6 +311,7 @@ print(json.dumps(_merge(job, ["a.jpg", "b.jpg"])))
 """
 
 
+@pytest.mark.slow  # a process as user nobody
 def test_a_merge_that_cannot_be_written_keeps_the_parts():
     with public_dir() as base:
         command = [sys.executable, "-c", _MERGE_INTO_A_READ_ONLY_FOLDER, str(base / "job")]

@@ -49,7 +49,10 @@ def classifier(checkpoint):
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    server = ServeProcess(ARCH, checkpoint, tmp_path_factory.mktemp("serve-log") / "server.log", top_k=TOP_K)
+    """``serve`` with one fault injected (:data:`FAULTY_PRESET`, for 37x23 images only): one server start for the
+    module's tests; the other servers of the tests run as users start them (``python -m resnext_hub serve``)."""
+    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    server = ServeProcess(ARCH, checkpoint, log, top_k=TOP_K, launcher=("-c", FAULTY_PRESET))
     yield server
     server.stop()
 
@@ -152,14 +155,6 @@ def test_load_script_reports_throughput_and_latency(server):
     assert levels[1]["mean_batch"] > 1  # four clients at once are batched together
 
 
-@pytest.mark.slow
-def test_server_stops_cleanly(server):
-    assert server.stop() == 0
-    with socket.socket() as probe:
-        assert probe.connect_ex(("127.0.0.1", server.http_port)) != 0  # nothing listens any more
-    assert "Traceback" not in server.log_path.read_text()
-
-
 # -- issue 13: one bad sample fails alone; usage errors before anything starts -----------------------------------
 
 # `python -m resnext_hub serve`, with one deterministic fault: the preset raises for a 37x23 image, something the
@@ -188,43 +183,33 @@ def _png(size) -> bytes:
     return encoded.getvalue()
 
 
-@pytest.fixture(scope="module")
-def faulty_server(checkpoint, tmp_path_factory):
-    """A server with the faulty preset and --top-k 2000 (above the 1000 classes: all of them)."""
-    log = tmp_path_factory.mktemp("faulty-serve-log") / "server.log"
-    server = ServeProcess(ARCH, checkpoint, log, top_k=2000, launcher=("-c", FAULTY_PRESET))
-    yield server
-    assert server.stop() == 0
-    assert "Traceback" not in log.read_text()
-
-
 @pytest.mark.slow
-def test_a_sample_that_raises_anything_fails_alone_in_its_request_and_its_batch(faulty_server, classifier):
+def test_a_sample_that_raises_anything_fails_alone_in_its_request_and_its_batch(server, classifier):
     good = [p.read_bytes() for p in RGB_PHOTOS[:2]]
     samples = [good[0], _png((37, 23)), b"", good[1]]
     expected_errors = ["", "RuntimeError: fault injected for a 37x23 image", "empty file", ""]
-    local = list(classifier.classify([str(p) for p in RGB_PHOTOS[:2]], k=5))
+    local = list(classifier.classify([str(p) for p in RGB_PHOTOS[:2]], k=TOP_K))
 
     def check(rows: dict, which: list[int]) -> None:
         for row, i in enumerate(which):
             assert rows["error"][row, 0].decode() == expected_errors[i]
-            assert rows["indices"].shape[1] == 1000  # --top-k 2000 is every class
+            assert rows["indices"].shape[1] == TOP_K  # (a --top-k above the classes: test_triton_one_contract.py)
             if expected_errors[i]:
                 assert (rows["indices"][row] == -1).all()
             else:
                 top = local[0 if i == 0 else 1].predictions
-                assert rows["indices"][row, :5].tolist() == [p.index for p in top]
-                np.testing.assert_allclose(rows["probabilities"][row, :5], [p.probability for p in top], rtol=1e-4)
+                assert rows["indices"][row].tolist() == [p.index for p in top]
+                np.testing.assert_allclose(rows["probabilities"][row], [p.probability for p in top], rtol=1e-4)
 
     # One request of four samples.
     tensor = httpclient.InferInput("image", [4, 1], "BYTES")
     tensor.set_data_from_numpy(np.array([[s] for s in samples], dtype=object))
-    result = faulty_server.http.infer(f"{ARCH}_image", [tensor])
+    result = server.http.infer(f"{ARCH}_image", [tensor])
     check({name: result.as_numpy(name) for name in ("error", "indices", "probabilities")}, [0, 1, 2, 3])
 
     # Four one-sample requests at once over gRPC: batched together, none fails for another's sample.
     def send(i: int) -> dict:
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{faulty_server.grpc_port}")
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
         one = grpcclient.InferInput("image", [1, 1], "BYTES")
         one.set_data_from_numpy(np.array([[samples[i]]], dtype=object))
         answer = client.infer(f"{ARCH}_image", [one], client_timeout=120)
@@ -234,6 +219,14 @@ def test_a_sample_that_raises_anything_fails_alone_in_its_request_and_its_batch(
     with ThreadPoolExecutor(4) as pool:
         for i, rows in enumerate(pool.map(send, range(4))):
             check(rows, [i])
+
+
+@pytest.mark.slow
+def test_server_stops_cleanly(server):
+    assert server.stop() == 0
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", server.http_port)) != 0  # nothing listens any more
+    assert "Traceback" not in server.log_path.read_text()
 
 
 @pytest.mark.slow
@@ -253,15 +246,22 @@ def test_a_sample_that_raises_anything_fails_alone_in_its_request_and_its_batch(
         (["--http-port", "{busy}"], "Address already in use): pass another --http-port"),
     ],
 )
-def test_usage_errors_stop_serve_before_the_model_loads(options, message):
+def test_usage_errors_stop_serve_before_the_model_loads(options, message, capsys):
+    # The checks are the same code in this process; the busy port is refused by serve run as users run it.
+    as_process = "{busy}" in options
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        options = [option.format(busy=busy.getsockname()[1]) for option in options]
-        argv = [sys.executable, "-m", "resnext_hub", "serve", "--checkpoint", "/nonexistent.pth", *options]
-        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stderr
-    assert message in done.stderr and "Traceback" not in done.stderr and "checkpoint" not in done.stderr
+        argv = ["serve", "--checkpoint", "/nonexistent.pth"]
+        argv += [option.format(busy=busy.getsockname()[1]) for option in options]
+        if as_process:
+            command = [sys.executable, "-m", "resnext_hub", *argv]
+            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+            status, stderr = done.returncode, done.stderr
+        else:
+            status, stderr = cli.main(argv), capsys.readouterr().err
+    assert status == 2, stderr
+    assert message in stderr and "Traceback" not in stderr and "checkpoint" not in stderr
 
 
 # -- issue 20: request cost bounded at the door, stalled clients, names that are not plain text, graceful stop ------
