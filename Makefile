@@ -44,7 +44,7 @@ chromium:
 # servers, compiles, the browser, seconds-long forward passes: see pyproject.toml's markers).
 test-fast: MARKERS := -m "not slow"
 OPENVINO_TESTS := tests/models/test_quantize.py tests/models/test_openvino_ir.py tests/resnext_hub/test_export_openvino.py \
-	tests/space/test_app_openvino_ir.py \
+	tests/space/test_app_openvino_ir.py tests/models/test_autotune.py tests/resnext_hub/test_explain_doors.py \
 	tests/resnext_hub/test_triton_openvino.py
 test test-fast: setup chromium
 	$(BIN)/ruff check .

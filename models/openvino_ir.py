@@ -143,8 +143,11 @@ class OpenVINOResNet(Described, nn.Module):
         reuse_memory: bool = True,
         calibration: Any = None,
         int8_backend: str = "auto",
+        batch_size: int | None = None,
+        remeasure: bool = False,
     ) -> OpenVINOResNet:
-        """Itself, compiled already: ``precision`` must be ``"auto"`` or the IR's; there is nothing to calibrate."""
+        """Itself, compiled already: ``precision`` must be ``"auto"`` or the IR's; there is nothing to calibrate or
+        measure (``batch_size`` and ``remeasure`` are accepted for the engine's sake)."""
         if precision not in ("auto", self.precision):
             raise ValueError(
                 f"{self.path} is an OpenVINO IR saved in {self.precision}; it cannot run in {precision}: use "

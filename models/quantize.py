@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import importlib
 import importlib.util
 import logging
+import shutil
 import sys
 import threading
 from collections.abc import Callable, Iterable
@@ -37,6 +39,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..processing import load_image
+from ..processing.atomic import install_folders, staging_folder
 from ..processing.presets import ImageClassification
 from .fused import OptimizedResNet, PointwiseConv
 from .meta import Described
@@ -46,6 +49,8 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "openvino", "torchao")
 INSTALL_HINT = "pip install 'resnext-hub[int8]' (OpenVINO + NNCF, the default), or 'resnext-hub[torchao]' (torchao)"
 CALIBRATION_BATCH = 16
+GRAPH_FORMAT = "g1"  # the converted float graph's layout (SE layers as convolutions): bump when openvino_graph changes
+FLOAT_GRAPHS_KEPT = 4  # converted float graphs kept in float_graph_cache(), the most recently written
 
 CalibrationItem = str | Path | Image.Image | Tensor
 Calibration = CalibrationItem | Iterable[CalibrationItem]
@@ -312,10 +317,59 @@ def openvino_float(exact_nchw: OptimizedResNet, example: Tensor, precision: str 
         raise ImportError("the OpenVINO float backend needs openvino, which is not installed: pip install openvino")
     hint = {"bf16": "bf16", "fp32": "f32"}[precision]
     with torch.no_grad():
-        converted = openvino_graph(exact_nchw, _example([example]))
+        converted = _cached_float_graph(exact_nchw, _example([example]))
     run = OpenVINORunner(converted, {"INFERENCE_PRECISION_HINT": hint})
     first_conv = exact_nchw.first_conv
     return QuantizedResNet(exact_nchw.meta, "openvino", run, None, first_conv=first_conv, precision=precision)
+
+
+def float_graph_cache() -> Path:
+    """``<torch.hub.get_dir()>/resnext_hub/openvino``: converted float graphs, one folder per set of weights."""
+    return Path(torch.hub.get_dir()) / "resnext_hub" / "openvino"
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of ``model``'s modules and state (each tensor's name, shape, dtype and bytes): what a converted graph
+    is made of."""
+    digest = hashlib.sha256(repr(model).encode())  # the structure too: the pooling, say, holds no weights
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _cached_float_graph(exact_nchw: nn.Module, example: Tensor) -> Any:
+    """:func:`openvino_graph` of ``exact_nchw``, read from :func:`float_graph_cache` when these weights were
+    converted before (a conversion takes seconds to minutes for the 101-layer nets; reading the saved graph,
+    a fraction of a second), else converted and saved there for the next process. The cache keeps the
+    :data:`FLOAT_GRAPHS_KEPT` most recently written graphs; a cache that cannot be written costs only time."""
+    import openvino as ov
+
+    folder = (
+        float_graph_cache() / f"{weights_digest(exact_nchw)[:40]}-{GRAPH_FORMAT}-ov{ov.get_version().split('-')[0]}"
+    )
+    xml = folder / "model.xml"
+    if xml.is_file() and xml.with_suffix(".bin").is_file():
+        try:
+            return ov.Core().read_model(str(xml))
+        except RuntimeError as error:  # a damaged entry: converted again, and replaced
+            log.warning("the saved OpenVINO graph %s could not be read (%s): converting again", folder, error)
+    converted = openvino_graph(exact_nchw, example)
+    try:
+        with staging_folder(folder) as staging:
+            (staging / folder.name).mkdir()
+            # fp32 weights as they are (OpenVINO would store fp16 by default): the graph must be the model's.
+            ov.save_model(converted, str(staging / folder.name / "model.xml"), compress_to_fp16=False)
+            install_folders(staging, folder.parent, [folder.name], replace=True)
+        for old in sorted(folder.parent.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)[FLOAT_GRAPHS_KEPT:]:
+            if old.is_dir() and not old.name.startswith("."):
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as error:
+        log.warning(
+            "could not save the converted OpenVINO graph in %s (%s): the next process converts again", folder, error
+        )
+    return converted
 
 
 def _openvino(model: nn.Module, batches: list[Tensor]) -> OpenVINORunner:

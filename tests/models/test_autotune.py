@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import logging
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from resnext_hub.models import autotune, build_model
 from resnext_hub.models.cpu import cpu_has_native_bf16
 from resnext_hub.models.fused import OptimizedResNet
-from resnext_hub.models.quantize import openvino_float
+from resnext_hub.models.quantize import float_graph_cache, openvino_float
 from tools.fake_checkpoints import random_state_dict
 
 SMALL = "seresnext26d_32x4d"
@@ -114,6 +115,7 @@ def test_a_changed_key_is_a_miss():
 
 def test_an_unreadable_cache_file_is_a_miss_and_is_rewritten(tmp_path, caplog):
     path = tmp_path / "auto_precision.json"
+    caplog.set_level(logging.INFO, logger=autotune.__name__)  # whatever levels earlier tests' libraries left set
     path.write_text("{ half a file")
     key = autotune.choice_key(SMALL, "batch", "cpu", ["bf16"])
     assert autotune.cached_choice(key, path) is None
@@ -123,6 +125,7 @@ def test_an_unreadable_cache_file_is_a_miss_and_is_rewritten(tmp_path, caplog):
 
 
 def test_an_unwritable_cache_costs_only_a_warning(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=autotune.__name__)
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder would be")
     autotune.record_choice("key", "fp32", {}, blocker / "auto_precision.json")
@@ -158,7 +161,7 @@ def test_auto_measures_once_then_uses_the_cached_choice(small_model, measured):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="needs openvino")
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="OpenVINO bf16 is one of auto's candidates on native-bf16 CPUs")
-def test_the_openvino_bf16_candidate_computes_the_models_function(small_model):
+def test_the_openvino_bf16_candidate_computes_the_models_function(small_model, torch_home):
     """auto's "bf16+openvino": our fused graph run by OpenVINO in bf16, batches split over its streams."""
     exact = OptimizedResNet(small_model, dtype=torch.float32, channels_last=False)
     candidate = openvino_float(copy.deepcopy(exact), torch.randn(2, 3, 64, 64), "bf16")
@@ -168,3 +171,29 @@ def test_the_openvino_bf16_candidate_computes_the_models_function(small_model):
     with torch.inference_mode():
         cosine = torch.nn.functional.cosine_similarity(candidate(x), exact(x)).min().item()
     assert cosine >= 0.999
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="needs openvino")
+def test_a_converted_float_graph_is_saved_once_and_read_by_the_next_process(small_model, torch_home):
+    """The OpenVINO float backend's conversion (minutes for the 101-layer nets on a busy 2-core machine) is paid once
+    per set of weights: the next copy reads the saved graph (the folder is not written again)."""
+    exact = OptimizedResNet(small_model, dtype=torch.float32, channels_last=False)
+    example = torch.randn(2, 3, 64, 64)
+    first = openvino_float(copy.deepcopy(exact), example, "fp32")
+    saved = sorted(float_graph_cache().iterdir())
+    assert [sorted(p.name for p in folder.iterdir()) for folder in saved] == [["model.bin", "model.xml"]]
+    stamp = saved[0].stat().st_ino, (saved[0] / "model.bin").stat().st_mtime_ns
+    second = openvino_float(copy.deepcopy(exact), example, "fp32")
+    assert sorted(float_graph_cache().iterdir()) == saved
+    assert (saved[0].stat().st_ino, (saved[0] / "model.bin").stat().st_mtime_ns) == stamp
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        want = exact(x)
+        assert torch.allclose(second(x), first(x), rtol=0, atol=1e-5 * want.abs().max())
+        assert torch.allclose(second(x), want, rtol=0, atol=1e-3 * want.abs().max())  # fp32 weights, not fp16
+    other = copy.deepcopy(exact)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    openvino_float(other, example, "fp32")  # other weights: another graph
+    assert len(list(float_graph_cache().iterdir())) == 2
