@@ -108,13 +108,7 @@ def evaluate(
         "top5": totals.topk_percent,
         "loss": totals.loss,
         "published": {key: published[key] for key in ("top1", "top5") if published.get(key) is not None},
-        "images_per_second": len(samples) / seconds if seconds > 0 else None,
-        "seconds": seconds,
-        "world_size": ctx.world_size,
-        "device": ctx.device.type,
-        "precision": precision,
-        "batch_size": options.batch_size,
-        "preprocessing": model.preprocessing.as_dict(),
+        **_run(model, ctx, options, precision, seconds, len(samples)),
         "failures": [{"input": samples[i][0], "error": reason} for i, reason in all_failures],
         "skipped": [entry._asdict() for entry in skipped],
     }
@@ -180,13 +174,22 @@ def evaluate_multi_label(
             name: None if ap is None else 100 * ap for name, ap in zip(model.classes.names, precisions)
         },
         "thresholds": dict(zip(model.classes.names, model.thresholds)),
-        "images_per_second": len(images) / seconds if seconds > 0 else None,
+        **_run(model, ctx, options, precision, seconds, len(images)),
+        "failures": [{"input": images.paths[i], "error": reason} for i, reason in all_failures],
+        "skipped": [],
+    }
+
+
+def _run(
+    model: ResNet, ctx: DistContext, options: InferenceOptions, precision: str, seconds: float, images: int
+) -> dict[str, Any]:
+    """The summary's account of the run itself (speed, processes, device, precision, preprocessing)."""
+    return {
+        "images_per_second": images / seconds if seconds > 0 else None,
         "seconds": seconds,
         "world_size": ctx.world_size,
         "device": ctx.device.type,
         "precision": precision,
         "batch_size": options.batch_size,
         "preprocessing": model.preprocessing.as_dict(),
-        "failures": [{"input": images.paths[i], "error": reason} for i, reason in all_failures],
-        "skipped": [],
     }

@@ -97,3 +97,17 @@ def umask_022():
         yield
     finally:
         os.umask(previous)
+
+
+def uploaded(path: Path) -> dict:
+    """``path`` as the web demo's file value of an upload: copied into Gradio's upload folder (``GRADIO_TEMP_DIR``),
+    the only place besides the sample photos that the demo reads."""
+    import shutil
+    import uuid
+
+    from gradio.utils import get_upload_folder
+
+    folder = Path(get_upload_folder()) / uuid.uuid4().hex
+    folder.mkdir(parents=True)
+    shutil.copy(path, folder / path.name)
+    return {"path": str(folder / path.name)}

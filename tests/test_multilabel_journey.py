@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import onnxruntime
 import pytest
 import torch
 import tritonclient.http as httpclient
-from conftest import ROOT
+from conftest import ROOT, uploaded
 from triton_servers import ServeProcess
 
 from resnext_hub import cli
@@ -128,15 +127,10 @@ def test_a_multi_label_checkpoint_works_through_every_door(tmp_path, capsys, mon
     assert served == [expected[path] for path in paths[:4]]
 
     # 7. the web demo: every label's sigmoid probability, and the card says multi-label.
-    from gradio.utils import get_upload_folder
-
     from space import app
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))  # the demo reads uploads from there only
-    upload = Path(get_upload_folder()) / "photo" / Path(paths[0]).name
-    upload.parent.mkdir(parents=True)
-    shutil.copy(paths[0], upload)
     demo = app.Demo(checkpoint=best, precision="fp32")
-    _, shown, card, _ = demo.classify_upload(demo.default_model, {"path": str(upload)})
+    _, shown, card, _ = demo.classify_upload(demo.default_model, uploaded(Path(paths[0])))
     assert shown == pytest.approx(dict(zip(CLASSES, eager[0].tolist())), abs=1e-5)
     assert "Multi-label" in card

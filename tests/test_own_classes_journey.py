@@ -9,7 +9,6 @@ names, and the doors that rank must agree with each other on every image (exact 
 from __future__ import annotations
 
 import json
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import onnxruntime
 import pytest
 import torch
 import tritonclient.http as httpclient
-from conftest import ROOT
+from conftest import ROOT, uploaded
 from triton_servers import ServeProcess
 
 from resnext_hub import cli
@@ -122,15 +121,10 @@ def test_a_finetuned_checkpoint_works_through_every_door(tmp_path, capsys, monke
     assert served == [classified[path] for path in paths] and errors == [b""] * len(paths)
 
     # 7. the web demo: the checkpoint's own classes in its top-5, and the same top-1.
-    from gradio.utils import get_upload_folder
-
     from space import app
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))  # the demo reads uploads from there only
-    upload = Path(get_upload_folder()) / "photo" / Path(paths[0]).name
-    upload.parent.mkdir(parents=True)
-    shutil.copy(paths[0], upload)
     demo = app.Demo(checkpoint=best, precision="fp32")
-    _, top5, card, _ = demo.classify_upload(demo.default_model, {"path": str(upload)})
+    _, top5, card, _ = demo.classify_upload(demo.default_model, uploaded(Path(paths[0])))
     assert sorted(top5) == sorted(CLASSES) and max(top5, key=top5.get) == classified[paths[0]]
     assert "3 classes" in card

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
+from conftest import uploaded
 
 ROOT = Path(__file__).resolve().parents[2]
 SPACE = ROOT / "space"
@@ -40,16 +39,6 @@ def app(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo(app):
     return app.Demo(default_model="seresnext26d_32x4d")
-
-
-def uploaded(path: Path) -> dict:
-    """``path`` as the file value of an upload: copied into Gradio's upload folder, the only place read."""
-    from gradio.utils import get_upload_folder
-
-    folder = Path(get_upload_folder()) / uuid.uuid4().hex
-    folder.mkdir(parents=True)
-    shutil.copy(path, folder / path.name)
-    return {"path": str(folder / path.name)}
 
 
 def _message(excinfo) -> str:

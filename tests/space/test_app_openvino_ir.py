@@ -6,11 +6,10 @@ get (OpenVINO's thread pool crashed a later fork()).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
-from conftest import IMAGES
+from conftest import IMAGES, uploaded
 
 from resnext_hub.engine import Engine
 from resnext_hub.export.openvino_ir import export_openvino
@@ -33,18 +32,14 @@ def ir_folder(small_checkpoint, tmp_path_factory) -> Path:
 
 
 def test_the_demo_serves_a_saved_ir_with_its_classes_and_says_so(ir_folder, tmp_path, monkeypatch):
-    from gradio.utils import get_upload_folder
-
     from space import app
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))  # the demo reads uploads from there only
-    photo = Path(get_upload_folder()) / "upload" / "chelsea.jpg"
-    photo.parent.mkdir(parents=True)
-    shutil.copy(IMAGES / "chelsea.jpg", photo)
+    photo = IMAGES / "chelsea.jpg"
 
     demo = app.Demo(checkpoint=ir_folder, precision="fp32")  # the IR runs as saved, whatever the demo's precision
     assert demo.entries == [ARCH]  # the architecture is read from the IR's metadata, nothing compiled for it
-    _, top5, card, overlay = demo.classify_upload(demo.default_model, {"path": str(photo)})
+    _, top5, card, overlay = demo.classify_upload(demo.default_model, uploaded(photo))
     assert "a saved OpenVINO IR in fp32" in card and "OpenVINO, fp32 as saved, on cpu" in card
     assert overlay is None  # an IR gives out no feature maps: the top-5 without a heatmap
     # The same answer as the IR loaded by the CLI's path.
