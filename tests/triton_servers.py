@@ -21,10 +21,11 @@ import tritonclient.http as httpclient
 from conftest import ROOT
 from tritonclient.grpc import model_config_pb2
 
-from resnext_hub.triton.config import config_text, model_kind, model_roles, read_config, validate_repository
+from resnext_hub.triton.config import config_text, model_roles
 from resnext_hub.triton.contract import Contract
 from resnext_hub.triton.local import free_port
 from resnext_hub.triton.server import TOKEN_ENV
+from resnext_hub.triton.validation import model_kind, read_config, validate_repository
 
 START_TIMEOUT_S = 180
 TOKEN = "test-token-for-admin-endpoints"

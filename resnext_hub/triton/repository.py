@@ -32,6 +32,7 @@ from ..processing import transform as loader_transform
 from ..processing.atomic import install_folders, staging_folder
 from . import config as triton_config
 from . import contract as triton_contract
+from . import validation as triton_validation
 from .classifier import write_classifier
 from .contract import Contract
 
@@ -125,7 +126,7 @@ def export_triton(
     names (a fine-tuned checkpoint's own). ``image_ensemble=False`` writes the tensor model alone
     (``<name>``, its classifier and postprocessing). The folders are built beside their final place,
     the ONNX file verified and every config checked against Triton's schema, the graph, each other
-    (:func:`.config.validate_repository`) and the contract, then moved into place. The result's
+    (:func:`.validation.validate_repository`) and the contract, then moved into place. The result's
     ``path`` is ``<repository>/<name>``. ``classifier="openvino"``: the classifier is an OpenVINO IR for
     Triton's OpenVINO backend (:mod:`.openvino_classifier`) in ``precision`` ``fp32`` (default), ``bf16`` or
     ``int8`` (calibrated on ``calibration``, as :func:`resnext_hub.export.openvino_ir.export_openvino`).
@@ -186,8 +187,8 @@ def export_triton(
         else:
             onnx_file = staging / roles["classifier"] / "1" / triton_config.MODEL_FILE
             result = write_classifier(model, onnx_file, contract, fp16=fp16, opset=opset, verify_batches=verify_batches)
-        written = triton_config.validate_repository(staging)
-        problems = triton_config.contract_problems(written, contract, image_model=image_ensemble)
+        written = triton_validation.validate_repository(staging)
+        problems = triton_validation.contract_problems(written, contract, image_model=image_ensemble)
         if problems:
             raise triton_config.TritonConfigError(repository, problems)
         install_folders(staging, repository, list(configs), replace=overwrite)  # each old folder kept until swapped

@@ -31,7 +31,7 @@ from resnext_hub.export import (
 )
 from resnext_hub.models import build_model
 from resnext_hub.models.cpu import cpu_has_native_bf16
-from resnext_hub.triton.config import onnx_signature
+from resnext_hub.triton.validation import onnx_signature
 from tools.fake_checkpoints import write_ngc_file
 
 ARCH = "seresnext26d_32x4d"

@@ -27,8 +27,9 @@ from tritonclient.utils import InferenceServerException
 from resnext_hub.models import build_model
 from resnext_hub.processing import InvalidImageError, load_image
 from resnext_hub.triton import contract, repository
-from resnext_hub.triton.config import config_text, model_roles, read_config, validate_repository
+from resnext_hub.triton.config import config_text, model_roles
 from resnext_hub.triton.local import LocalTritonServer
+from resnext_hub.triton.validation import read_config, validate_repository
 
 ARCH = "seresnext26d_32x4d"
 TOP_K = 5  # the triton_repo fixture's (export's default)

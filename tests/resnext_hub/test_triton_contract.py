@@ -18,18 +18,9 @@ from resnext_hub.engine import clamp_top_k
 from resnext_hub.export.onnx_file import INPUT_NAME, OUTPUT_NAMES
 from resnext_hub.triton import contract
 from resnext_hub.triton.classifier import end_in_top_k
-from resnext_hub.triton.config import (
-    MODEL_FILE,
-    PYTHON_MODEL_FILE,
-    config_text,
-    contract_problems,
-    model_kind,
-    model_roles,
-    repository_configs,
-    tensors,
-    validate_repository,
-)
+from resnext_hub.triton.config import MODEL_FILE, PYTHON_MODEL_FILE, config_text, model_roles, repository_configs
 from resnext_hub.triton.server import pytriton_tensor
+from resnext_hub.triton.validation import contract_problems, model_kind, tensors, validate_repository
 
 CONTRACTS = [
     contract.Contract("seresnext26d_32x4d", 224, 1000, 5),

@@ -21,9 +21,9 @@ from resnext_hub import cli
 from resnext_hub.models import build_model
 from resnext_hub.models.checkpoint import finetuned_checkpoint
 from resnext_hub.processing import ClassList, ImageClassification, InvalidImageError, load_image
-from resnext_hub.triton.config import validate_repository
 from resnext_hub.triton.contract import NON_FINITE, Contract
 from resnext_hub.triton.local import LocalTritonServer
+from resnext_hub.triton.validation import validate_repository
 from tools.fake_checkpoints import random_state_dict
 
 pytestmark = pytest.mark.slow  # starts both servers

@@ -16,15 +16,9 @@ import torch
 
 from resnext_hub.cli import main as cli_main
 from resnext_hub.models import build_model
-from resnext_hub.triton.config import (
-    TritonConfigError,
-    build_classifier_config,
-    config_text,
-    read_config,
-    validate_model_dir,
-    validate_repository,
-)
+from resnext_hub.triton.config import TritonConfigError, build_classifier_config, config_text
 from resnext_hub.triton.contract import Contract
+from resnext_hub.triton.validation import read_config, validate_model_dir, validate_repository
 
 ARCH = "seresnext26d_32x4d"
 SIZE = 64

@@ -19,18 +19,15 @@ from tritonclient.grpc import model_config_pb2
 from resnext_hub.export import DEFAULT_OPSET, TRACE_BATCH
 from resnext_hub.models import build_model
 from resnext_hub.processing import imagenet_labels
-from resnext_hub.triton.config import (
-    TritonConfigError,
-    build_classifier_config,
-    config_text,
+from resnext_hub.triton.config import TritonConfigError, build_classifier_config, config_text, model_roles
+from resnext_hub.triton.contract import Contract
+from resnext_hub.triton.validation import (
     contract_problems,
-    model_roles,
     onnx_signature,
     read_config,
     validate_model_dir,
     validate_repository,
 )
-from resnext_hub.triton.contract import Contract
 
 ARCH = "seresnext26d_32x4d"
 CROP = 224  # the weights' crop size: the image ensemble preprocesses at it
