@@ -10,16 +10,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (
-    CheckpointError,
-    FinetunedMeta,
-    canonical_keys,
-    load_weights,
-    read_checkpoint,
-    read_finetuned_meta,
-)
+from .checkpoint import CheckpointError, canonical_keys, load_weights, read_checkpoint
 from .download import fetch_checkpoint, forget
 from .features import ResNetFeatures
+from .finetuned import FinetunedMeta, read_finetuned_meta
 from .meta import ModelMeta, default_classes
 from .openvino_ir import openvino_ir_path
 from .resnet import ResNet, check_options, feature_indices

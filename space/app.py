@@ -47,7 +47,7 @@ from starlette.middleware import Middleware  # noqa: E402
 from resnext_hub import processing  # noqa: E402
 from resnext_hub.console import printable  # noqa: E402
 from resnext_hub.models import CheckpointError, list_models  # noqa: E402
-from resnext_hub.models.checkpoint import read_finetuned_meta  # noqa: E402
+from resnext_hub.models.finetuned import read_finetuned_meta  # noqa: E402
 from resnext_hub.models.hf_config import is_hf_folder  # noqa: E402
 from resnext_hub.models.openvino_ir import openvino_ir_path, read_openvino_ir  # noqa: E402
 from resnext_hub.models.optimize import PRECISIONS  # noqa: E402

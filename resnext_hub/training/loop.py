@@ -59,8 +59,9 @@ from ..metrics import DEFAULT_THRESHOLD, TopKMeter, f1_scores, f1_thresholds, me
 from ..models import CheckpointError, ModelMeta, ResNet, WeightsUnavailableError, build_model
 from ..models.blocks import Bottleneck
 from ..models.builder import architecture_of_weights
-from ..models.checkpoint import finetuned_checkpoint, load_weights
+from ..models.checkpoint import load_weights
 from ..models.cpu import cpu_has_native_bf16
+from ..models.finetuned import finetuned_checkpoint
 from ..models.registry import architecture_of
 from ..processing import ClassList, ImageClassification
 from . import state

@@ -1,7 +1,7 @@
 """A fine-tuning run's settings, and what it leaves in its output folder (written by rank 0 only).
 
 - ``best.pth``: the weights of the epoch with the best validation top-1, with the class names, the
-  architecture and the preprocessing (``models.checkpoint.finetuned_checkpoint``): what
+  architecture and the preprocessing (``models.finetuned.finetuned_checkpoint``): what
   ``build_model(NAME, pretrained_from_file=...)`` needs to rebuild the model.
 - ``last.pth``: the same for the last finished epoch, plus everything ``--resume`` needs: optimizer,
   scheduler and grad-scaler state, the epoch count, RNG states, the settings and the metrics so far.

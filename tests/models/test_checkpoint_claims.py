@@ -19,7 +19,7 @@ from test_finetuned_checkpoint import NAMES, PRESET
 from resnext_hub import exit_codes
 from resnext_hub.cli import main
 from resnext_hub.models import CheckpointError, build_model, read_checkpoint
-from resnext_hub.models.checkpoint import finetuned_checkpoint
+from resnext_hub.models.finetuned import finetuned_checkpoint
 from resnext_hub.processing import ClassList
 from tools.fake_checkpoints import random_state_dict
 

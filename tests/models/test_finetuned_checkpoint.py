@@ -7,7 +7,7 @@ import torch
 from conftest import ROOT
 
 from resnext_hub.models import CheckpointError, build_model
-from resnext_hub.models.checkpoint import finetuned_checkpoint, read_finetuned_meta
+from resnext_hub.models.finetuned import finetuned_checkpoint, read_finetuned_meta
 from resnext_hub.processing import ClassList, ImageClassification
 from tools.fake_checkpoints import random_state_dict
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from resnext_hub.models import CheckpointError, build_model
-from resnext_hub.models.checkpoint import finetuned_checkpoint, read_finetuned_meta
+from resnext_hub.models.finetuned import finetuned_checkpoint, read_finetuned_meta
 from resnext_hub.processing import ClassList
 from resnext_hub.processing.presets import as_preset
 

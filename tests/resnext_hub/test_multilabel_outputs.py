@@ -15,7 +15,7 @@ from PIL import Image
 
 from resnext_hub.engine import Engine
 from resnext_hub.models import build_model
-from resnext_hub.models.checkpoint import finetuned_checkpoint
+from resnext_hub.models.finetuned import finetuned_checkpoint
 from resnext_hub.options import InferenceOptions
 from resnext_hub.processing import ClassList
 from resnext_hub.processing.presets import as_preset

@@ -19,7 +19,7 @@ from triton_servers import ServeProcess, load_order, served_repository
 
 from resnext_hub import cli
 from resnext_hub.models import build_model
-from resnext_hub.models.checkpoint import finetuned_checkpoint
+from resnext_hub.models.finetuned import finetuned_checkpoint
 from resnext_hub.processing import ClassList, ImageClassification, InvalidImageError, load_image
 from resnext_hub.triton.contract import NON_FINITE, Contract
 from resnext_hub.triton.local import LocalTritonServer

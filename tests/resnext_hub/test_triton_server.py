@@ -24,7 +24,7 @@ from tritonclient.utils import InferenceServerException
 from resnext_hub import cli
 from resnext_hub.engine import Engine
 from resnext_hub.models import build_model
-from resnext_hub.models.checkpoint import finetuned_checkpoint
+from resnext_hub.models.finetuned import finetuned_checkpoint
 from resnext_hub.options import InferenceOptions
 from resnext_hub.processing import ClassList, ImageClassification, InvalidImageError, load_image
 from resnext_hub.triton.bundle import ServeUnavailableError, check_interpreter

@@ -61,7 +61,7 @@ app.main(sys.argv[1:])
 def odd_checkpoint(tmp_path_factory) -> Path:
     """A fine-tuned checkpoint (finetune's format) with :data:`NAMES` as its classes and a sharp head."""
     from resnext_hub.models import build_model
-    from resnext_hub.models.checkpoint import finetuned_checkpoint
+    from resnext_hub.models.finetuned import finetuned_checkpoint
     from resnext_hub.processing import ClassList
     from tools.fake_checkpoints import random_state_dict
 
