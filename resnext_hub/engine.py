@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 
-from .data import Batch, ImageListDataset, collate, make_loader
+from .decoding import Batch, ImageListDataset, collate, make_loader
 from .models import ResNet
 from .models.explain import Explanation, Target, head_linear
 from .options import InferenceOptions

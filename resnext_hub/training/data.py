@@ -3,7 +3,7 @@
 ``DATA/train/<class>/...`` and ``DATA/val/<class>/...``, read by the one class-folder reader
 (:func:`resnext_hub.data.read_class_folders`): the class names are the folder names and their
 sorted order is the class index. Every image goes through the one hardened loader
-(``processing.load_image``, via :class:`~resnext_hub.data.ImageListDataset`); files it cannot read
+(``processing.load_image``, via :class:`~resnext_hub.decoding.ImageListDataset`); files it cannot read
 are found once, before training, and left out. Multi-label runs read two labels files instead
 (:func:`read_labelled`, the format in :mod:`resnext_hub.labels_csv`).
 """
@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from ..console import printable
-from ..data import ImageListDataset, Sample, Skipped, make_loader, quoted, read_class_folders
+from ..data import Skipped, quoted, read_class_folders
+from ..decoding import ImageListDataset, Sample, make_loader
 from ..distributed import DistContext, shard_batches
 from ..labels_csv import LabelsFileError, read_labels_csv
 from ..processing import ImageClassification

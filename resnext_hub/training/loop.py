@@ -53,7 +53,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..console import printable, progress_bar
-from ..data import ImageListDataset, make_loader
+from ..decoding import ImageListDataset, make_loader
 from ..distributed import DistContext, agreed_precision, distributed, shard_batches
 from ..metrics import DEFAULT_THRESHOLD, TopKMeter, f1_scores, f1_thresholds, mean_average_precision
 from ..models import CheckpointError, ModelMeta, ResNet, WeightsUnavailableError, build_model

@@ -15,15 +15,14 @@ from unprivileged import public_dir, run_unprivileged
 
 from resnext_hub.data import (
     MAX_LIST_LINE,
-    ImageListDataset,
     Skipped,
-    collate,
     collect_inputs,
     find_samples,
     ilsvrc2012_wnids,
     match_classes,
     read_class_folders,
 )
+from resnext_hub.decoding import ImageListDataset, collate
 from resnext_hub.processing import ClassList, imagenet_classes, imagenet_wnids
 
 
