@@ -28,7 +28,7 @@ from pathlib import Path
 from benchmarks import end_to_end, inference, load_to_ready
 from resnext_hub.models.cpu import cpu_has_native_bf16
 
-OURS = {"fp32": ["fp32"], "bf16": ["bf16", "bf16+openvino"], "int8": ["int8"]}
+OURS = {"fp32": ["fp32", "fp32+openvino"], "bf16": ["bf16", "bf16+openvino"], "int8": ["int8"]}
 PEERS = {
     "fp32": ["ort-fp32", "ov-fp32", "ov-fp32+streams"],
     "bf16": ["ov-bf16", "ov-bf16+streams"],

@@ -4,7 +4,7 @@
 
 Each round is a fresh process sharing one temporary ``TORCH_HOME`` (so one graph cache, nothing else):
 it builds ``openvino_float`` (bf16) from the same seeded random weights and makes one call. The first
-process converts and saves the graph; the later ones read it (``models/quantize.py``,
+process converts and saves the graph; the later ones read it (``models/openvino_runtime.py``,
 ``float_graph_cache``). Prints each process's seconds and its ratio to the first.
 """
 
@@ -22,7 +22,7 @@ start = time.perf_counter()
 import torch
 from resnext_hub.models import build_model
 from resnext_hub.models.fused import OptimizedResNet
-from resnext_hub.models.quantize import openvino_float
+from resnext_hub.models.openvino_runtime import openvino_float
 torch.manual_seed(0)
 exact = OptimizedResNet(build_model(sys.argv[1], pretrained=False).eval(), dtype=torch.float32, channels_last=False)
 x = torch.randn(2, 3, 224, 224)

@@ -48,7 +48,8 @@ from benchmarks.peers import PEERS, PeerUnavailable, load_peer, openvino_profile
 from resnext_hub.models import VARIANTS, build_model
 from resnext_hub.models.cpu import cpu_has_int8_dot, cpu_has_native_bf16, reuse_freed_memory
 from resnext_hub.models.fused import OptimizedResNet
-from resnext_hub.models.quantize import calibration_batches, openvino_float
+from resnext_hub.models.openvino_runtime import openvino_float
+from resnext_hub.models.quantize import calibration_batches
 from resnext_hub.processing import load_image
 from tools.fake_checkpoints import random_state_dict  # trained-like random weights
 from tools.model_table import image_gflops
@@ -145,9 +146,9 @@ def load_mode(mode: str, architecture: str, path: Path, device: torch.device, se
     if precision == "int8":  # int8+openvino, int8+torchao: that backend; int8: the default one
         backend = extra or "auto"
         return model.optimize_for_inference("int8", calibration=setup["calibration"], int8_backend=backend)
-    if mode == "bf16+openvino":  # our graph run by OpenVINO in bf16, one of auto's candidates
+    if extra == "openvino":  # our graph run by OpenVINO in bf16 or fp32: auto's candidates
         exact = OptimizedResNet(model.eval(), dtype=torch.float32, channels_last=False)
-        return openvino_float(exact, torch.randn(2, 3, setup["size"], setup["size"]), "bf16")
+        return openvino_float(exact, torch.randn(2, 3, setup["size"], setup["size"]), precision)
     # auto measures its candidates here again (its cached choice may be from another load or version).
     return model.optimize_for_inference(precision, compile=extra == "compile", remeasure=precision == "auto")
 
@@ -453,7 +454,7 @@ def main_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", help="a real checkpoint file (default: random weights)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated (default {DEFAULT_MODES}); "
-                        "also bf16, bf16+openvino, fp16, any +compile, the peers ov-bf16 and ov-*+streams; "
+                        "also bf16, bf16+openvino, fp32+openvino, fp16, any +compile, the peers ov-bf16, ov-*+streams; "
                         "on CUDA +amp runs a mode under fp16 autocast")  # fmt: skip
     parser.add_argument("--batch-sizes", default="1,16,32")
     parser.add_argument("--size", type=int, default=224, help="image side in pixels")

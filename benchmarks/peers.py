@@ -9,7 +9,7 @@ on the same calibration images (one per item), compiled for the CPU with ``INFER
 f32 / bf16 / the default (OpenVINO's default on CPUs with native bf16 is bf16 for the float parts),
 in OpenVINO's two best configurations: the latency hint (one request on every core), and with
 ``+streams`` the throughput hint with the batch split across its streams' requests (the scheduling
-our OpenVINO copies use, ``models/quantize.py``'s runner, reused here). Each is
+our OpenVINO copies use, ``models/openvino_runtime.py``'s runner, reused here). Each is
 an ``nn.Module`` taking a torch batch and giving fp32 logits, so the benchmark times them like ours.
 Missing packages raise :class:`PeerUnavailable` (the benchmark skips the mode with a note).
 """
@@ -110,7 +110,7 @@ _CONVERTED: dict[tuple[Any, int, str], Any] = {}  # (model id, size, precision):
 def _openvino(plain: nn.Module, size: int, precision: str, calibration: torch.Tensor, *, streams: bool) -> Peer:
     import openvino as ov
 
-    from resnext_hub.models.quantize import OpenVINORunner
+    from resnext_hub.models.openvino_runtime import OpenVINORunner
 
     key = (getattr(plain, "architecture", None) or id(plain), size, "int8" if precision == "int8" else "float")
     if key not in _CONVERTED:

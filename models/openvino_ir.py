@@ -9,7 +9,7 @@ under ``resnext_hub``, the keys an exported ONNX file has in its ``metadata_prop
 (ImageNet-1k's WordNet ids too, when the names are ImageNet's).
 
 :func:`load_openvino_ir` reads it with OpenVINO alone (NNCF is never imported: the int8 ranges are in
-the graph) and compiles it through :class:`~.quantize.OpenVINORunner`, the runner of the in-process int8
+the graph) and compiles it through :class:`~.openvino_runtime.OpenVINORunner`, the runner of the in-process int8
 path: a latency-tuned copy for batch 1, throughput streams for larger batches. ``fp32`` and ``bf16`` IRs
 are compiled with that ``INFERENCE_PRECISION_HINT`` (the CPU plugin would otherwise pick bf16 for an
 fp32 graph on CPUs with native bf16); ``int8`` ones with the plugin's defaults, as the in-process path.
@@ -32,7 +32,8 @@ from ..processing.presets import ImageClassification
 from .checkpoint import CheckpointError
 from .cpu import cpu_has_native_bf16
 from .meta import Described, ModelMeta
-from .quantize import INSTALL_HINT, OpenVINORunner
+from .openvino_runtime import OpenVINORunner
+from .quantize import INSTALL_HINT
 from .weights import get_weights
 
 log = logging.getLogger(__name__)

@@ -25,12 +25,12 @@ from . import autotune
 from .cpu import cpu_has_int8_dot, cpu_has_native_bf16, reuse_freed_memory
 from .fused import DTYPES, CompiledResNet, OptimizedResNet
 from .head import HeadError, head_size
+from .openvino_runtime import openvino_float
 from .quantize import (
     INSTALL_HINT,
     Calibration,
     available_backends,
     calibration_batches,
-    openvino_float,
     quantize,
     resolve_backend,
 )
@@ -99,7 +99,8 @@ def _candidates(
     """Reduced precisions worth trying on ``device``, fastest first (measured, see benchmarks/).
 
     int8 only with calibration data, for a classifier head, on a CPU with int8 dot products and a backend installed.
-    ``openvino``: also OpenVINO's bf16 copy of the same graph (``"bf16+openvino"``), where installed.
+    ``openvino``: also OpenVINO's copies of the same graph where it is installed: ``"bf16+openvino"`` (CPUs with
+    native bf16) and ``"fp32+openvino"`` (any CPU: the same fp32 function, OpenVINO's kernels and streams).
     """
     if device.type == "cuda":
         return ["fp16"]
@@ -118,6 +119,8 @@ def _candidates(
         candidates.append("bf16")
         if openvino and importlib.util.find_spec("openvino") is not None:
             candidates.append("bf16+openvino")
+    if device.type == "cpu" and openvino and importlib.util.find_spec("openvino") is not None:
+        candidates.append("fp32+openvino")
     return candidates
 
 
@@ -170,8 +173,8 @@ def optimize_for_inference(
     CPU with native bf16 (AVX512-BF16/AMX) and ``"fp16"`` a CUDA device; ``"auto"`` picks the
     fastest of these for the device and keeps it only if it is faithful on a quick check
     (logit cosine >= 0.999 and the same top-1 as fp32 on a small random batch), else fp32.
-    "Fastest" is measured (:mod:`.autotune`): the faithful candidates (on CPUs with native bf16 also
-    OpenVINO's bf16 copy of the same graph, where OpenVINO is installed and ``compile`` is off) are
+    "Fastest" is measured (:mod:`.autotune`): the faithful candidates (where OpenVINO is installed and
+    ``compile`` is off, also OpenVINO's fp32 copy of the same graph, and its bf16 copy on CPUs with native bf16) are
     timed against fp32 for about 1.5 s at ``batch_size`` (1, or batches: None), and one is kept only
     if it is at least 5% faster than fp32; the choice is cached per machine, architecture and batch
     regime (``remeasure=True`` or ``RESNEXT_HUB_AUTO_REMEASURE=1`` measures again).
@@ -264,12 +267,14 @@ def _auto(
         if name == "int8":
             candidate = _int8(model, exact, batches, backend)
             ok, cosine = _faithful(exact, candidate, torch.cat(batches)[:16])
-        elif name == "bf16+openvino":
+        elif name.endswith("+openvino"):
             nchw = OptimizedResNet(model, dtype=torch.float32, channels_last=False)
+            precision = name.partition("+")[0]
             try:
-                candidate = openvino_float(nchw, _check_input("cpu", _in_channels(exact)), "bf16")
+                candidate = openvino_float(nchw, _check_input("cpu", _in_channels(exact)), precision)
             except RuntimeError as error:  # the plugin may refuse bf16 where its kernels lack it (a limited ISA)
-                log.info("optimize_for_inference: OpenVINO bf16 could not be built here (%s)", str(error)[-200:])
+                log.info("optimize_for_inference: OpenVINO %s could not be built here (%s)", precision,
+                         str(error)[-200:])  # fmt: skip
                 continue
             ok, cosine = _faithful(exact, candidate)
         else:

@@ -1,7 +1,7 @@
 """An OpenVINO IR folder (``model.xml`` + ``model.bin``) in int8, bf16 or fp32, with the class names and preset in
 its metadata, verified against the eager model before it is moved into place.
 
-The graph is the one the in-process OpenVINO path builds (:func:`resnext_hub.models.quantize.openvino_graph`:
+The graph is the one the in-process OpenVINO path builds (:func:`resnext_hub.models.openvino_runtime.openvino_graph`:
 ``torch.export`` of the exact fp32 copy, any batch and image size); int8 is that graph calibrated once
 by the same path as ``--precision int8`` (NNCF on the model's own preset of the ``calibration`` images).
 bf16 is the fp32 graph saved with ``precision`` ``bf16`` in its metadata: the loader compiles it with
@@ -28,7 +28,8 @@ from ..console import printable
 from ..models import ResNet
 from ..models.fused import OptimizedResNet
 from ..models.openvino_ir import PRECISIONS, XML_FILE, load_openvino_ir, set_ir_metadata
-from ..models.quantize import INSTALL_HINT, calibration_batches, openvino_graph
+from ..models.openvino_runtime import openvino_graph
+from ..models.quantize import INSTALL_HINT, calibration_batches
 from ..processing.atomic import install_folders, staging_folder
 from .checks import (
     TOLERANCES,

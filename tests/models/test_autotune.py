@@ -18,7 +18,7 @@ from torch import nn
 from resnext_hub.models import autotune, build_model
 from resnext_hub.models.cpu import cpu_has_native_bf16
 from resnext_hub.models.fused import OptimizedResNet
-from resnext_hub.models.quantize import float_graph_cache, openvino_float
+from resnext_hub.models.openvino_runtime import float_graph_cache, openvino_float
 from tools.fake_checkpoints import random_state_dict
 
 SMALL = "seresnext26d_32x4d"
@@ -140,15 +140,18 @@ def test_measuring_is_off_in_the_suite_and_a_remeasure_is_asked_by_env(monkeypat
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not cpu_has_native_bf16(), reason="auto has a reduced precision to measure on native-bf16 CPUs")
+@pytest.mark.skipif(
+    not cpu_has_native_bf16() and importlib.util.find_spec("openvino") is None,
+    reason="auto has candidates to measure on native-bf16 CPUs or where OpenVINO is installed",
+)
 def test_auto_measures_once_then_uses_the_cached_choice(small_model, measured):
     """The whole path on the small model: measured and recorded, then read back (no timing asserted)."""
     first = small_model.optimize_for_inference("auto", reuse_memory=False, batch_size=1)
     data = json.loads(measured.read_text())
     ((key, entry),) = data["choices"].items()
     assert json.loads(key)["regime"] == "single" and json.loads(key)["architecture"] == SMALL
-    assert first.precision == ("fp32" if entry["choice"] == "fp32" else "bf16")
-    assert set(entry["time_vs_fp32"]) <= {"bf16", "bf16+openvino"} and entry["time_vs_fp32"]
+    assert first.precision == entry["choice"].partition("+")[0]  # "bf16+openvino" computes in bf16
+    assert set(entry["time_vs_fp32"]) <= {"bf16", "bf16+openvino", "fp32+openvino"} and entry["time_vs_fp32"]
     # A choice in the file is what the next call takes, without measuring: fp32, written there by hand.
     data["choices"][key] = {"choice": "fp32", "time_vs_fp32": {}}
     measured.write_text(json.dumps(data))
@@ -197,3 +200,34 @@ def test_a_converted_float_graph_is_saved_once_and_read_by_the_next_process(smal
         next(other.parameters()).add_(0.01)
     openvino_float(other, example, "fp32")  # other weights: another graph
     assert len(list(float_graph_cache().iterdir())) == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="needs openvino")
+def test_openvino_fp32_is_a_candidate_on_every_cpu_when_measuring():
+    """Where OpenVINO is installed, its fp32 copy of the same graph competes with torch's fp32 on any CPU
+    (on CPUs without native bf16 it is auto's only float candidate); not when measuring is off or compiling."""
+    from resnext_hub.models.optimize import _candidates
+
+    cpu = torch.device("cpu")
+    assert "fp32+openvino" in _candidates(cpu, calibrated=False, openvino=True)
+    assert ("bf16+openvino" in _candidates(cpu, calibrated=False, openvino=True)) == cpu_has_native_bf16()
+    assert not any(name.endswith("+openvino") for name in _candidates(cpu, calibrated=False, openvino=False))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="needs openvino")
+def test_a_cached_openvino_fp32_choice_builds_openvinos_fp32_copy(small_model, measured):
+    """A recorded "fp32+openvino" is built without timing: OpenVINO's fp32 copy, the exact copy's function."""
+    from resnext_hub.models.optimize import _candidates
+
+    names = _candidates(torch.device("cpu"), calibrated=False, openvino=True)
+    key = autotune.choice_key(SMALL, "single", "cpu", names)
+    autotune.record_choice(key, "fp32+openvino", {"fp32+openvino": 0.5})
+    fast = small_model.optimize_for_inference("auto", reuse_memory=False, batch_size=1)
+    assert (fast.precision, fast.backend) == ("fp32", "openvino")
+    exact = small_model.optimize_for_inference("fp32", reuse_memory=False)
+    x = torch.randn(2, 3, 80, 64)
+    with torch.inference_mode():
+        want = exact(x)
+        assert torch.allclose(fast(x), want, rtol=0, atol=1e-4 * want.abs().max())
+    assert json.loads(measured.read_text())["choices"][key]["time_vs_fp32"] == {"fp32+openvino": 0.5}  # not re-timed

@@ -23,7 +23,8 @@ from resnext_hub import processing
 from resnext_hub.cli import main as cli_main
 from resnext_hub.engine import Engine
 from resnext_hub.models import HeadError, build_model, cpu, optimize, quantize
-from resnext_hub.models.quantize import QuantizedResNet, calibration_batches
+from resnext_hub.models.backend import BackendResNet
+from resnext_hub.models.quantize import calibration_batches
 from resnext_hub.options import InferenceOptions
 
 PHOTOS = sorted(IMAGES.glob("*.[jp][pn]g"))
@@ -121,7 +122,7 @@ def test_int8_without_vnni_warns(monkeypatch, caplog):
 
 
 def test_quantized_module_checks_its_inputs():
-    model = QuantizedResNet(model_of(SMALL).meta, "torchao", lambda x: x.mean((2, 3)), (64, 64))
+    model = BackendResNet(model_of(SMALL).meta, "torchao", lambda x: x.mean((2, 3)), (64, 64))
     assert model.precision == "int8" and model.preprocessing == model_of(SMALL).preprocessing
     assert model(torch.ones(2, 3, 64, 64)).shape == (2, 3)
     with pytest.raises(ValueError, match="built for 64x64 images .* got 32x48"):
@@ -158,7 +159,7 @@ def test_openvino_int8_keeps_a_replaced_head():
     """Sequential(Linear, Sigmoid) quantized with the rest (emulated and slower on CPUs without VNNI)."""
     model = small_model(nn.Sequential(nn.Linear(WIDTH, 5), nn.Sigmoid()))
     fast = model.optimize_for_inference("int8", calibration=calibration_set()[:8], int8_backend="openvino")
-    assert isinstance(fast, QuantizedResNet) and fast.classes.names == ("0", "1", "2", "3", "4")
+    assert isinstance(fast, BackendResNet) and fast.classes.names == ("0", "1", "2", "3", "4")
     x = inputs(n_random=3)
     with torch.inference_mode():
         want, got = model(x), fast(x)
@@ -171,7 +172,7 @@ def test_openvino_int8_keeps_a_replaced_head():
 
 def check_int8(fast: torch.nn.Module, backend: str) -> None:
     model = model_of(SMALL)
-    assert isinstance(fast, QuantizedResNet) and fast.precision == "int8" and fast.backend == backend
+    assert isinstance(fast, BackendResNet) and fast.precision == "int8" and fast.backend == backend
     assert fast.meta == model.meta and fast.architecture == model.architecture
     x = inputs(n_random=11)
     with torch.inference_mode():
