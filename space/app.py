@@ -1,14 +1,13 @@
 """resnext-hub web demo: classify a photo with any served model, in the browser.
 
-Runs locally (``python -m space.app`` from the repo root, then open http://127.0.0.1:7860) and as
-a Hugging Face Space unchanged (``python space/bundle.py DIR`` lays out the Space, whose root
-``app.py`` runs this module). Built for the public internet: every request body is size-capped
-before it is read (:mod:`space.limits`), uploads before they are decoded, the queue is bounded,
-at most :data:`CONCURRENCY` inferences run at once, each request has a time limit, URLs are fetched
-only from public addresses (``processing.fetch``) and outside the inference slots (a slow image
-server cannot hold them), class names reach the page escaped, and visitors see a short message for
-every failure, never a traceback. SIGTERM or Ctrl-C stops it gracefully: new requests get a short
-message, those in flight finish, then the server and every process it started end.
+The page and its request handlers (:class:`Demo`, :func:`build`); :mod:`space.server` runs them. Runs locally
+(``python -m space.app`` from the repo root, then open http://127.0.0.1:7860) and as a Hugging Face Space unchanged
+(``python space/bundle.py DIR`` lays out the Space, whose root ``app.py`` runs :mod:`space.server`). Built for the
+public internet: uploads are size-capped before they are decoded, at most :data:`CONCURRENCY` inferences run at once,
+each request has a time limit, URLs are fetched only from public addresses (``processing.fetch``) and outside the
+inference slots (a slow image server cannot hold them), class names reach the page escaped, and visitors see a short
+message for every failure, never a traceback. The server caps every request body and bounds the queue, and stops
+gracefully (:mod:`space.server`).
 
 ``--checkpoint FILE`` serves one model with a local checkpoint instead (``finetune``'s ``best.pth``: its
 architecture and class names come from the file; ``--model`` names the architecture of other files)::
@@ -22,12 +21,9 @@ Settings (environment): ``RESNEXT_HUB_SPACE_DEFAULT_MODEL`` (hub entry shown fir
 
 from __future__ import annotations
 
-import argparse
 import logging
-import multiprocessing
 import os
 import re
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,7 +38,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 import gradio as gr  # noqa: E402
 from gradio import utils as gr_utils  # noqa: E402
 from PIL import Image  # noqa: E402
-from starlette.middleware import Middleware  # noqa: E402
 
 from resnext_hub import processing  # noqa: E402
 from resnext_hub.console import printable  # noqa: E402
@@ -57,7 +52,6 @@ from resnext_hub.processing.images import read_source  # noqa: E402
 from resnext_hub.processing.overlay import overlay  # noqa: E402
 from resnext_hub.results import failure_reason  # noqa: E402
 
-from .limits import RequestSizeLimit  # noqa: E402
 from .serving import PRECISION_ENV, ModelCache, ModelLoadError, ModelNotReadyError, Served  # noqa: E402
 
 # The repository (or the bundled Space's root): hubconf.py and the sample photos are there.
@@ -68,16 +62,12 @@ log = logging.getLogger("resnext_hub.space")
 DEFAULT_MODEL_ENV = "RESNEXT_HUB_SPACE_DEFAULT_MODEL"
 DEFAULT_MODEL = "nvidia_se_resnext101_32x4d"
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024
-# Any request's body: an upload's multipart wrapping fits in the margin, the JSON API's bodies are small.
-MAX_REQUEST_BYTES = MAX_UPLOAD_BYTES + 64 * 1024
 MAX_PIXELS = 40_000_000
 REQUEST_TIME_LIMIT_S = 20.0
 URL_DEADLINE_S = 15.0
 MODEL_WAIT_S = 90.0
-QUEUE_SIZE = 16  # requests waiting, all handlers together; more are refused at once (HTTP 503)
 CONCURRENCY = 2  # inferences at once (decoding, preprocessing, the model)
 URL_CONCURRENCY = 4  # URL requests at once: they wait on other servers, in their own slots
-STOP_GRACE_S = REQUEST_TIME_LIMIT_S + 10.0  # how long a graceful stop waits for the requests in flight
 SAMPLES = REPO / "assets" / "images"
 SAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -395,70 +385,9 @@ def build(demo_state: Demo) -> DemoBlocks:
     return blocks
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
-    parser.add_argument(
-        "--model",
-        default=None,
-        help=f"default model (or set {DEFAULT_MODEL_ENV}); with --checkpoint, its architecture (default: the file's)",
-    )
-    parser.add_argument(
-        "--checkpoint", metavar="FILE", help="serve this local checkpoint (e.g. finetune's best.pth) with its labels"
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup probes
-    state = Demo(default_model=args.model, checkpoint=args.checkpoint)
-    serve(state, build(state), args.host, args.port)
-
-
-def serve(state: Demo, blocks: gr.Blocks, host: str, port: int) -> None:
-    """Run the app until SIGTERM or SIGINT, then stop gracefully (see the module docstring) within about
-    2 x :data:`STOP_GRACE_S`."""
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):  # SIGINT explicitly: a background job inherits it ignored
-        signal.signal(signum, lambda signum, frame: stop.set())
-    theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    blocks.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1).launch(
-        server_name=host,
-        server_port=port,
-        max_file_size=MAX_UPLOAD_BYTES,
-        app_kwargs={"middleware": [Middleware(RequestSizeLimit, max_bytes=MAX_REQUEST_BYTES)]},
-        show_error=False,
-        allowed_paths=[str(SAMPLES)],
-        ssr_mode=False,
-        theme=theme,
-        footer_links=[],
-        prevent_thread_lock=True,
-    )
-    # Loaded once the server is up: Gradio's launch probes its own URL with a 3 s timeout and gives up when a
-    # checkpoint being unpickled holds the interpreter that long on a busy machine.
-    state.models.start(state.default_model)
-    stop.wait()
-    log.info("stopping: new requests are refused, those in flight finish (at most %g s)", STOP_GRACE_S)
-    finished = state.stop(STOP_GRACE_S) and _queue_idle(blocks, STOP_GRACE_S)
-    time.sleep(0.5)  # the last answers are on their way to the clients
-    blocks.close(verbose=False)  # the server, its queue and its helper processes (Gradio's static file workers)
-    state.close()
-    for child in multiprocessing.active_children():  # any other process this one started
-        child.terminate()
-        child.join(5)
-    log.info("stopped%s", "" if finished else " (requests still in flight were cut off)")
-
-
-def _queue_idle(blocks: gr.Blocks, timeout_s: float) -> bool:
-    """Wait until Gradio's queue holds no request, waiting or running (those admitted before the stop get their
-    answer, or the restarting message); True if it emptied in time."""
-    deadline = time.monotonic() + timeout_s
-    queue = blocks._queue  # Gradio has no public way to ask (gradio is pinned in requirements.txt)
-    while len(queue) or any(job is not None for job in queue.active_jobs):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 if __name__ == "__main__":
+    # ``python -m space.app``, the documented command. This file runs as ``__main__`` here, not as ``space.app``:
+    # the server imports the page module by its name, so ``space.app`` itself never imports the server.
+    from space.server import main
+
     main()

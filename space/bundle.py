@@ -3,9 +3,9 @@
 A Space runs ``app.py`` from the root of its own git repository. The bundle mirrors this
 repository's layout: the ``space`` package, and the hub code it loads (``hubconf.py``,
 ``models/``, ``processing/``, ``resnext_hub/``, the manifest and the sample photos), side by side
-in ``DIR``; the Space's root ``app.py`` only runs ``space.app``, exactly as ``python -m space.app``
-does here. The Space's README (its settings) and requirements go to the root too. Commit ``DIR``
-to the Space's repository and push.
+in ``DIR``; the Space's root ``app.py`` only runs the demo's server (``space.server``), exactly as
+``python -m space.app`` does here. The Space's README (its settings) and requirements go to the root
+too. Commit ``DIR`` to the Space's repository and push.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ TOOLS = ("bundle.py", "measure_latency.py")
 REPO_PATHS = ("hubconf.py", "weights_manifest.json", "models", "processing", "resnext_hub", "assets/images")
 ROOT_APP = '''"""The Space's entry point: the demo is the ``space`` package beside this file."""
 
-from space.app import main
+from space.server import main
 
 if __name__ == "__main__":
     main()

@@ -153,7 +153,7 @@ def test_duplicate_imagenet_names_stay_distinct(app) -> None:
 def test_the_space_bundle_runs_the_same_app(tmp_path) -> None:
     dest = tmp_path / "space"
     subprocess.run([sys.executable, str(SPACE / "bundle.py"), str(dest)], check=True, capture_output=True)
-    space_files = ("app.py", "space/app.py", "space/serving.py", "requirements.txt")
+    space_files = ("app.py", "space/app.py", "space/server.py", "space/serving.py", "requirements.txt")
     for name in (*space_files, "hubconf.py", "weights_manifest.json"):
         assert (dest / name).is_file(), name
     assert (dest / "assets" / "images" / "chelsea.jpg").is_file()

@@ -5,7 +5,7 @@ memory (a body over the limit is refused before it is read); class names that ar
 cannot break an answer; stalled or many clients do not starve the others; a graceful stop (SIGTERM)
 finishes the requests in flight and ends every process the app started.
 
-The app runs as users run it (``space.app``'s ``main``) in a child process, serving a fine-tuned
+The app runs as users run it (``space.server``'s ``main``) in a child process, serving a fine-tuned
 checkpoint of the small model whose five class names are not valid text or are markup. Its address
 policy lets it fetch from this test's loopback image server only (the one patch; a public server
 cannot be had offline). Requests go through Gradio's HTTP API (``/gradio_api/upload``,
@@ -50,10 +50,10 @@ URL_DEADLINE_S = 10.0  # the app's whole-fetch deadline for a URL, shortened so 
 # The app's own launcher, with one change: URLs may reach this test's image server on 127.0.0.1, and nothing else.
 LAUNCHER = f"""
 import ipaddress, sys
-from space import app
+from space import app, server
 app.is_public_address = lambda ip: ip == ipaddress.ip_address("127.0.0.1")
 app.URL_DEADLINE_S = {URL_DEADLINE_S}
-app.main(sys.argv[1:])
+server.main(sys.argv[1:])
 """
 
 
@@ -82,7 +82,7 @@ def _free_port() -> int:
 
 
 class App:
-    """``space.app`` in a child process on a free 127.0.0.1 port, serving ``checkpoint``; its output in ``log``."""
+    """``space.server`` in a child process on a free 127.0.0.1 port, serving ``checkpoint``; its output in ``log``."""
 
     def __init__(self, checkpoint: Path, work: Path) -> None:
         self.port = _free_port()
@@ -269,7 +269,7 @@ def _raw_request(app: App, path: str, headers: dict[str, str], body: bytes = b""
 
 
 def test_a_request_body_over_the_limit_is_refused_before_it_is_read(app):
-    limit = 8 * 1024 * 1024 + 64 * 1024  # the app's MAX_REQUEST_BYTES
+    limit = 8 * 1024 * 1024 + 64 * 1024  # the server's MAX_REQUEST_BYTES (space.server)
     # Well-formed beginnings, so that only their size is wrong: two files, each under the upload cap, and JSON.
     part = b'--b\r\nContent-Disposition: form-data; name="files"; filename="x.jpg"\r\n\r\n' + b"x" * (limit // 2)
     files = (part + b"\r\n" + part)[: limit + 1024]

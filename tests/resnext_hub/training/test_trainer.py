@@ -1,4 +1,5 @@
-"""Fine-tuning's validation decodes large photos at the size its preset resizes to, as the engine does."""
+"""The ``Trainer`` (:mod:`resnext_hub.training.trainer`): its validation decodes large photos at the size its preset
+resizes to, as the engine does."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from PIL import Image
 from resnext_hub.distributed import DistContext
 from resnext_hub.processing import load_image
 from resnext_hub.training.data import read_folder
-from resnext_hub.training.loop import Trainer
 from resnext_hub.training.state import FinetuneSettings
+from resnext_hub.training.trainer import Trainer
 from tools.shapes_dataset import write_shapes_dataset
 
 
