@@ -38,10 +38,8 @@ PEERS = {
 GOALS = {"fp32": ("ort-fp32", 1.0), "bf16": ("best", 1.0), "int8": ("best", 1.25)}
 INT8_OVER_EAGER, INT8_COSINE = 5.0, 0.999
 E2E_MODES = (
-    "camera, fast decode, threads",
-    "camera, fast decode, processes",
-    "small, threads",
-    "small, processes",
+    "camera, fast decode",
+    "small",
     "decode+preprocess 1 camera photo, fast",
     "decode+preprocess 1 small photo",
 )

@@ -10,8 +10,8 @@ process slowing the machine hits all alike):
 
 - ``model only``: ``Engine.logits`` on preprocessed batches (the ceiling);
 - camera photos, fast decode (the default) and full decode (``exact_decode=True``), and small
-  photos, each through ``Engine.classify`` (decoding threads: ``classify``, ``serve``) and
-  ``Engine.classify_batches`` (DataLoader processes: ``predict``, ``evaluate``), default workers;
+  photos, each through ``Engine.classify`` (the decoding threads every command uses: ``classify``,
+  ``predict``, ``evaluate``, ``serve``), default workers;
 - in one thread, CPU time per image: the model (one batch), and decode + preprocess of one photo.
 
 Every end-to-end figure is also given as a fraction of the same round's model-only throughput. The
@@ -88,7 +88,7 @@ def modes(fast: Engine, exact: Engine, camera: list[str], small: list[str], batc
 
     def one_thread(run: Callable[[], int]) -> Callable[[], int]:
         # CPU time without OpenMP's spin-waiting (which a loaded machine inflates): the honest measure of
-        # what one image costs, as a DataLoader worker (one torch thread) spends it.
+        # what one image costs, as a decoding thread spends it.
         def wrapped() -> int:
             previous = torch.get_num_threads()
             torch.set_num_threads(1)
@@ -103,11 +103,8 @@ def modes(fast: Engine, exact: Engine, camera: list[str], small: list[str], batc
         fast.logits(tensors[0])
         return len(tensors[0])
 
-    def threads(engine: Engine, paths: list[str]) -> Callable[[], int]:
+    def photos(engine: Engine, paths: list[str]) -> Callable[[], int]:
         return lambda: checked(engine.classify(paths, batch_size=batch))
-
-    def processes(engine: Engine, paths: list[str]) -> Callable[[], int]:
-        return lambda: checked(r for pairs in engine.classify_batches(paths, groups) for _, r in pairs)
 
     def one_at_a_time(engine: Engine, paths: list[str]) -> Callable[[], int]:
         def run() -> int:
@@ -120,12 +117,9 @@ def modes(fast: Engine, exact: Engine, camera: list[str], small: list[str], batc
     return {
         "model only": model_only,
         "model only, 1 thread": one_thread(model_one_batch),
-        "camera, fast decode, threads": threads(fast, camera),
-        "camera, fast decode, processes": processes(fast, camera),
-        "camera, full decode, threads": threads(exact, camera),
-        "camera, full decode, processes": processes(exact, camera),
-        "small, threads": threads(fast, small),
-        "small, processes": processes(fast, small),
+        "camera, fast decode": photos(fast, camera),
+        "camera, full decode": photos(exact, camera),
+        "small": photos(fast, small),
         "decode+preprocess 1 camera photo, fast": one_at_a_time(fast, camera),
         "decode+preprocess 1 camera photo, full": one_at_a_time(exact, camera),
         "decode+preprocess 1 small photo": one_at_a_time(fast, small),
@@ -133,7 +127,7 @@ def modes(fast: Engine, exact: Engine, camera: list[str], small: list[str], batc
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process and of its finished children (the DataLoader workers), user + system."""
+    """CPU time of this process and of its finished children, user + system."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
@@ -227,7 +221,7 @@ def end_to_end(
         f"{args.model} on {fast.device}, precision {args.precision} -> {fast.precision}, "
         f"batch {args.batch_size}; "
         f"{args.count} photos of {CAMERA_SIZE[0]}x{CAMERA_SIZE[1]} and of {SMALL_SIZE[0]}x{SMALL_SIZE[1]}; "
-        f"decoding workers/threads: {usable_cpus()} (usable CPUs); torch threads {torch.get_num_threads()}"
+        f"decoding threads: {usable_cpus()} (usable CPUs); torch threads {torch.get_num_threads()}"
     )
     work = modes(fast, exact, camera, small, args.batch_size)
     if only is not None:

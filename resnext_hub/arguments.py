@@ -88,7 +88,7 @@ def add_inference_options(
         parser.add_argument(
             "--workers",
             type=int,
-            help=f"data-loading processes per rank (0: in-process; default: the usable CPUs, {default_workers()} "
+            help=f"decoding threads per rank (at least one; default: the usable CPUs, {default_workers()} "
             "here, shared by the processes torchrun starts on a machine)",
         )
         parser.add_argument("--compile", action="store_true", help="torch.compile the model (tens of seconds once)")

@@ -1,9 +1,10 @@
 """The one inference engine: a model on its device and fast path, fed decoded batches, ranked with its class names.
 
 ``classify``, ``predict``, ``evaluate``, ``serve`` (both Triton models) and the web demo all run
-their models through :class:`Engine`. Inputs are decoded by the hardened loader, in threads
-(:meth:`Engine.classify`) or DataLoader worker processes (:meth:`Engine.score`), one per usable CPU
-by default, ahead of the model (the next batches decode while the model runs this one); large
+their models through :class:`Engine`. Inputs are decoded by the hardened loader in threads of
+this process, one per usable CPU by default, ahead of the model (the next batches decode while the model
+runs this one; Pillow's decoders and resampling release the GIL, and no process is forked next to a
+runtime's thread pool: measured faster than DataLoader worker processes, see benchmarks/README.md); large
 photos are decoded at the size the preset needs (``Engine.decode_size``; ``options.exact_decode``
 decodes every pixel, see ``processing.images``). An input that is
 not a usable image, or that makes decoding or preprocessing raise anything else, comes back as a
@@ -23,7 +24,7 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 
-from .decoding import Batch, ImageListDataset, collate, make_loader
+from .decoding import Batch, ImageListDataset, collate
 from .models import ResNet
 from .models.explain import Explanation, Target, head_linear
 from .options import InferenceOptions
@@ -32,7 +33,7 @@ from .processing.overlay import overlay
 from .results import Result
 
 DEVICES = "auto, cpu, cuda or cuda:N"
-PREFETCH_BATCHES = 2  # decoded ahead of the batch the model runs, in threads (the loader has its own prefetch)
+PREFETCH_BATCHES = 2  # decoded ahead of the batch the model runs
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -175,7 +176,7 @@ class Engine:
         batch_size = batch_size or self.options.batch_size
         k = self.clamp_k(self.options.top_k if k is None else k)
         batches = [range(start, min(start + batch_size, len(items))) for start in range(0, len(items), batch_size)]
-        for batch in self.decoded(items, batches, threads=True, photos=True):
+        for batch in self.decoded(items, batches, photos=True):
             done: dict[int, tuple[Result, Image.Image | None]]
             done = {i: (Result(items[i], error=reason), None) for i, reason in batch.failed}
             if batch.images is not None:
@@ -204,17 +205,12 @@ class Engine:
         *,
         targets: Sequence[int] | None = None,
         workers: int | None = None,
-        threads: bool = False,
         photos: bool = False,
     ) -> Iterator[Batch]:
-        """Decoded batches of ``items`` by index: in ``workers`` (default ``options.workers``) threads of this
-        process, or DataLoader processes. Decoding runs ahead of the consumer. ``photos``: keep the decoded photos
-        (``Batch.photos``)."""
+        """Decoded batches of ``items`` by index, in ``workers`` (default ``options.workers``; at least one) threads
+        of this process, ahead of the consumer. ``photos``: keep the decoded photos (``Batch.photos``)."""
         workers = self.options.workers if workers is None else workers
         dataset = ImageListDataset(items, self.preprocessing, targets, min_size=self.decode_size, keep_photos=photos)
-        if not threads:
-            yield from make_loader(dataset, batches, workers, self.device)
-            return
         with ThreadPoolExecutor(max(1, workers)) as pool:
             # The next batches are queued before this one is handed over, so they decode while the model runs it.
             pending: deque[list[Future]] = deque()
@@ -244,10 +240,9 @@ class Engine:
         *,
         targets: Sequence[int] | None = None,
         workers: int | None = None,
-        threads: bool = False,
     ) -> Iterator[Scored]:
         """Run each batch of :meth:`decoded` through the model."""
-        for batch in self.decoded(items, batches, targets=targets, workers=workers, threads=threads):
+        for batch in self.decoded(items, batches, targets=targets, workers=workers):
             logits = self.logits(batch.images) if batch.images is not None else None
             yield Scored(batch.indices, logits, batch.targets, batch.failed)
 
@@ -258,10 +253,9 @@ class Engine:
         *,
         k: int = 5,
         workers: int | None = None,
-        threads: bool = False,
     ) -> Iterator[list[tuple[int, Result]]]:
         """Per batch, ``(index, Result)`` of each of its inputs, by index."""
-        for scored in self.score(items, batches, workers=workers, threads=threads):
+        for scored in self.score(items, batches, workers=workers):
             results = {i: Result(items[i], error=reason) for i, reason in scored.failed}
             if scored.logits is not None:
                 present = self.above_threshold(scored.logits) if self.multi_label else [None] * len(scored.indices)
@@ -277,6 +271,6 @@ class Engine:
         batch_size = batch_size or self.options.batch_size
         k = self.clamp_k(self.options.top_k if k is None else k)
         batches = [range(start, min(start + batch_size, len(items))) for start in range(0, len(items), batch_size)]
-        for batch in self.classify_batches(items, batches, k=k, threads=True):
+        for batch in self.classify_batches(items, batches, k=k):
             for _, result in batch:
                 yield result

@@ -21,7 +21,7 @@ def usable_cpus() -> int:
 
 
 def default_workers() -> int:
-    """Decoding processes (or threads) per process: the usable CPUs, shared among the processes that
+    """Decoding threads per process: the usable CPUs, shared among the processes that
     ``torchrun`` started on this machine (``LOCAL_WORLD_SIZE``), never more than there are CPUs."""
     try:
         local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -41,8 +41,7 @@ class InferenceOptions:
       for the formats that have them, and defaults to ``fp32``.
     - ``calibration``: images to calibrate int8 on (paths/URLs, PIL images or preprocessed batches).
     - ``compile``: ``torch.compile`` the model.
-    - ``workers``: decoding processes (``evaluate``, ``predict``; 0: in-process) or threads (``classify``,
-      ``serve``); default :func:`default_workers`.
+    - ``workers``: decoding threads (at least one), in every command; default :func:`default_workers`.
     - ``batch_size``: images per forward pass; ``top_k``: classes per input (above the class count: all).
     - ``progress``: a progress bar on stderr.
     - ``exact_decode``: decode every pixel of large photos (default: at the size the preset needs, see
