@@ -6,7 +6,8 @@
 Three parts, each by the benchmark module that already measures it (nothing is timed twice):
 
 1. model only (``benchmarks.inference``): NVIDIA's eager model (``plain``), ours per precision
-   (``fp32``, ``bf16`` in torch, ``bf16+openvino``, ``auto`` measured afresh, ``int8``) and the peers at
+   (``fp32`` in torch, ``fp32+openvino`` and ``bf16+openvino`` (our graph run by OpenVINO), ``bf16`` in torch,
+   ``auto`` measured afresh, ``int8``) and the peers at
    their best configurations (``benchmarks.peers``: ONNX Runtime fp32; OpenVINO fp32/bf16/int8 with the
    latency hint and with throughput streams, the batch split across requests), round-robin, medians;
 2. end to end (``benchmarks.end_to_end``): generated camera-size and small photos through the

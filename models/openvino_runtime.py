@@ -22,15 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..processing.atomic import install_folders, staging_folder
 from .backend import BackendResNet
-from .fused import OptimizedResNet
+from .fused import FusedBottleneck, OptimizedResNet
 
 log = logging.getLogger(__name__)
 
-GRAPH_FORMAT = "g1"  # the converted float graph's layout (SE layers as convolutions): bump when openvino_graph changes
+GRAPH_FORMAT = "g2"  # the converted float graph's layout (SE pooled early, as convolutions): bump when it changes
 FLOAT_GRAPHS_KEPT = 4  # converted float graphs kept in float_graph_cache(), the most recently written
 
 
@@ -108,6 +109,44 @@ class _PooledConv(nn.Module):
         return self.conv(x[:, :, None, None]).flatten(1)
 
 
+class _EarlyPooledBottleneck(nn.Module):
+    """A :class:`~.fused.FusedBottleneck` whose SE pools ``conv3``'s input instead of its output: the same function.
+
+    ``conv3`` (BN folded) is affine per pixel, so the mean of its output is ``conv3`` of the mean of its input,
+    and ``se_fc1 . conv3`` is one linear layer (``W1 W3``, ``W1 b3 + b1``). The pooling then reads the narrower
+    activation (half the channels), and the gate no longer waits for ``conv3``. Measured with OpenVINO on
+    SE-ResNeXt101-32x4d, batch 16 (AMD Zen 4): 1.5% (bf16) and 2% (fp32) faster, median of paired rounds.
+    """
+
+    def __init__(self, block: FusedBottleneck) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.conv3, self.downsample = block.conv1, block.conv2, block.conv3, block.downsample
+        self.se_fc2 = block.se_fc2
+        w3 = block.conv3.weight.detach().flatten(1)  # (out, mid)
+        b3 = block.conv3.bias.detach()
+        w1, b1 = block.se_fc1.weight.detach(), block.se_fc1.bias.detach()
+        self.se_fc1 = nn.Linear(w3.shape[1], w1.shape[0]).to(w3.dtype)
+        with torch.no_grad():  # in float64: the product's rounding, once
+            self.se_fc1.weight.copy_(w1.double() @ w3.double())
+            self.se_fc1.bias.copy_(w1.double() @ b3.double() + b1.double())
+        self.se_fc1.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        mid = F.relu(self.conv2(F.relu(self.conv1(x))))
+        gate = torch.sigmoid(self.se_fc2(F.relu(self.se_fc1(mid.mean((2, 3))))))
+        return F.relu(torch.addcmul(shortcut, self.conv3(mid), gate[:, :, None, None]))
+
+
+def _pool_early(model: nn.Module) -> nn.Module:
+    """``model`` with every fused SE bottleneck as :class:`_EarlyPooledBottleneck`, in place."""
+    for stage in getattr(model, "stages", ()):
+        for index, block in enumerate(stage):
+            if isinstance(block, FusedBottleneck) and block.se_fc1 is not None:
+                stage[index] = _EarlyPooledBottleneck(block)
+    return model
+
+
 def _se_as_convs(model: nn.Module) -> nn.Module:
     """``model`` with every fused SE block's layers as :class:`_PooledConv`, in place."""
     for module in model.modules():
@@ -119,10 +158,10 @@ def _se_as_convs(model: nn.Module) -> nn.Module:
 
 
 def openvino_graph(model: nn.Module, example: Tensor) -> Any:
-    """``model`` (a float NCHW copy, changed in place: SE layers as 1x1 convolutions) as an OpenVINO ``ov.Model``
-    taking any batch and image size; ``example``: a batch of 2 or more to export with."""
+    """``model`` (a float NCHW copy, changed in place: SE pooled before ``conv3``, its layers as 1x1 convolutions) as an
+    OpenVINO ``ov.Model`` taking any batch and image size; ``example``: a batch of 2 or more to export with."""
     ov = importlib.import_module("openvino")
-    model = _se_as_convs(model)
+    model = _se_as_convs(_pool_early(model))
     # From torch.export (any batch and image size): 3x faster than the converter's own torch.jit trace.
     dims = {0: torch.export.Dim("batch", min=1, max=4096), 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
     program = torch.export.export(model.eval(), (example,), dynamic_shapes=(dims,), strict=False)
