@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 
 from ..processing.labels import ClassList, imagenet_classes
 from ..processing.presets import ImageClassification
+from .backend import BackendResNet
 from .checkpoint import CheckpointError
 from .cpu import cpu_has_native_bf16
-from .meta import Described, ModelMeta
+from .meta import ModelMeta
 from .openvino_runtime import OpenVINORunner
 from .quantize import INSTALL_HINT
 from .weights import get_weights
@@ -106,7 +106,7 @@ def read_ir_metadata(model: Any, where: str | Path) -> tuple[ModelMeta, str]:
     return ModelMeta(architecture, preset, classes, weights=weights, record=weights), precision
 
 
-class OpenVINOResNet(Described, nn.Module):
+class OpenVINOResNet(BackendResNet):
     """A saved IR, compiled: a float ``(N, 3, H, W)`` CPU tensor in, fp32 logits out, with the IR's classes and preset.
 
     ``precision`` is the IR's. :meth:`optimize_for_inference` returns the model itself (it is compiled
@@ -114,19 +114,8 @@ class OpenVINOResNet(Described, nn.Module):
     """
 
     def __init__(self, meta: ModelMeta, precision: str, runner: OpenVINORunner, path: Path) -> None:
-        super().__init__()
-        self.meta = meta
-        self.precision = precision
+        super().__init__(meta, "openvino", runner, None, precision=precision)
         self.path = path
-        self._run = runner
-        self.eval()
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu":
-            raise ValueError(f"an OpenVINO IR runs on the CPU; got a tensor on {x.device} (use --device cpu)")
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected a batch (N, 3, H, W), got shape {tuple(x.shape)}")
-        return self._run(x.detach().float())
 
     def to(self, *args: Any, **kwargs: Any) -> OpenVINOResNet:
         """Itself: it runs on the CPU only (another device is a ``ValueError``)."""
