@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5, help="model-only rounds (each times every mode once)")
     parser.add_argument("--e2e-rounds", type=int, default=3, help="end-to-end rounds (0: skip)")
-    parser.add_argument("--count", type=int, default=16, help="generated photos of each size, end to end")
+    parser.add_argument("--count", type=int, default=64, help="photos of each size, end to end (several batches)")
     parser.add_argument("--cold-rounds", type=int, default=3, help="fresh processes per contender (0: skip)")
     parser.add_argument("--modes", help="model-only modes to run (default: all of the table's); plain is always run")
     parser.add_argument("--profile", metavar="MODES", help="where the time goes, for these model-only modes")
