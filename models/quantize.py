@@ -158,7 +158,7 @@ def quantize(
 def _openvino(model: nn.Module, batches: list[Tensor]) -> OpenVINORunner:
     nncf = importlib.import_module("nncf")
     nncf.set_log_level(logging.ERROR)  # its INFO lines are not the caller's business
-    converted = openvino_graph(model, example_batch(batches))
+    converted = openvino_graph(model, example_batch(batches), pool_se_early=False)
     # One image per item: NNCF's statistics (and its bias correction) assume batch 1.
     images = [image[None].numpy() for batch in batches for image in batch]
     # The classifier stays in float: int8 saves nothing there and costs accuracy. NNCF draws

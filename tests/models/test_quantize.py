@@ -192,6 +192,14 @@ def test_openvino_int8_is_faithful():
     check_int8(fast, "openvino")
     with torch.inference_mode():
         assert fast(torch.randn(3, 3, 96, 80)).shape == (3, 1000)  # OpenVINO's graph takes any image size
+    # The int8 graph pools each SE block's output (the float graphs pool conv3's input, half the channels):
+    # that way NNCF quantizes conv3's output and the gate multiply runs on int8.
+    pooled = {
+        op.input(0).get_partial_shape()[1].get_length()
+        for op in fast.backend_model.get_ordered_ops()
+        if op.get_type_name() == "ReduceMean"
+    }
+    assert pooled == {256, 512, 1024, 2048}
 
 
 @NEEDS_TORCHAO
