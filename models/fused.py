@@ -194,39 +194,19 @@ def onednn_conv(conv: nn.Conv2d, x: Tensor, *, residual: Tensor | None = None, r
         or _is_exporting()
         or torch.compiler.is_compiling()
         or (isinstance(conv, PointwiseConv) and conv.runs_as_matmul(x))
-        or (residual is not None and not residual.is_contiguous(memory_format=torch.channels_last))
+        or (
+            residual is not None
+            and (residual.dtype != x.dtype or not residual.is_contiguous(memory_format=torch.channels_last))
+        )
     ):
         out = conv(x) if residual is None else conv(x).add_(residual)
         return F.relu(out, inplace=True) if relu else out
-    packed = conv.__dict__.setdefault("_packed_weight", _PackedWeight())
+    weight = conv.__dict__.setdefault("_packed_weight", _PackedWeight()).get(conv, x)
+    geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    post_op = "relu" if relu else None
     if residual is not None:
-        return _CONV_POINTWISE.binary(
-            x,
-            residual,
-            packed.get(conv, x),
-            conv.bias,
-            list(conv.padding),
-            list(conv.stride),
-            list(conv.dilation),
-            conv.groups,
-            "add",
-            1.0,
-            "relu" if relu else None,
-            [],
-            "",
-        )
-    return _CONV_POINTWISE(
-        x,
-        packed.get(conv, x),
-        conv.bias,
-        list(conv.padding),
-        list(conv.stride),
-        list(conv.dilation),
-        conv.groups,
-        "relu" if relu else "none",
-        [],
-        "",
-    )
+        return _CONV_POINTWISE.binary(x, residual, weight, conv.bias, *geometry, "add", 1.0, post_op, [], "")
+    return _CONV_POINTWISE(x, weight, conv.bias, *geometry, post_op or "none", [], "")
 
 
 class FusedBottleneck(nn.Module):
