@@ -12,8 +12,9 @@ keeps the numbers:
   call; the outputs come back as fp32.
 - 1x1 convolutions on small maps (batch 1 in the last stages) run as one matmul, which oneDNN
   does faster there than its convolution (see :class:`PointwiseConv`).
-- On the CPU, the ReLU after ``conv1`` and ``conv2`` runs inside oneDNN's convolution, on weights it
-  packs once (:func:`onednn_conv`): the same numbers, one memory pass and one weight reorder fewer per layer.
+- On the CPU, the ReLU after ``conv1`` and ``conv2`` (and a plain block's residual sum and ReLU after
+  ``conv3``) run inside oneDNN's convolution, on weights it packs once (:func:`onednn_conv`): the same
+  numbers, one memory pass and one weight reorder fewer per layer.
 - The head is the model's own module (``fc``, copied as it is: a Linear, a replaced head, an
   ``Identity``), on the features pooled as the model pools them (``global_pool``).
 
@@ -123,14 +124,14 @@ class PointwiseConv(nn.Conv2d):
         return out.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)  # channels-last, like the conv's
 
 
-def _fused_relu_op() -> Any:
+def _conv_pointwise_op() -> Any:
     """oneDNN's convolution with a fused post-op (the op inductor's CPU fusion emits), or None in a build without it."""
     if not torch.backends.mkldnn.is_available():
         return None
     return getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
 
 
-_CONV_POINTWISE = _fused_relu_op()
+_CONV_POINTWISE = _conv_pointwise_op()
 
 
 def _version(tensor: Tensor) -> int:

@@ -83,6 +83,16 @@ def test_changed_weights_are_packed_again():
 
 
 @needs_onednn
+def test_weights_packed_for_one_shape_serve_every_shape():
+    """Packed on the first batch's shape; a last, smaller batch or another image size gives the same numbers."""
+    conv, x = layer_and_input("strided grouped 3x3", torch.bfloat16, batch=8, size=32)
+    onednn_conv(conv, x, relu=True)
+    for batch, size in ((1, 32), (3, 20), (8, 57)):
+        other = torch.randn(batch, 64, size, size).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        assert torch.equal(onednn_conv(conv, other, relu=True), F.relu(conv(other)))
+
+
+@needs_onednn
 def test_a_used_layer_can_be_copied_and_saved():
     conv, x = layer_and_input("1x1", torch.bfloat16)
     expected = onednn_conv(conv, x, relu=True)
