@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -40,14 +41,22 @@ def packed(conv: nn.Conv2d) -> bool:
     return holder is not None and holder.tensor is not None
 
 
+def fused_calls(run: Callable[[], torch.Tensor]) -> int:
+    """How many oneDNN fused convolutions ``run`` made."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        run()
+    return sum(event.count for event in profile.key_averages() if "_convolution_pointwise" in event.key)
+
+
 @needs_onednn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", sorted(LAYERS))
 def test_relu_fused_is_bit_identical(kind, dtype):
     conv, x = layer_and_input(kind, dtype)
     reference = F.relu(F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups))
+    assert fused_calls(lambda: onednn_conv(conv, x, relu=True)) == 1, "the fused oneDNN path was not taken"
     got = onednn_conv(conv, x, relu=True)
-    assert packed(conv), "the fused oneDNN path was not taken"
+    assert packed(conv) == (dtype == torch.bfloat16)  # fp32 weights are used as they are
     assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(got, reference)
     assert torch.equal(onednn_conv(conv, x), conv(x))  # no post-op: the conv alone
@@ -59,8 +68,8 @@ def test_residual_sum_and_relu(dtype):
     conv, x = layer_and_input("1x1", dtype)
     residual = torch.randn(4, 32, 28, 28).to(dtype).contiguous(memory_format=torch.channels_last)
     reference = F.relu(conv(x).float() + residual.float())
+    assert fused_calls(lambda: onednn_conv(conv, x, residual=residual, relu=True)) == 1
     got = onednn_conv(conv, x, residual=residual, relu=True)
-    assert packed(conv)
     # One rounding of the sum instead of two: within one bf16 step of the exact value, as the plain ops are.
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(got.float(), reference, atol=tolerance, rtol=tolerance)
@@ -72,14 +81,13 @@ def test_residual_sum_and_relu(dtype):
 
 @needs_onednn
 def test_changed_weights_are_packed_again():
-    conv, x = layer_and_input("grouped 3x3", torch.float32)
+    conv, x = layer_and_input("grouped 3x3", torch.bfloat16)
     onednn_conv(conv, x, relu=True)
     with torch.no_grad():
         conv.weight.mul_(-2.0)  # in place: the same storage, a new version
     assert torch.equal(onednn_conv(conv, x, relu=True), F.relu(conv._conv_forward(x, conv.weight, conv.bias)))
-    conv.to(torch.bfloat16)
-    xb = x.to(torch.bfloat16)
-    assert torch.equal(onednn_conv(conv, xb, relu=True), F.relu(conv._conv_forward(xb, conv.weight, conv.bias)))
+    conv.weight = nn.Parameter(torch.randn_like(conv.weight), requires_grad=False)  # another tensor
+    assert torch.equal(onednn_conv(conv, x, relu=True), F.relu(conv._conv_forward(x, conv.weight, conv.bias)))
 
 
 @needs_onednn
@@ -110,9 +118,10 @@ def test_a_used_layer_can_be_copied_and_saved():
 
 def test_plain_ops_where_onednn_does_not_apply():
     """NCHW input, a traced graph: the plain conv and ReLU, nothing packed (other runtimes get plain ops)."""
-    conv, x = layer_and_input("grouped 3x3", torch.float32)
+    conv, x = layer_and_input("grouped 3x3", torch.bfloat16)
     nchw = x.contiguous()
     assert torch.equal(onednn_conv(conv, nchw, relu=True), F.relu(conv(nchw)))
+    assert fused_calls(lambda: onednn_conv(conv, nchw, relu=True)) == 0
     assert not packed(conv)
     # check_trace=False: the check would run the function again in eager mode, which packs.
     traced = torch.jit.trace(lambda t: onednn_conv(conv, t, relu=True), (x,), check_trace=False)
