@@ -27,14 +27,12 @@ A mode whose packages are not installed is skipped with a note.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -44,6 +42,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
+from benchmarks.heap import HeapSampler
 from benchmarks.peers import PEERS, PeerUnavailable, load_peer, openvino_profile
 from resnext_hub.models import VARIANTS, build_model
 from resnext_hub.models.cpu import cpu_has_int8_dot, cpu_has_native_bf16, reuse_freed_memory
@@ -79,40 +78,6 @@ def timm_model(architecture: str) -> nn.Module:
         avg_down=config.avg_down,
         block_args={"attn_layer": se} if (config.se_hidden or config.se_reduction) else None,
     )
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
-    ]  # noqa: E501
-
-
-class HeapSampler:
-    """Peak bytes in use on the C heap (glibc's ``mallinfo2``: where CPU tensors live) while a call runs.
-
-    Heap bytes in use, not RSS: glibc keeps freed memory mapped, so RSS would not fall between
-    calls and a mode measured after another would look free. Sampled every 2 ms.
-    """
-
-    def __init__(self) -> None:
-        self._mallinfo2 = ctypes.CDLL(None).mallinfo2
-        self._mallinfo2.restype = _MallInfo2
-        self.peak = self.current()
-        self._stop = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def current(self) -> int:
-        info = self._mallinfo2()
-        return info.uordblks + info.hblkhd
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self.current())
-
-    def reset(self) -> int:
-        self.peak = self.current()
-        return self.peak
 
 
 def calibration_images() -> list[Image.Image]:

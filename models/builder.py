@@ -66,7 +66,7 @@ def build_model(
     - ``features_only``: return the network as a backbone (:class:`ResNetFeatures`: a list of
       feature maps ``out_indices``, 0 = stem ... 4 = last stage, with ``feature_info``), as timm's.
     - timm's options, with timm's meanings: ``in_chans`` (input channels; loaded 3-channel weights are
-      adapted as timm adapts them, see :func:`~.resnet.adapt_input_conv`), ``global_pool`` (``"avg"``,
+      adapted as timm adapts them, see :func:`~.input_conv.adapt_input_conv`), ``global_pool`` (``"avg"``,
       ``"max"``, ``"avgmax"``, ``"catavgmax"``, ``""`` with ``num_classes=0``), ``drop_rate`` (dropout
       before ``fc``) and ``drop_path_rate`` (stochastic depth; both in training only).
     """

@@ -97,6 +97,11 @@ def _is_exporting() -> bool:
     return bool(is_exporting and is_exporting())
 
 
+def _building_graph() -> bool:
+    """Whether this call is traced, scripted or exported: a graph for other runtimes, which take the plain ops."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() or _is_exporting()
+
+
 class PointwiseConv(nn.Conv2d):
     """A 1x1 stride-1 conv that runs as one matmul on small channels-last CPU maps.
 
@@ -110,7 +115,7 @@ class PointwiseConv(nn.Conv2d):
 
     def runs_as_matmul(self, x: Tensor) -> bool:
         """Whether ``forward`` runs ``x`` as a matmul: a small channels-last CPU map in eager mode."""
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _is_exporting():
+        if _building_graph():
             return False  # a graph for other runtimes: no shape-dependent branch
         n, _, h, w = x.shape
         return n * h * w <= self.MAX_ROWS and not x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
@@ -189,10 +194,7 @@ def onednn_conv(conv: nn.Conv2d, x: Tensor, *, residual: Tensor | None = None, r
         or not x.is_contiguous(memory_format=torch.channels_last)
         or conv.padding_mode != "zeros"
         or isinstance(conv.padding, str)
-        or torch.jit.is_tracing()
-        or torch.jit.is_scripting()
-        or torch.onnx.is_in_onnx_export()
-        or _is_exporting()
+        or _building_graph()
         or torch.compiler.is_compiling()
         or (isinstance(conv, PointwiseConv) and conv.runs_as_matmul(x))
         or (

@@ -18,24 +18,22 @@ and timm's constructor options ``in_chans``, ``global_pool``, ``drop_rate`` and 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from ..processing.labels import ClassList
 from .blocks import Bottleneck
 from .explain import Explainable
 from .head import Headed
+from .input_conv import adapt_input_conv
 from .meta import ModelMeta, default_classes
 from .optimize import Optimizable
 from .pooling import GlobalPool, check_pool_type
+from .recompute import run_stage
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 FEATURES = (*STAGES, "classifier")
@@ -252,7 +250,7 @@ class ResNet(Optimizable, Explainable, Headed, nn.Module):
 
     def adapt_input_channels(self, in_chans: int) -> None:
         """Take ``in_chans`` input channels: the first conv's weights derived from its current ones by
-        :func:`adapt_input_conv` (timm's rule for loading 3-channel weights into such a model)."""
+        :func:`~.input_conv.adapt_input_conv` (timm's rule for loading 3-channel weights into such a model)."""
         conv = self.conv1 if isinstance(self.conv1, nn.Conv2d) else self.conv1[0]
         adapted = nn.Conv2d(
             in_chans,
@@ -387,7 +385,7 @@ def stage_outputs(
     """Run the stem and the stages through ``last`` (default: the last wanted); (its output, the wanted maps).
 
     ``model``: a :class:`ResNet`, or a module holding its stem and stages under the same names.
-    ``checkpointed``: with gradient checkpointing (see :func:`run_stage`).
+    ``checkpointed``: with gradient checkpointing (see :func:`~.recompute.run_stage`).
     """
     features = []
     x = model.act1(model.bn1(model.conv1(x)))
@@ -399,60 +397,3 @@ def stage_outputs(
         if index in indices:
             features.append(x)
     return x, features
-
-
-def run_stage(stage: nn.Sequential, x: Tensor, checkpointed: bool = False) -> Tensor:
-    """``stage(x)``; ``checkpointed`` (and autograd recording): each block's activations are recomputed in the
-    backward pass instead of kept (``torch.utils.checkpoint``, with the RNG state kept for dropout/drop path)."""
-    if not checkpointed or not torch.is_grad_enabled():
-        return stage(x)
-    for block in stage:
-        x = checkpoint(block, x, use_reentrant=False, context_fn=lambda block=block: _recompute_context(block))
-    return x
-
-
-def _recompute_context(block: nn.Module) -> tuple[Any, Any]:
-    # (forward context, recomputation context): torch.utils.checkpoint's context_fn.
-    return nullcontext(), _batchnorm_stats_frozen(block)
-
-
-@contextmanager
-def _batchnorm_stats_frozen(module: nn.Module) -> Iterator[None]:
-    """Recomputing a block in training mode must normalize with the batch's statistics as the forward pass
-    did (the same ops, saving the same tensors), but not fold them into the running statistics a second
-    time: momentum 0 keeps them as they are, and the step counter is put back afterwards."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    kept = [(norm.momentum, norm.num_batches_tracked.clone()) for norm in norms]
-    for norm in norms:
-        norm.momentum = 0.0
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for norm, (momentum, steps) in zip(norms, kept):
-                norm.momentum = momentum
-                norm.num_batches_tracked.copy_(steps)
-
-
-def adapt_input_conv(in_chans: int, weight: Tensor) -> Tensor:
-    """A first conv's weight ``(O, I, kH, kW)`` for ``in_chans`` input channels, as timm's ``adapt_input_conv``:
-
-    1 channel sums the filters of the input channels (for I > 3, of each group of 3); another count repeats
-    the 3 RGB filters and scales them by ``3 / in_chans``. Rules of timm 1.0 (``timm.models._manipulate``).
-    """
-    dtype = weight.dtype
-    weight = weight.float()  # half weights: sum on the CPU in float
-    out_chans, channels, height, width = weight.shape
-    if in_chans == 1:
-        if channels > 3:
-            if channels % 3:
-                raise ValueError(f"cannot adapt a first conv of {channels} input channels (not RGB groups) to 1")
-            weight = weight.reshape(out_chans, channels // 3, 3, height, width).sum(dim=2)
-        else:
-            weight = weight.sum(dim=1, keepdim=True)
-    elif in_chans != 3:
-        if channels != 3:
-            raise ValueError(f"cannot adapt a first conv of {channels} input channels to {in_chans}: it needs RGB (3)")
-        repeat = math.ceil(in_chans / 3)
-        weight = weight.repeat(1, repeat, 1, 1)[:, :in_chans] * (3 / float(in_chans))
-    return weight.to(dtype)

@@ -28,9 +28,9 @@ from torch.utils._pytree import tree_flatten
 
 import hubconf
 from resnext_hub.models import ModelMeta, ResNet, build_model, get_weights
+from resnext_hub.models.input_conv import adapt_input_conv
 from resnext_hub.models.pooling import POOL_TYPES
 from resnext_hub.models.pretrained_cfg import crop_pct
-from resnext_hub.models.resnet import adapt_input_conv
 from resnext_hub.models.variants import get_config
 from resnext_hub.processing import ClassList, ImageClassification
 from tools.fake_checkpoints import random_state_dict
