@@ -115,11 +115,12 @@ def _candidates(
                         backend, INSTALL_HINT)  # fmt: skip
         else:
             candidates.append("int8")
-    if device.type == "cpu" and cpu_has_native_bf16():
-        candidates.append("bf16")
-        if openvino and importlib.util.find_spec("openvino") is not None:
-            candidates.append("bf16+openvino")
-    if device.type == "cpu" and openvino and importlib.util.find_spec("openvino") is not None:
+    if device.type != "cpu":
+        return candidates
+    with_openvino = openvino and importlib.util.find_spec("openvino") is not None
+    if cpu_has_native_bf16():
+        candidates += ["bf16", "bf16+openvino"] if with_openvino else ["bf16"]
+    if with_openvino:
         candidates.append("fp32+openvino")
     return candidates
 
